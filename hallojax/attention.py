@@ -1,0 +1,83 @@
+"""Attention: the kernel dispatch and Wan's self/cross-attention module.
+
+Layout is [B, L, N, K] throughout. `dot_product_attention` picks the kernel by name:
+``xla`` (portable einsum + float32 softmax, the CPU/TPU default) or ``cudnn`` (fused cuDNN flash
+attention through `jax.nn.dot_product_attention`, GPU only).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from hallojax.layers import RMSNorm, dense
+from hallojax.rope import apply_rope
+from hallojax.sharding import constrain
+
+ATTENTION_IMPLS = ("xla", "cudnn")
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str = "xla") -> jax.Array:
+    """softmax(q·kᵀ/√K)·v for q [B, L, N, K], k/v [B, M, N, K] -> [B, L, N, K]; no mask."""
+    if impl == "cudnn":
+        return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+    if impl != "xla":
+        raise ValueError(f"attention impl {impl!r}: expected one of {ATTENTION_IMPLS}")
+    scale = q.shape[-1] ** -0.5
+    logits = jnp.einsum("blnk,bmnk->bnlm", q, k, preferred_element_type=jnp.float32) * scale
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bnlm,bmnk->blnk", probs, v)
+
+
+class Attention(nnx.Module):
+    """Wan attention: q/k/v projections, RMSNorm over all heads on q and k, optional RoPE, and for
+    I2V cross-attention an added K/V path over image tokens summed before the output projection."""
+
+    def __init__(self, dim: int, num_heads: int, *, eps: float, kv_dim: int | None = None,
+                 added_kv_dim: int | None = None, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32,
+                 impl: str = "xla"):
+        inner = dim  # Wan: heads * head_dim == dim
+        kv_dim = dim if kv_dim is None else kv_dim
+        self.num_heads = num_heads
+        self.impl = impl
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.to_q = dense(dim, inner, ("embed", "heads"), **kw)
+        self.to_k = dense(kv_dim, inner, ("embed", "heads"), **kw)
+        self.to_v = dense(kv_dim, inner, ("embed", "heads"), **kw)
+        self.to_out = dense(inner, dim, ("heads", "embed"), **kw)
+        self.norm_q = RMSNorm(inner, eps, axis_name="heads", param_dtype=param_dtype)
+        self.norm_k = RMSNorm(inner, eps, axis_name="heads", param_dtype=param_dtype)
+        if added_kv_dim is not None:
+            self.add_k_proj = dense(added_kv_dim, inner, ("embed", "heads"), **kw)
+            self.add_v_proj = dense(added_kv_dim, inner, ("embed", "heads"), **kw)
+            self.norm_added_k = RMSNorm(inner, eps, axis_name="heads", param_dtype=param_dtype)
+        else:
+            self.add_k_proj = self.add_v_proj = self.norm_added_k = None
+
+    def _heads(self, x: jax.Array) -> jax.Array:
+        x = x.reshape(*x.shape[:-1], self.num_heads, -1)  # [B, L, N, K]
+        return constrain(x, ("act_batch", "act_len", "act_heads", None))
+
+    def __call__(self, x: jax.Array, context: jax.Array | None = None, *,
+                 rope: tuple[jax.Array, jax.Array] | None = None,
+                 added_context: jax.Array | None = None) -> jax.Array:
+        """x [B, L, D]; context [B, M, D] (None: self-attention); rope (cos, sin) [B|1, L, K/2];
+        added_context [B, M', D_img] for the I2V image path."""
+        kv_in = x if context is None else context
+        q = self._heads(self.norm_q(self.to_q(x)))
+        k = self._heads(self.norm_k(self.to_k(kv_in)))
+        v = self._heads(self.to_v(kv_in))
+        if rope is not None:
+            q = apply_rope(q, *rope)
+            k = apply_rope(k, *rope)
+        out = dot_product_attention(q, k, v, self.impl)
+        if added_context is not None:
+            if self.add_k_proj is None:
+                raise ValueError("image context given but the model has no added K/V projections "
+                                 "(added_kv_proj_dim is None)")
+            k_img = self._heads(self.norm_added_k(self.add_k_proj(added_context)))
+            v_img = self._heads(self.add_v_proj(added_context))
+            out = out + dot_product_attention(q, k_img, v_img, self.impl)
+        out = out.reshape(*out.shape[:2], -1)  # [B, L, N·K]
+        return self.to_out(out)

@@ -1,0 +1,147 @@
+"""Pretrained-model directories: our config (JSON) + an Orbax checkpoint of the parameters.
+
+Layout of a directory written by `save_pretrained` (and by `hallojax convert`):
+
+    OUT_DIR/config.json   {"format": "hallojax-pretrained", "version": 1, "model": {...DiTConfig...}, "source": {...}}
+    OUT_DIR/params/       Orbax PyTree checkpoint, parameters in the dtype they were converted in
+
+The directory is assembled under a temporary name beside OUT_DIR and renamed into place last, so a
+directory named OUT_DIR is always complete. `load_pretrained` restores straight onto devices (and
+onto a mesh, sharded, when one is given), casting to the configured `param_dtype`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from hallojax.fsutil import atomic_directory
+from hallojax.dit import DTYPES, DiTConfig, WanDiT, abstract_model
+from hallojax.sharding import Rules, state_shardings
+
+FORMAT = "hallojax-pretrained"
+VERSION = 1
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def flat_params(tree) -> dict[str, Any]:
+    """{dotted path: array} of a module or state (Params only)."""
+    state = nnx.state(tree, nnx.Param) if isinstance(tree, nnx.Module) else tree
+    return {".".join(str(p) for p in path): v.get_value() if isinstance(v, nnx.Variable) else v
+            for path, v in nnx.to_flat_state(state)}
+
+
+def param_shapes(cfg: DiTConfig) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in flat_params(abstract_model(cfg)).items()}
+
+
+def _nest(flat: Mapping[str, Any]) -> dict:
+    out: dict = {}
+    for key, value in flat.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def save_pretrained(out_dir: str | os.PathLike, params: Mapping[str, Any], cfg: DiTConfig, *,
+                    source: Mapping[str, Any] | None = None, overwrite: bool = False) -> Path:
+    """Write {dotted path: array} + config atomically to `out_dir`."""
+    out_dir = Path(out_dir).absolute()
+    expected = param_shapes(cfg)
+    bad = sorted(set(expected) ^ set(params)) + sorted(
+        f"{k}: {tuple(np.shape(v))} != {expected[k]}" for k, v in params.items()
+        if k in expected and tuple(np.shape(v)) != expected[k])
+    if bad:
+        raise CheckpointError(f"parameters do not match the model config: {bad}")
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(tmp / "params", _nest(params))
+            ckptr.wait_until_finished()
+        meta = {"format": FORMAT, "version": VERSION, "model": cfg.to_dict(), "source": dict(source or {})}
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return out_dir
+
+
+def read_config(path: str | os.PathLike) -> tuple[DiTConfig, dict]:
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise CheckpointError(f"{path}: no config.json; not a hallojax pretrained directory "
+                              f"(convert a diffusers model with `hallojax convert wan-diffusers`)")
+    try:
+        meta = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_file}: invalid JSON ({e})") from e
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{cfg_file}: format is {meta.get('format')!r}, expected {FORMAT!r}"
+                              + (" (this looks like a diffusers directory: convert it first)"
+                                 if "_class_name" in meta else ""))
+    if meta.get("version", 0) > VERSION:
+        raise CheckpointError(f"{cfg_file}: version {meta['version']} is newer than this hallojax ({VERSION})")
+    return DiTConfig.from_dict(meta["model"]), meta
+
+
+def load_params_numpy(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """All parameters of a pretrained directory as host numpy arrays, in their stored dtype."""
+    params_dir = Path(path).absolute() / "params"
+    if not params_dir.exists():
+        raise CheckpointError(f"{params_dir}: missing")
+    with ocp.StandardCheckpointer() as ckptr:
+        meta = ckptr.metadata(params_dir)
+        tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
+        target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), dict(tree),
+                              is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
+        restored = ckptr.restore(params_dir, target)
+    return {k: np.asarray(v) for k, v in _flatten(restored).items()}
+
+
+def load_pretrained(path: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None,
+                    rules: Rules | Mapping | None = None, **overrides) -> tuple[WanDiT, DiTConfig]:
+    """Load a pretrained directory: ``model, config = load_pretrained(OUT_DIR)``.
+
+    overrides replace DiTConfig fields that do not change parameter shapes (dtype, param_dtype,
+    remat, attention). With `mesh`, parameters are restored directly sharded by `rules`.
+    """
+    cfg, _ = read_config(path)
+    cfg = cfg.replace(**overrides)
+    graphdef, abs_state = nnx.split(abstract_model(cfg))
+    if mesh is not None:
+        shardings = state_shardings(abs_state, mesh, rules)
+    else:
+        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: one, abs_state)
+    pdt = DTYPES[cfg.param_dtype]
+    target = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, pdt, sharding=s),
+                          abs_state.to_pure_dict(), shardings.to_pure_dict())
+    params_dir = Path(path).absolute() / "params"
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            restored = ckptr.restore(params_dir, target)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise CheckpointError(f"{params_dir}: parameters do not match config.json ({e})") from e
+    nnx.replace_by_pure_dict(abs_state, restored)
+    return nnx.merge(graphdef, abs_state), cfg

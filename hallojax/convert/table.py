@@ -1,0 +1,157 @@
+"""The converter framework: one declarative table of `torch name -> our path` with a transform per
+entry drives import, export and the tests.
+
+A rule whose torch name contains ``{i}`` is per layer: import stacks layers 0..L-1 along a new
+leading axis (the ``layers`` axis that `nnx.scan` runs over); export splits it again. Every check
+happens before any tensor is read, and all problems are reported together in one error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from typing import Callable, Iterable, Mapping, Protocol, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+
+@dataclasses.dataclass(frozen=True)
+class Transform:
+    """A pair of inverse array maps: torch layout -> ours, ours -> torch."""
+
+    name: str
+    to_ours: Callable[[np.ndarray], np.ndarray]
+    to_torch: Callable[[np.ndarray], np.ndarray]
+
+    def our_shape(self, torch_shape: Sequence[int]) -> tuple[int, ...]:
+        # a zero-stride view has any shape for free: run the transform on it, read the shape
+        dummy = np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), tuple(torch_shape),
+                                                (0,) * len(torch_shape))
+        return tuple(self.to_ours(dummy).shape)
+
+
+IDENTITY = Transform("identity", lambda x: x, lambda x: x)
+# torch Linear weight [out, in] <-> our kernel [in, out]
+LINEAR = Transform("linear", lambda x: x.T, lambda x: x.T)
+# torch Conv3d weight [D, C, pt, ph, pw] <-> our patch kernel [pt, ph, pw, C, D]
+CONV3D = Transform("conv3d", lambda x: x.transpose(2, 3, 4, 1, 0), lambda x: x.transpose(4, 3, 0, 1, 2))
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    torch: str  # e.g. "blocks.{i}.attn1.to_q.weight"
+    ours: str  # dotted path in our parameter tree, e.g. "blocks.attn1.to_q.kernel"
+    transform: Transform = IDENTITY
+
+    @property
+    def per_layer(self) -> bool:
+        return "{i}" in self.torch
+
+
+def linear(torch_prefix: str, our_prefix: str, bias: bool = True) -> list[Rule]:
+    rules = [Rule(f"{torch_prefix}.weight", f"{our_prefix}.kernel", LINEAR)]
+    if bias:
+        rules.append(Rule(f"{torch_prefix}.bias", f"{our_prefix}.bias"))
+    return rules
+
+
+def norm(torch_prefix: str, our_prefix: str, bias: bool = True) -> list[Rule]:
+    rules = [Rule(f"{torch_prefix}.weight", f"{our_prefix}.scale")]
+    if bias:
+        rules.append(Rule(f"{torch_prefix}.bias", f"{our_prefix}.bias"))
+    return rules
+
+
+class ConversionError(ValueError):
+    """Raised with every missing, unexpected and mis-shaped tensor listed by name and shape."""
+
+
+class Source(Protocol):
+    def keys(self) -> Iterable[str]: ...
+    def shape(self, name: str) -> tuple[int, ...]: ...
+    def get(self, name: str) -> np.ndarray: ...
+
+
+def select(rules: Sequence[Rule], our_shapes: Mapping[str, tuple[int, ...]]) -> list[Rule]:
+    """The rules that apply to a model: those whose target exists. Every model parameter must be covered."""
+    chosen = [r for r in rules if r.ours in our_shapes]
+    uncovered = set(our_shapes) - {r.ours for r in chosen}
+    if uncovered:
+        raise ConversionError(f"no conversion rule for our parameters: {sorted(uncovered)}")
+    return chosen
+
+
+def _expand(rule: Rule, num_layers: int) -> list[str]:
+    return [rule.torch.format(i=i) for i in range(num_layers)] if rule.per_layer else [rule.torch]
+
+
+def import_tensors(rules: Sequence[Rule], source: Source, our_shapes: Mapping[str, tuple[int, ...]],
+                   num_layers: int, *, ignore: Sequence[str] = (), what: str = "checkpoint",
+                   progress: bool = True) -> dict[str, np.ndarray]:
+    """Torch-named tensors from `source` -> {our dotted path: array} in the source's dtype.
+
+    `our_shapes` are the target shapes (per-layer rules include the leading layers axis). `ignore`
+    holds fnmatch patterns of source keys that are dropped silently.
+    """
+    rules = select(rules, our_shapes)
+    present = set(source.keys())
+    expected = {name: rule for rule in rules for name in _expand(rule, num_layers)}
+    missing = sorted(set(expected) - present)
+    unexpected = sorted(k for k in present - set(expected)
+                        if not any(fnmatch.fnmatchcase(k, pat) for pat in ignore))
+    mis_shaped = []
+    for name, rule in expected.items():
+        if name not in present:
+            continue
+        want = tuple(our_shapes[rule.ours])[1 if rule.per_layer else 0:]
+        got = rule.transform.our_shape(source.shape(name))
+        if got != want:
+            mis_shaped.append(f"{name}: {tuple(source.shape(name))} -> {got} via {rule.transform.name}, "
+                              f"expected {want} for {rule.ours}")
+    if missing or unexpected or mis_shaped:
+        lines = [f"cannot convert {what}:"]
+        for title, items in (("missing", [f"{k} (expected {_torch_shape(expected[k], our_shapes)})"
+                                          for k in missing]),
+                             ("unexpected", [f"{k} {tuple(source.shape(k))}" for k in unexpected]),
+                             ("mis-shaped", mis_shaped)):
+            if items:
+                lines.append(f"  {len(items)} {title}:")
+                lines.extend(f"    {s}" for s in items)
+        raise ConversionError("\n".join(lines))
+
+    out: dict[str, np.ndarray] = {}
+    for rule in tqdm(rules, desc=f"converting {what}", unit="tensor", disable=not progress):
+        names = _expand(rule, num_layers)
+        first = rule.transform.to_ours(source.get(names[0]))
+        if not rule.per_layer:
+            out[rule.ours] = np.array(first)
+            continue
+        stacked = np.empty((num_layers, *first.shape), first.dtype)  # one buffer, filled layer by layer
+        for i, name in enumerate(names):
+            stacked[i] = rule.transform.to_ours(source.get(name))
+        out[rule.ours] = stacked
+    return out
+
+
+def _torch_shape(rule: Rule, our_shapes) -> tuple[int, ...]:
+    shape = tuple(our_shapes[rule.ours])[1 if rule.per_layer else 0:]
+    dummy = np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), shape, (0,) * len(shape))
+    return tuple(rule.transform.to_torch(dummy).shape)
+
+
+def export_tensors(rules: Sequence[Rule], params: Mapping[str, np.ndarray], num_layers: int, *,
+                   progress: bool = True) -> dict[str, np.ndarray]:
+    """{our dotted path: array} -> torch-named, torch-layout tensors (contiguous)."""
+    rules = select(rules, {k: v.shape for k, v in params.items()})
+    out: dict[str, np.ndarray] = {}
+    for rule in tqdm(rules, desc="exporting", unit="tensor", disable=not progress):
+        arr = np.asarray(params[rule.ours])
+        if rule.per_layer:
+            if arr.shape[0] != num_layers:
+                raise ConversionError(f"{rule.ours}: leading axis {arr.shape[0]} != num_layers {num_layers}")
+            for i in range(num_layers):
+                out[rule.torch.format(i=i)] = np.ascontiguousarray(rule.transform.to_torch(arr[i]))
+        else:
+            out[rule.torch] = np.ascontiguousarray(rule.transform.to_torch(arr))
+    return out

@@ -1,0 +1,130 @@
+"""diffusers `WanTransformer3DModel` <-> hallojax `WanDiT`: the name table and the config mapping.
+
+    hallojax convert wan-diffusers SRC_DIR OUT_DIR    # diffusers directory -> our pretrained directory
+    hallojax export  wan-diffusers CKPT_DIR OUT_DIR   # ours -> a directory `from_pretrained` loads
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from hallojax.checkpoint import load_params_numpy, param_shapes, read_config, save_pretrained
+from hallojax.convert.safetensors_io import TensorStore, save_sharded
+from hallojax.convert.table import CONV3D, ConversionError, Rule, export_tensors, import_tensors, linear, norm
+from hallojax.dit import DiTConfig
+from hallojax.fsutil import atomic_directory
+
+DIFFUSERS_CLASS = "WanTransformer3DModel"
+DIFFUSERS_VERSION = "0.42.1"  # the version the parity tests run against
+WEIGHTS_STEM = "diffusion_pytorch_model"
+IGNORED = ("*.norm_added_q.*",)  # diffusers drops these on load too
+
+
+def _attention(i: str, name: str) -> list[Rule]:
+    t, o = f"blocks.{i}.{name}", f"blocks.{name}"
+    rules = []
+    for proj in ("to_q", "to_k", "to_v", "add_k_proj", "add_v_proj"):
+        rules += linear(f"{t}.{proj}", f"{o}.{proj}")
+    rules += linear(f"{t}.to_out.0", f"{o}.to_out")
+    for n in ("norm_q", "norm_k", "norm_added_k"):
+        rules += norm(f"{t}.{n}", f"{o}.{n}", bias=False)
+    return rules
+
+
+# The whole mapping. Optional parts (I2V image path, cross-attention norm, FLF2V position embedding)
+# are selected by whether the target exists in the model built from the config.
+WAN_RULES: tuple[Rule, ...] = tuple(
+    [Rule("patch_embedding.weight", "patch_embedding.kernel", CONV3D),
+     Rule("patch_embedding.bias", "patch_embedding.bias")]
+    + linear("condition_embedder.time_embedder.linear_1", "time_embedder.fc1")
+    + linear("condition_embedder.time_embedder.linear_2", "time_embedder.fc2")
+    + linear("condition_embedder.time_proj", "time_proj")
+    + linear("condition_embedder.text_embedder.linear_1", "text_embedder.fc1")
+    + linear("condition_embedder.text_embedder.linear_2", "text_embedder.fc2")
+    + norm("condition_embedder.image_embedder.norm1", "image_embedder.norm1")
+    + linear("condition_embedder.image_embedder.ff.net.0.proj", "image_embedder.ff.fc1")
+    + linear("condition_embedder.image_embedder.ff.net.2", "image_embedder.ff.fc2")
+    + norm("condition_embedder.image_embedder.norm2", "image_embedder.norm2")
+    + [Rule("condition_embedder.image_embedder.pos_embed", "image_embedder.pos_embed"),
+       Rule("blocks.{i}.scale_shift_table", "blocks.scale_shift_table")]
+    + _attention("{i}", "attn1")
+    + _attention("{i}", "attn2")
+    + norm("blocks.{i}.norm2", "blocks.norm2")
+    + linear("blocks.{i}.ffn.net.0.proj", "blocks.ffn.fc1")
+    + linear("blocks.{i}.ffn.net.2", "blocks.ffn.fc2")
+    + linear("proj_out", "proj_out")
+    + [Rule("scale_shift_table", "scale_shift_table")]
+)
+
+# diffusers config key -> DiTConfig field (same meaning; values copied)
+_CONFIG_KEYS = {
+    "num_layers": "num_layers", "num_attention_heads": "num_heads", "attention_head_dim": "head_dim",
+    "ffn_dim": "ffn_dim", "in_channels": "in_channels", "out_channels": "out_channels",
+    "text_dim": "text_dim", "freq_dim": "freq_dim", "patch_size": "patch_size", "eps": "eps",
+    "cross_attn_norm": "cross_attn_norm", "image_dim": "image_dim", "added_kv_proj_dim": "added_kv_proj_dim",
+    "pos_embed_seq_len": "pos_embed_seq_len", "rope_max_seq_len": "rope_max_seq_len",
+}
+
+
+def config_from_diffusers(d: Mapping[str, Any], where: str = "config.json", **numerics) -> DiTConfig:
+    if d.get("_class_name", DIFFUSERS_CLASS) != DIFFUSERS_CLASS:
+        raise ConversionError(f"{where}: _class_name is {d['_class_name']!r}, expected {DIFFUSERS_CLASS!r}")
+    if d.get("qk_norm", "rms_norm_across_heads") != "rms_norm_across_heads":
+        raise ConversionError(f"{where}: qk_norm={d['qk_norm']!r} is not supported "
+                              "(only 'rms_norm_across_heads', as in every released Wan model)")
+    kw = {ours: d[theirs] for theirs, ours in _CONFIG_KEYS.items() if theirs in d}
+    if kw.get("out_channels") is None:
+        kw["out_channels"] = kw.get("in_channels", DiTConfig.in_channels)
+    try:
+        return DiTConfig(**kw, **numerics)
+    except (TypeError, ValueError) as e:
+        raise ConversionError(f"{where}: {e}") from e
+
+
+def config_to_diffusers(cfg: DiTConfig) -> dict[str, Any]:
+    d = {"_class_name": DIFFUSERS_CLASS, "_diffusers_version": DIFFUSERS_VERSION}
+    for theirs, ours in _CONFIG_KEYS.items():
+        d[theirs] = getattr(cfg, ours)
+    d["patch_size"] = list(cfg.patch_size)
+    d["qk_norm"] = "rms_norm_across_heads"
+    return d
+
+
+def read_diffusers_config(src: str | os.PathLike) -> DiTConfig:
+    path = Path(src) / "config.json"
+    if not path.exists():
+        raise ConversionError(f"{src}: no config.json (expected a diffusers WanTransformer3DModel directory, "
+                              "e.g. the 'transformer' folder of a Wan pipeline)")
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{path}: invalid JSON ({e})") from e
+    return config_from_diffusers(d, str(path))
+
+
+def convert_wan_diffusers(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False,
+                          progress: bool = True) -> Path:
+    """diffusers directory -> our pretrained directory. Checks everything before writing anything."""
+    cfg = read_diffusers_config(src)
+    store = TensorStore(src, WEIGHTS_STEM)
+    shapes = param_shapes(cfg)
+    params = import_tensors(WAN_RULES, store, shapes, cfg.num_layers, ignore=IGNORED,
+                            what=f"{src} as {DIFFUSERS_CLASS}", progress=progress)
+    return save_pretrained(out, params, cfg, overwrite=overwrite,
+                           source={"format": "diffusers", "class": DIFFUSERS_CLASS, "path": str(Path(src).absolute())})
+
+
+def export_wan_diffusers(ckpt: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False,
+                         max_shard_bytes: int = 5 * 2**30, progress: bool = True) -> Path:
+    """Our pretrained directory -> a diffusers directory (config.json + safetensors, index-sharded
+    above `max_shard_bytes`), in the dtype the parameters are stored in."""
+    cfg, _ = read_config(ckpt)
+    params = load_params_numpy(ckpt)
+    tensors = export_tensors(WAN_RULES, params, cfg.num_layers, progress=progress)
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        save_sharded(tensors, tmp, WEIGHTS_STEM, max_shard_bytes, metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config_to_diffusers(cfg), indent=2) + "\n")
+    return Path(out)

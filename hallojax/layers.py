@@ -1,0 +1,127 @@
+"""Small layers shared by every model: dense with logical axes, fp32 norms, MLPs, timestep embedding.
+
+Norms always compute in float32 whatever the compute dtype (as diffusers' FP32LayerNorm and the Wan
+reference do): in bf16 the variance of a 5120-wide activation loses too many bits otherwise.
+Every parameter carries logical axis names in its ``out_sharding`` metadata; `hallojax.sharding`
+maps them to mesh axes with a per-preset rules table.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Axes = tuple[str | None, ...]
+
+
+def dense(
+    in_features: int,
+    out_features: int,
+    axes: Axes,
+    *,
+    rngs: nnx.Rngs,
+    dtype=None,
+    param_dtype=jnp.float32,
+    use_bias: bool = True,
+    kernel_init=nnx.initializers.xavier_uniform(),
+) -> nnx.Linear:
+    """`nnx.Linear` whose kernel is annotated with `axes` = (in, out) and bias with (out,)."""
+    return nnx.Linear(
+        in_features,
+        out_features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=kernel_init,
+        bias_init=nnx.initializers.zeros_init(),
+        kernel_metadata={"out_sharding": tuple(axes)},
+        bias_metadata={"out_sharding": (axes[1],)},
+        rngs=rngs,
+    )
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm computed in float32 (biased variance, like torch); affine parameters optional."""
+
+    def __init__(self, dim: int, eps: float, *, affine: bool, axis_name: str | None = None,
+                 param_dtype=jnp.float32):
+        self.eps = eps
+        if affine:
+            meta = {"out_sharding": (axis_name,)}
+            self.scale = nnx.Param(jnp.ones((dim,), param_dtype), **meta)
+            self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), **meta)
+        else:
+            self.scale = self.bias = None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Returns float32; callers cast back where the reference does."""
+        x = x.astype(jnp.float32)
+        mean = jnp.mean(x, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+        y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+        if self.scale is not None:
+            y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm over the last axis with a learned scale, computed in float32 and cast back to x.dtype."""
+
+    def __init__(self, dim: int, eps: float, *, axis_name: str | None = None, param_dtype=jnp.float32):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=(axis_name,))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def gelu_tanh(x):
+    return jax.nn.gelu(x, approximate=True)
+
+
+def gelu_erf(x):
+    return jax.nn.gelu(x, approximate=False)
+
+
+class MLP(nnx.Module):
+    """Linear -> activation -> Linear (diffusers FeedForward / PixArtAlphaTextProjection / TimestepEmbedding)."""
+
+    def __init__(self, in_dim: int, hidden: int, out_dim: int, activation, *, axes_in: Axes, axes_out: Axes,
+                 rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32, act_axes: Axes | None = None):
+        self.fc1 = dense(in_dim, hidden, axes_in, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.fc2 = dense(hidden, out_dim, axes_out, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.activation = activation
+        self.act_axes = act_axes
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        from hallojax.sharding import constrain  # local import: sharding imports nothing of ours
+
+        h = self.activation(self.fc1(x))
+        if self.act_axes is not None:
+            h = constrain(h, self.act_axes)
+        return self.fc2(h)
+
+
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+    """Sinusoidal embedding, [cos, sin] order (diffusers `Timesteps(flip_sin_to_cos=True, shift=0)`).
+
+    t: [B] (float or int). Returns float32 [B, dim]. Frequencies exp(-ln(max_period) * i / half).
+    """
+    half = dim // 2
+    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half
+    args = t.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def count_params(tree) -> int:
+    return sum(int(math.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def shape_tuple(x: Sequence[int]) -> tuple[int, ...]:
+    return tuple(int(v) for v in x)

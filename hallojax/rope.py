@@ -1,0 +1,99 @@
+"""3D rotary position embedding on explicit per-token (t, h, w) integer coordinates.
+
+Wan splits the head dim into t/h/w parts (h = w = 2·(K // 6), t = K − h − w; 128 → 44/42/42) and
+rotates interleaved pairs (2i, 2i+1) by angle pos · theta^(−2i/d). The reference builds its cos/sin
+tables in float64 and casts them to float32; we do the same on the host, once per (K, theta, range),
+and gather rows by coordinate inside the jitted program. Coordinates are explicit per token rather
+than implied by a grid, so conditioning tokens can sit at t = −1 (identity frame) or at spatially
+shifted positions, and the rotation stays exact for every position in [−max_pos, max_pos).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def axis_dims(head_dim: int) -> tuple[int, int, int]:
+    """(t, h, w) sub-dimensions of a head, as Wan splits them."""
+    h = w = 2 * (head_dim // 6)
+    return head_dim - h - w, h, w
+
+
+@functools.lru_cache(maxsize=16)
+def _tables(head_dim: int, theta: float, max_pos: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin of every (position, pair) for positions −max_pos … max_pos−1: float32 [2·max_pos, K/2].
+
+    Columns are the t pairs, then h pairs, then w pairs; row r is position r − max_pos.
+    """
+    pos = np.arange(-max_pos, max_pos, dtype=np.float64)
+    cos, sin = [], []
+    for d in axis_dims(head_dim):
+        inv = 1.0 / (theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+        ang = np.outer(pos, inv)  # float64, as the reference computes it
+        cos.append(np.cos(ang).astype(np.float32))
+        sin.append(np.sin(ang).astype(np.float32))
+    return np.concatenate(cos, axis=1), np.concatenate(sin, axis=1)
+
+
+def rope_cos_sin(coords: jax.Array | np.ndarray, head_dim: int, theta: float = 10000.0,
+                 max_pos: int = 1024) -> tuple[jax.Array, jax.Array]:
+    """cos, sin for integer coordinates `coords` [..., L, 3] (t, h, w): float32 [..., L, K/2]."""
+    dt, dh, dw = axis_dims(head_dim)
+    cos_t, sin_t = _tables(head_dim, float(theta), int(max_pos))
+    if isinstance(coords, np.ndarray):
+        if coords.size and (coords.min() < -max_pos or coords.max() >= max_pos):
+            raise ValueError(f"RoPE coordinates span [{coords.min()}, {coords.max()}], outside "
+                             f"[-{max_pos}, {max_pos}); raise rope_max_seq_len")
+    idx = jnp.asarray(coords, jnp.int32) + max_pos
+    bounds = np.cumsum([0, dt // 2, dh // 2, dw // 2])
+    cols = []
+    for axis in range(3):
+        sl = slice(bounds[axis], bounds[axis + 1])
+        cols.append((jnp.asarray(cos_t[:, sl])[idx[..., axis]], jnp.asarray(sin_t[:, sl])[idx[..., axis]]))
+    cos = jnp.concatenate([c for c, _ in cols], axis=-1)
+    sin = jnp.concatenate([s for _, s in cols], axis=-1)
+    return cos, sin
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate interleaved pairs of x [B, L, N, K] by cos/sin [B or 1, L, K/2]; computed in float32."""
+    xf = x.astype(jnp.float32).reshape(*x.shape[:-1], x.shape[-1] // 2, 2)  # [B, L, N, K/2, 2]
+    x1, x2 = xf[..., 0], xf[..., 1]
+    c = cos[:, :, None, :]
+    s = sin[:, :, None, :]
+    out = jnp.stack([x1 * c - x2 * s, x1 * s + x2 * c], axis=-1)
+    return out.reshape(x.shape).astype(x.dtype)
+
+
+def grid_coords(frames: int, height: int, width: int, *, t0: int = 0, h0: int = 0, w0: int = 0) -> np.ndarray:
+    """Coordinates of an (f, h, w)-ordered token grid starting at (t0, h0, w0): int32 [F·H·W, 3]."""
+    t, h, w = np.meshgrid(np.arange(frames) + t0, np.arange(height) + h0, np.arange(width) + w0,
+                          indexing="ij")
+    return np.stack([t, h, w], axis=-1).reshape(-1, 3).astype(np.int32)
+
+
+def frame_coords(height: int, width: int, *, t: int = -1, offset="none") -> np.ndarray:
+    """Coordinates of one extra frame of tokens (e.g. an identity frame at t = −1).
+
+    offset: "none" (same h, w grid as the video), "shift" (h, w shifted by the grid size, so the
+    frame never shares a spatial position with a video token), or an int array [H·W, 2] of per-token
+    (h, w) offsets added to the grid.
+    """
+    coords = grid_coords(1, height, width, t0=t)
+    if isinstance(offset, str):
+        if offset == "none":
+            return coords
+        if offset == "shift":
+            coords[:, 1] += height
+            coords[:, 2] += width
+            return coords
+        raise ValueError(f"RoPE frame offset mode {offset!r}: expected 'none', 'shift' or an array")
+    offset = np.asarray(offset, np.int32)
+    if offset.shape != (height * width, 2):
+        raise ValueError(f"per-token RoPE offsets have shape {offset.shape}, expected {(height * width, 2)}")
+    coords[:, 1:] += offset
+    return coords

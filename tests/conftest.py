@@ -1,0 +1,30 @@
+"""Test setup: 8 simulated CPU devices, float32 matmuls, a persistent compilation cache."""
+
+import os
+from pathlib import Path
+
+_flags = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in _flags:
+    os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+jax.config.update("jax_compilation_cache_dir", os.environ.get("HALLOJAX_JAX_CACHE", str(ROOT / ".cache" / "jax")))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_default_matmul_precision", "highest")
+
+try:
+    import torch
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+except ImportError:  # the parity tests need it; they fail with a clear import error
+    pass
+
+
+@pytest.fixture(scope="session")
+def devices():
+    assert jax.device_count() == 8, f"tests expect 8 simulated CPU devices, got {jax.devices()}"
+    return jax.devices()
