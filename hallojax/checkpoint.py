@@ -136,7 +136,7 @@ def load_pretrained(path: str | os.PathLike, *, mesh: jax.sharding.Mesh | None =
         shardings = jax.tree.map(lambda _: one, abs_state)
     pdt = DTYPES[cfg.param_dtype]
     target = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, pdt, sharding=s),
-                          abs_state.to_pure_dict(), shardings.to_pure_dict())
+                          nnx.to_pure_dict(abs_state), nnx.to_pure_dict(shardings))
     params_dir = Path(path).absolute() / "params"
     try:
         with ocp.StandardCheckpointer() as ckptr:

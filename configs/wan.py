@@ -1,0 +1,60 @@
+"""Wan2.1 DiT presets (model sizes as published; diffusers config names in hallojax.dit.DiTConfig).
+
+    hallojax demo  --config configs/wan.py:tiny
+    hallojax demo  --config configs/wan.py:tiny,mesh=fsdp_tp --config.train.steps=20
+    hallojax info  --config configs/wan.py:wan2.1-t2v-14b,mesh=fsdp
+
+arg = PRESET[,mesh=MESH][,dtype=DTYPE][,remat=POLICY]. PRESET is one of MODELS, MESH one of MESHES.
+"""
+
+import ml_collections
+
+from hallojax.dit import DiTConfig
+from hallojax.sharding import DEFAULT_RULES
+
+# Only what differs from DiTConfig's defaults (Wan2.1-T2V-1.3B) is written here.
+MODELS = {
+    "tiny": dict(num_layers=2, num_heads=4, head_dim=16, ffn_dim=128, text_dim=32, freq_dim=64),
+    "wan2.1-t2v-1.3b": dict(),
+    "wan2.1-t2v-14b": dict(num_layers=40, num_heads=40, ffn_dim=13824),
+    "wan2.1-i2v-14b": dict(num_layers=40, num_heads=40, ffn_dim=13824, in_channels=36, image_dim=1280,
+                           added_kv_proj_dim=5120),
+}
+
+# Mesh shapes over (data, fsdp, context, tensor); -1 fills the remaining devices.
+MESHES = {
+    "single": dict(data=1, fsdp=1, context=1, tensor=1),
+    "dp": dict(data=-1),
+    "fsdp": dict(fsdp=-1),
+    "fsdp_tp": dict(fsdp=-1, tensor=2),
+    "dp_context": dict(data=-1, context=2),
+    "fsdp_context": dict(fsdp=-1, context=2),
+}
+
+
+def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
+    name, *opts = [s.strip() for s in (arg or "tiny").split(",")]
+    opts = dict(o.split("=", 1) for o in opts if o)
+    unknown = set(opts) - {"mesh", "dtype", "remat"}
+    if name not in MODELS or unknown:
+        raise ValueError(f"config arg {arg!r}: preset must be one of {sorted(MODELS)}, options mesh=, dtype=, remat=")
+    mesh = opts.get("mesh", "fsdp")
+    if mesh not in MESHES:
+        raise ValueError(f"config arg {arg!r}: mesh must be one of {sorted(MESHES)}")
+
+    config = ml_collections.ConfigDict()
+    config.preset = name
+    model = DiTConfig(**MODELS[name]).to_dict()
+    model.update({k: opts[k] for k in ("dtype", "remat") if k in opts})
+    config.model = ml_collections.ConfigDict(model)
+
+    config.mesh = ml_collections.ConfigDict({**dict(data=1, fsdp=1, context=1, tensor=1), **MESHES[mesh]})
+    config.mesh_preset = mesh
+    # logical axis -> mesh axes; one table serves every mesh shape (size-1 axes drop out)
+    config.rules = [[k, v] for k, v in DEFAULT_RULES]
+
+    config.seed = 0
+    # the demo's few training steps (the training issue owns the full trainer)
+    config.train = ml_collections.ConfigDict(dict(
+        steps=8, batch_size=8, frames=3, height=8, width=8, text_len=16, learning_rate=3e-3, log_every=1))
+    return config

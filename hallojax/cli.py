@@ -1,0 +1,126 @@
+"""The `hallojax` command.
+
+    hallojax convert wan-diffusers SRC_DIR OUT_DIR [--overwrite]
+    hallojax export  wan-diffusers CKPT_DIR OUT_DIR [--overwrite] [--max-shard-gb 5]
+    hallojax demo    [--config configs/wan.py:tiny] [--config.key=value ...]
+    hallojax info    [--config configs/wan.py:wan2.1-t2v-14b,mesh=fsdp] [--devices 64]
+
+Errors in user input (files, keys, shapes) print one clear message and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+USER_ERRORS = (ValueError, KeyError, TypeError, FileNotFoundError, FileExistsError)
+
+
+def _convert(args):
+    from hallojax.convert import convert_wan_diffusers
+
+    out = convert_wan_diffusers(args.src, args.out, overwrite=args.overwrite)
+    print(f"wrote {out}")
+
+
+def _export(args):
+    from hallojax.convert import export_wan_diffusers
+
+    out = export_wan_diffusers(args.ckpt, args.out, overwrite=args.overwrite,
+                               max_shard_bytes=int(args.max_shard_gb * 2**30))
+    print(f"wrote {out}")
+
+
+def _demo(args, overrides):
+    from hallojax.config import load_config
+    from hallojax.demo import run
+
+    run(load_config(args.config, overrides))
+
+
+def _info(args, overrides):
+    """Parameter count and per-device shard sizes of a preset, from shapes only (no memory)."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from hallojax.config import load_config
+    from hallojax.dit import DiTConfig, abstract_model, param_count
+    from hallojax.sharding import logical_to_spec, normalize_rules
+
+    config = load_config(args.config, overrides)
+    cfg = DiTConfig.from_dict(config.model)
+    rules = normalize_rules(config.rules)
+    mesh_shape = dict(config.mesh)
+    n = args.devices or jax.device_count()
+    fill = [k for k, v in mesh_shape.items() if v == -1]
+    if fill:
+        mesh_shape[fill[0]] = n // int(np.prod([v for v in mesh_shape.values() if v != -1]))
+    state = nnx.state(abstract_model(cfg), nnx.Param)
+    per_device = 0
+    for _, v in nnx.to_flat_state(state):
+        spec = logical_to_spec(v.get_metadata().get("out_sharding") or (None,) * v.ndim, v.shape, rules, mesh_shape)
+        div = 1
+        for entry in spec:
+            for axis in (entry if isinstance(entry, tuple) else (entry,)):
+                div *= mesh_shape.get(axis, 1) if axis else 1
+        per_device += int(np.prod(v.shape)) // div * np.dtype(v.dtype).itemsize
+    total = param_count(state)
+    print(f"preset {config.preset}: {total:,} parameters ({total * 4 / 2**30:.2f} GiB fp32)")
+    print(f"mesh {mesh_shape}: {per_device / 2**30:.3f} GiB of parameters per device")
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="hallojax", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert", help="PyTorch weights -> a hallojax pretrained directory")
+    p.add_argument("format", choices=["wan-diffusers"])
+    p.add_argument("src")
+    p.add_argument("out")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(fn=_convert)
+
+    p = sub.add_parser("export", help="a hallojax pretrained directory -> PyTorch weights")
+    p.add_argument("format", choices=["wan-diffusers"])
+    p.add_argument("ckpt")
+    p.add_argument("out")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--max-shard-gb", type=float, default=5.0)
+    p.set_defaults(fn=_export)
+
+    for name, fn, default in (("demo", _demo, "configs/wan.py:tiny"),
+                              ("info", _info, "configs/wan.py:wan2.1-t2v-1.3b")):
+        p = sub.add_parser(name, help=(fn.__doc__ or "").split("\n")[0] or "the embedded default job")
+        p.add_argument("--config", default=default, help="FILE.py[:ARG], or a preset name")
+        if name == "info":
+            p.add_argument("--devices", type=int, default=0, help="device count for -1 mesh axes")
+        p.set_defaults(fn=fn, takes_overrides=True)
+
+    args, rest = parser.parse_known_args(argv)
+    overrides = [a for a in rest if a.startswith("--config.")]
+    if len(overrides) != len(rest):
+        parser.error(f"unrecognized arguments: {' '.join(a for a in rest if a not in overrides)}")
+    if overrides and not getattr(args, "takes_overrides", False):
+        parser.error(f"{args.command} takes no --config.* overrides")
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        force=True)
+    for noisy in ("absl", "jax._src", "orbax"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        if getattr(args, "takes_overrides", False):
+            args.fn(args, overrides)
+        else:
+            args.fn(args)
+    except USER_ERRORS as e:
+        print(f"hallojax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
