@@ -65,7 +65,8 @@ def run(config) -> dict:
     single = nnx.merge(graphdef, jax.device_get(state))  # same weights, on one device, no rules
     y_single = np.asarray(forward(single, lat, t, ctx), np.float32)
     diff = float(np.max(np.abs(y_sharded - y_single)))
-    log.info("sharded forward %s vs single-device forward: max |diff| = %.3g", y_sharded.shape, diff)
+    log.info("sharded forward %s (max |y| %.3g) vs single-device forward: max |diff| = %.3g",
+             y_sharded.shape, float(np.abs(y_single).max()), diff)
 
     tx = optax.adamw(config.train.learning_rate, b1=0.9, b2=0.99, weight_decay=0.0)
     # optimizer moments inherit the parameters' logical axes; place them (and the step count) on the mesh
@@ -87,4 +88,4 @@ def run(config) -> dict:
             if step % config.train.log_every == 0 or step == config.train.steps - 1:
                 log.info("step %3d  loss %.4f  (%.2fs)", step, loss, time.perf_counter() - t0)
     log.info("loss %.4f -> %.4f over %d steps", losses[0], losses[-1], len(losses))
-    return {"forward_max_diff": diff, "losses": losses, "mesh": dict(mesh.shape), "params": param_count(model)}
+    return {"forward_max_diff": diff, "forward_max_abs": float(np.abs(y_single).max()), "losses": losses, "mesh": dict(mesh.shape), "params": param_count(model)}

@@ -107,13 +107,11 @@ class PatchEmbed(nnx.Module):
 
     def __init__(self, patch, in_channels: int, dim: int, *, rngs: nnx.Rngs, dtype, param_dtype):
         self.patch = tuple(patch)
-        fan_in = in_channels * math.prod(patch)
         init = nnx.initializers.xavier_uniform(in_axis=(0, 1, 2, 3), out_axis=4)
         self.kernel = nnx.Param(init(rngs.params(), (*patch, in_channels, dim), param_dtype),
                                 out_sharding=(None, None, None, None, "embed"))
         self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), out_sharding=("embed",))
         self.dtype = dtype
-        del fan_in
 
     def __call__(self, x: jax.Array) -> jax.Array:
         b, f, h, w, c = x.shape
@@ -200,7 +198,6 @@ class WanDiT(nnx.Module):
         self.cfg = cfg
         dim, dtype, pdt = cfg.dim, DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
         f32 = jnp.float32
-        normal = nnx.initializers.normal(0.02)
         with nnx.use_eager_sharding(False):
             self.patch_embedding = PatchEmbed(cfg.patch_size, cfg.in_channels, dim, rngs=rngs, dtype=dtype,
                                               param_dtype=pdt)
@@ -222,10 +219,9 @@ class WanDiT(nnx.Module):
             self.blocks = make_blocks(rngs)
             self.norm_out = LayerNorm(dim, cfg.eps, affine=False)
             self.proj_out = dense(dim, cfg.out_channels * cfg.patch_volume, ("embed", None), rngs=rngs,
-                                  dtype=dtype, param_dtype=pdt, kernel_init=nnx.initializers.zeros_init())
+                                  dtype=dtype, param_dtype=pdt)
             self.scale_shift_table = nnx.Param(
                 jax.random.normal(rngs.params(), (1, 2, dim), pdt) / dim**0.5, out_sharding=(None, None, "embed"))
-        del normal
 
     def check_inputs(self, latents, timesteps, context, image_context):
         cfg = self.cfg

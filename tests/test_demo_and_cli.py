@@ -1,0 +1,63 @@
+"""The embedded default job and the command line."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from hallojax import cli, load_pretrained, save_pretrained
+from hallojax.checkpoint import CheckpointError, flat_params
+from hallojax.config import load_config
+from hallojax.demo import run
+from hallojax.dit import DiTConfig, WanDiT
+
+
+@pytest.mark.parametrize("mesh", ["fsdp", "fsdp_tp"])
+def test_demo_shards_matches_single_device_and_learns(mesh, devices):
+    config = load_config(f"configs/wan.py:tiny,mesh={mesh},dtype=float32", ["--config.train.steps=6"])
+    result = run(config)
+    assert result["forward_max_abs"] > 0.1 and result["forward_max_diff"] <= 1e-5 * result["forward_max_abs"]
+    assert int(np.prod(list(result["mesh"].values()))) == 8
+    losses = result["losses"]
+    assert len(losses) == 6 and all(np.isfinite(losses))
+    assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_info_reports_the_sharded_size(capsys):
+    assert cli.main(["info", "--config", "configs/wan.py:wan2.1-t2v-14b,mesh=fsdp", "--devices", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "preset wan2.1-t2v-14b:" in out and "'fsdp': 64" in out
+
+
+def test_console_entry_point_rejects_unknown_arguments():
+    proc = subprocess.run([sys.executable, "-m", "hallojax.cli", "convert", "wan-diffusers", "a", "b", "--bogus"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "unrecognized arguments: --bogus" in proc.stderr
+
+
+def test_save_pretrained_checks_before_writing_and_is_atomic(tmp_path, monkeypatch):
+    cfg = DiTConfig.from_dict(load_config("tiny").model)
+    params = {k: np.asarray(v) for k, v in flat_params(WanDiT(cfg, rngs=__import__("flax").nnx.Rngs(0))).items()}
+    bad = dict(params)
+    bad.pop("proj_out.bias")
+    with pytest.raises(CheckpointError, match="proj_out.bias"):
+        save_pretrained(tmp_path / "a", bad, cfg)
+    assert not (tmp_path / "a").exists()
+
+    import orbax.checkpoint as ocp
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ocp.StandardCheckpointer, "save", boom)
+    with pytest.raises(OSError, match="disk full"):
+        save_pretrained(tmp_path / "b", params, cfg)
+    assert list(tmp_path.iterdir()) == []  # neither the target nor a temporary is left behind
+    monkeypatch.undo()
+
+    save_pretrained(tmp_path / "c", params, cfg)
+    model, cfg2 = load_pretrained(tmp_path / "c", remat="full")
+    assert cfg2.remat == "full" and cfg2.replace(remat="none") == cfg
+    for k, v in flat_params(model).items():
+        np.testing.assert_array_equal(np.asarray(v), params[k])
