@@ -69,9 +69,10 @@ def test_sharded_forward_equals_single_device(preset, devices):
         assert tokens.addressable_shards[0].data.shape == (2, tokens.shape[1] // 2, D)
 
 
-@pytest.mark.parametrize("preset", ["fsdp_tp", "dp_context"])
-def test_sharded_train_step_equals_single_device(preset, devices):
+@pytest.mark.parametrize("preset,remat", [("fsdp_tp", "full"), ("dp_context", "none")])
+def test_sharded_train_step_equals_single_device(preset, remat, devices):
     config, cfg, mesh, rules = _setup(preset)
+    cfg = cfg.replace(remat=remat)
     lat, _, ctx = _batch(cfg, seed=1)
     tx = optax.adamw(1e-3)
 
