@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hallojax.layers import RMSNorm, dense
+from hallojax.layers import Dense, RMSNorm
 from hallojax.rope import apply_rope
 from hallojax.sharding import constrain
 
@@ -27,31 +27,29 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str = 
     scale = q.shape[-1] ** -0.5
     logits = jnp.einsum("blnk,bmnk->bnlm", q, k, preferred_element_type=jnp.float32) * scale
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bnlm,bmnk->blnk", probs, v)
+    return jnp.einsum("bnlm,bmnk->blnk", probs, v, preferred_element_type=jnp.float32).astype(v.dtype)
 
 
 class Attention(nnx.Module):
     """Wan attention: q/k/v projections, RMSNorm over all heads on q and k, optional RoPE, and for
     I2V cross-attention an added K/V path over image tokens summed before the output projection."""
 
-    def __init__(self, dim: int, num_heads: int, *, eps: float, kv_dim: int | None = None,
-                 added_kv_dim: int | None = None, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32,
-                 impl: str = "xla"):
+    def __init__(self, dim: int, num_heads: int, *, eps: float, added_kv_dim: int | None = None,
+                 rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32, impl: str = "xla"):
         inner = dim  # Wan: heads * head_dim == dim
-        kv_dim = dim if kv_dim is None else kv_dim
         self.num_heads = num_heads
         self.impl = impl
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.to_q = dense(dim, inner, ("embed", "heads"), **kw)
-        self.to_k = dense(kv_dim, inner, ("embed", "heads"), **kw)
-        self.to_v = dense(kv_dim, inner, ("embed", "heads"), **kw)
-        self.to_out = dense(inner, dim, ("heads", "embed"), **kw)
-        self.norm_q = RMSNorm(inner, eps, axis_name="heads", param_dtype=param_dtype)
-        self.norm_k = RMSNorm(inner, eps, axis_name="heads", param_dtype=param_dtype)
+        self.to_q = Dense(dim, inner, ("embed", "heads"), **kw)
+        self.to_k = Dense(dim, inner, ("embed", "heads"), **kw)
+        self.to_v = Dense(dim, inner, ("embed", "heads"), **kw)
+        self.to_out = Dense(inner, dim, ("heads", "embed"), **kw)
+        self.norm_q = RMSNorm(inner, eps, axis_name="heads")
+        self.norm_k = RMSNorm(inner, eps, axis_name="heads")
         if added_kv_dim is not None:
-            self.add_k_proj = dense(added_kv_dim, inner, ("embed", "heads"), **kw)
-            self.add_v_proj = dense(added_kv_dim, inner, ("embed", "heads"), **kw)
-            self.norm_added_k = RMSNorm(inner, eps, axis_name="heads", param_dtype=param_dtype)
+            self.add_k_proj = Dense(added_kv_dim, inner, ("embed", "heads"), **kw)
+            self.add_v_proj = Dense(added_kv_dim, inner, ("embed", "heads"), **kw)
+            self.norm_added_k = RMSNorm(inner, eps, axis_name="heads")
         else:
             self.add_k_proj = self.add_v_proj = self.norm_added_k = None
 

@@ -23,7 +23,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from hallojax.fsutil import atomic_directory
-from hallojax.dit import DTYPES, DiTConfig, WanDiT, abstract_model
+from hallojax.dit import NUMERIC_FIELDS, DiTConfig, WanDiT, abstract_model
 from hallojax.sharding import Rules, state_shardings
 
 FORMAT = "hallojax-pretrained"
@@ -68,7 +68,8 @@ def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
 
 
 def save_pretrained(out_dir: str | os.PathLike, params: Mapping[str, Any], cfg: DiTConfig, *,
-                    source: Mapping[str, Any] | None = None, overwrite: bool = False) -> Path:
+                    source: Mapping[str, Any] | None = None, overwrite: bool = False,
+                    inputs: tuple = ()) -> Path:
     """Write {dotted path: array} + config atomically to `out_dir`."""
     out_dir = Path(out_dir).absolute()
     expected = param_shapes(cfg)
@@ -77,7 +78,7 @@ def save_pretrained(out_dir: str | os.PathLike, params: Mapping[str, Any], cfg: 
         if k in expected and tuple(np.shape(v)) != expected[k])
     if bad:
         raise CheckpointError(f"parameters do not match the model config: {bad}")
-    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+    with atomic_directory(out_dir, overwrite=overwrite, inputs=inputs) as tmp:
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(tmp / "params", _nest(params))
             ckptr.wait_until_finished()
@@ -96,13 +97,20 @@ def read_config(path: str | os.PathLike) -> tuple[DiTConfig, dict]:
         meta = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_file}: invalid JSON ({e})") from e
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{cfg_file}: expected a JSON object")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{cfg_file}: format is {meta.get('format')!r}, expected {FORMAT!r}"
                               + (" (this looks like a diffusers directory: convert it first)"
                                  if "_class_name" in meta else ""))
     if meta.get("version", 0) > VERSION:
         raise CheckpointError(f"{cfg_file}: version {meta['version']} is newer than this hallojax ({VERSION})")
-    return DiTConfig.from_dict(meta["model"]), meta
+    if not isinstance(meta.get("model"), dict):
+        raise CheckpointError(f"{cfg_file}: no 'model' section")
+    try:
+        return DiTConfig.from_dict(meta["model"]), meta
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{cfg_file}: invalid model config ({e})") from e
 
 
 def load_params_numpy(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -127,6 +135,10 @@ def load_pretrained(path: str | os.PathLike, *, mesh: jax.sharding.Mesh | None =
     remat, attention). With `mesh`, parameters are restored directly sharded by `rules`.
     """
     cfg, _ = read_config(path)
+    shape_changing = set(overrides) - set(NUMERIC_FIELDS)
+    if shape_changing:
+        raise CheckpointError(f"load_pretrained overrides {sorted(shape_changing)} would change parameter "
+                              f"shapes; only {NUMERIC_FIELDS} can be overridden")
     cfg = cfg.replace(**overrides)
     graphdef, abs_state = nnx.split(abstract_model(cfg))
     if mesh is not None:
@@ -134,8 +146,8 @@ def load_pretrained(path: str | os.PathLike, *, mesh: jax.sharding.Mesh | None =
     else:
         one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree.map(lambda _: one, abs_state)
-    pdt = DTYPES[cfg.param_dtype]
-    target = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, pdt, sharding=s),
+    # each variable in the dtype the model declares (param_dtype, or float32 for norms and modulation)
+    target = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
                           nnx.to_pure_dict(abs_state), nnx.to_pure_dict(shardings))
     params_dir = Path(path).absolute() / "params"
     try:

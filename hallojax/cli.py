@@ -14,7 +14,9 @@ import argparse
 import logging
 import sys
 
-USER_ERRORS = (ValueError, KeyError, TypeError, FileNotFoundError, FileExistsError)
+# every hallojax error class (ConfigError, ConversionError, CheckpointError, SafetensorsError) is a
+# ValueError; OSError covers unreadable or unwritable paths
+USER_ERRORS = (ValueError, OSError)
 
 
 def _convert(args):
@@ -40,32 +42,24 @@ def _demo(args, overrides):
 
 
 def _info(args, overrides):
-    """Parameter count and per-device shard sizes of a preset, from shapes only (no memory)."""
+    """Parameter count and per-device parameter memory of a preset on its mesh, from shapes only."""
     import jax
     import numpy as np
     from flax import nnx
 
     from hallojax.config import load_config
     from hallojax.dit import DiTConfig, abstract_model, param_count
-    from hallojax.sharding import logical_to_spec, normalize_rules
+    from hallojax.sharding import logical_to_spec, normalize_rules, resolve_mesh_shape, shard_shape
 
     config = load_config(args.config, overrides)
     cfg = DiTConfig.from_dict(config.model)
     rules = normalize_rules(config.rules)
-    mesh_shape = dict(config.mesh)
-    n = args.devices or jax.device_count()
-    fill = [k for k, v in mesh_shape.items() if v == -1]
-    if fill:
-        mesh_shape[fill[0]] = n // int(np.prod([v for v in mesh_shape.values() if v != -1]))
+    mesh_shape = resolve_mesh_shape(dict(config.mesh), args.devices or jax.device_count())
     state = nnx.state(abstract_model(cfg), nnx.Param)
     per_device = 0
     for _, v in nnx.to_flat_state(state):
         spec = logical_to_spec(v.get_metadata().get("out_sharding") or (None,) * v.ndim, v.shape, rules, mesh_shape)
-        div = 1
-        for entry in spec:
-            for axis in (entry if isinstance(entry, tuple) else (entry,)):
-                div *= mesh_shape.get(axis, 1) if axis else 1
-        per_device += int(np.prod(v.shape)) // div * np.dtype(v.dtype).itemsize
+        per_device += int(np.prod(shard_shape(v.shape, spec, mesh_shape))) * np.dtype(v.dtype).itemsize
     total = param_count(state)
     print(f"preset {config.preset}: {total:,} parameters ({total * 4 / 2**30:.2f} GiB fp32)")
     print(f"mesh {mesh_shape}: {per_device / 2**30:.3f} GiB of parameters per device")

@@ -19,12 +19,16 @@ REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_FILE = REPO_CONFIGS / "wan.py"
 
 
+class ConfigError(ValueError):
+    """A config file, preset or override that cannot be used."""
+
+
 def _load_module(path: Path):
     spec = importlib.util.spec_from_file_location(f"hallojax_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
-        raise ValueError(f"{path}: a config file must define get_config(arg)")
+        raise ConfigError(f"{path}: a config file must define get_config(arg)")
     return module
 
 
@@ -36,7 +40,7 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     elif not path.exists() and (REPO_CONFIGS / path.name).exists():
         path = REPO_CONFIGS / path.name
     if not path.exists():
-        raise FileNotFoundError(f"config file {path_str} not found (cwd {os.getcwd()})")
+        raise ConfigError(f"config file {path_str} not found (cwd {os.getcwd()})")
     module = _load_module(path)
     config = module.get_config(arg) if arg else module.get_config()
     apply_overrides(config, overrides)
@@ -62,16 +66,16 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
     for item in overrides:
         key, sep, text = item.removeprefix("--").removeprefix("config.").partition("=")
         if not sep:
-            raise ValueError(f"override {item!r}: expected --config.key=value")
+            raise ConfigError(f"override {item!r}: expected --config.key=value")
         node = config
         *parents, leaf = key.split(".")
         for p in parents:
-            if p not in node:
-                raise KeyError(f"override {item!r}: no config key {key!r}")
+            if p not in node or not hasattr(node[p], "keys"):
+                raise ConfigError(f"override {item!r}: no config key {key!r}")
             node = node[p]
         if leaf not in node:
-            raise KeyError(f"override {item!r}: no config key {key!r} (known: {sorted(node.keys())})")
+            raise ConfigError(f"override {item!r}: no config key {key!r} (known: {sorted(node.keys())})")
         try:
             node[leaf] = _parse_value(text, node[leaf])
         except TypeError as e:
-            raise TypeError(f"override {item!r}: {e}") from e
+            raise ConfigError(f"override {item!r}: {e}") from e

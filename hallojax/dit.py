@@ -3,8 +3,10 @@
 Latents are channels-last [B, F, H, W, C]. Tokens are ordered (f, h, w) after a (pt, ph, pw) patch
 embedding. Blocks are created stacked (`nnx.vmap`) and run with `nnx.scan`, so compile time does not
 grow with depth and the stacked parameters carry a leading ``layers`` axis. Parameters are kept in
-`param_dtype` (float32 by default); matmuls run in `dtype` (bfloat16 by default); norms, the timestep
-embedding and all modulation run in float32, as in the reference.
+`param_dtype` (float32 by default); matmuls run in `dtype` (bfloat16 by default). As in the reference
+(diffusers' `_keep_in_fp32_modules`), norms, the timestep MLP and the modulation tables are float32
+parameters computed in float32 whatever `param_dtype` is; the timestep embedding is rounded to `dtype`
+before the 6-way projection, which runs in `dtype`, and modulation is applied in float32.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from hallojax.attention import ATTENTION_IMPLS, Attention
-from hallojax.layers import MLP, LayerNorm, dense, gelu_erf, gelu_tanh, timestep_embedding
+from hallojax.layers import MLP, Dense, LayerNorm, gelu_erf, gelu_tanh, timestep_embedding
 from hallojax.rope import grid_coords, rope_cos_sin
 from hallojax.sharding import constrain
 
@@ -35,6 +37,8 @@ REMAT_POLICIES = {
         offload_src="device", offload_dst="pinned_host"),
 }
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# config fields that change numerics but no parameter shape (safe to override when loading)
+NUMERIC_FIELDS = ("dtype", "param_dtype", "remat", "attention")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +69,8 @@ class DiTConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
+        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
+            raise ValueError(f"model.patch_size={self.patch_size}: expected three positive ints (t, h, w)")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"model.remat={self.remat!r}: expected one of {sorted(REMAT_POLICIES)}")
         if self.attention not in ATTENTION_IMPLS:
@@ -76,6 +82,10 @@ class DiTConfig:
             raise ValueError(f"model.head_dim={self.head_dim}: must be even and >= 6 for 3D RoPE")
         if (self.image_dim is None) != (self.added_kv_proj_dim is None):
             raise ValueError("model.image_dim and model.added_kv_proj_dim must be set together (I2V)")
+        if self.pos_embed_seq_len is not None and self.image_dim is None:
+            raise ValueError("model.pos_embed_seq_len needs the image path (model.image_dim)")
+        if self.attention == "cudnn" and self.dtype == "float32":
+            raise ValueError("model.attention='cudnn' needs dtype bfloat16 or float16 (cuDNN flash attention)")
 
     @property
     def dim(self) -> int:
@@ -119,18 +129,19 @@ class PatchEmbed(nnx.Module):
         x = x.reshape(b, f // pt, pt, h // ph, ph, w // pw, pw, c)
         x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7)  # [B, F', H', W', pt, ph, pw, C]
         x = x.reshape(b, -1, pt, ph, pw, c).astype(self.dtype)  # [B, L, pt, ph, pw, C]
-        y = jnp.einsum("blthwc,thwcd->bld", x, self.kernel[...].astype(self.dtype))
-        return y + self.bias[...].astype(self.dtype)
+        y = jnp.einsum("blthwc,thwcd->bld", x, self.kernel[...].astype(self.dtype),
+                       preferred_element_type=jnp.float32)
+        return (y + self.bias[...].astype(jnp.float32)).astype(self.dtype)
 
 
 class ImageEmbedder(nnx.Module):
     """I2V image-token embedder: LayerNorm -> FeedForward(mult 1, erf GELU) -> LayerNorm (eps 1e-5)."""
 
     def __init__(self, image_dim: int, dim: int, pos_embed_seq_len: int | None, *, rngs, dtype, param_dtype):
-        self.norm1 = LayerNorm(image_dim, 1e-5, affine=True, param_dtype=param_dtype)
-        self.ff = MLP(image_dim, image_dim, dim, gelu_erf, axes_in=(None, "mlp"), axes_out=("mlp", "embed"),
+        self.norm1 = LayerNorm(image_dim, 1e-5, affine=True)
+        self.ff = MLP(image_dim, image_dim, dim, gelu_erf, axes_in=("embed", "mlp"), axes_out=("mlp", "embed"),
                       rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.norm2 = LayerNorm(dim, 1e-5, affine=True, axis_name="embed", param_dtype=param_dtype)
+        self.norm2 = LayerNorm(dim, 1e-5, affine=True, axis_name="embed")
         self.pos_embed = (nnx.Param(jnp.zeros((1, pos_embed_seq_len, image_dim), param_dtype),
                                     out_sharding=(None, None, None))
                           if pos_embed_seq_len is not None else None)
@@ -153,21 +164,20 @@ class WanBlock(nnx.Module):
     def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
         dim, dtype, pdt = cfg.dim, DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=pdt, impl=cfg.attention)
-        self.scale_shift_table = nnx.Param(
-            jax.random.normal(rngs.params(), (1, 6, dim), pdt) / dim**0.5, out_sharding=(None, None, "embed"))
+        self.scale_shift_table = nnx.Param(  # float32 whatever param_dtype: it is the modulation
+            jax.random.normal(rngs.params(), (1, 6, dim), jnp.float32) / dim**0.5, out_sharding=(None, None, "embed"))
         self.norm1 = LayerNorm(dim, cfg.eps, affine=False)
         self.attn1 = Attention(dim, cfg.num_heads, eps=cfg.eps, **kw)
-        self.norm2 = (LayerNorm(dim, cfg.eps, affine=True, axis_name="embed", param_dtype=pdt)
-                      if cfg.cross_attn_norm else None)
+        self.norm2 = LayerNorm(dim, cfg.eps, affine=True, axis_name="embed") if cfg.cross_attn_norm else None
         self.attn2 = Attention(dim, cfg.num_heads, eps=cfg.eps, added_kv_dim=cfg.added_kv_proj_dim, **kw)
         self.norm3 = LayerNorm(dim, cfg.eps, affine=False)
         self.ffn = MLP(dim, cfg.ffn_dim, dim, gelu_tanh, axes_in=("embed", "mlp"), axes_out=("mlp", "embed"),
                        act_axes=("act_batch", "act_len", "act_mlp"), rngs=rngs, dtype=dtype, param_dtype=pdt)
 
     def __call__(self, x, temb6, context, rope, image_context=None):
-        """x [B, L, D]; temb6 float32 [B, 6, D]; context [B, M, D]; rope (cos, sin)."""
+        """x [B, L, D]; temb6 [B, 6, D]; context [B, M, D]; rope (cos, sin)."""
         dtype = x.dtype
-        mod = self.scale_shift_table[...].astype(jnp.float32) + temb6  # [B, 6, D]
+        mod = self.scale_shift_table[...].astype(jnp.float32) + temb6.astype(jnp.float32)  # [B, 6, D]
         shift, scale, gate, c_shift, c_scale, c_gate = (mod[:, i : i + 1] for i in range(6))
 
         h = (self.norm1(x) * (1 + scale) + shift).astype(dtype)
@@ -201,12 +211,13 @@ class WanDiT(nnx.Module):
         with nnx.use_eager_sharding(False):
             self.patch_embedding = PatchEmbed(cfg.patch_size, cfg.in_channels, dim, rngs=rngs, dtype=dtype,
                                               param_dtype=pdt)
-            # timestep path stays float32 end to end (it feeds every modulation)
+            # the timestep MLP is float32 parameters and compute (diffusers keeps it in fp32)
+            # every large weight names one axis for fsdp and one for tensor, so FSDP+TP splits it fully
             self.time_embedder = MLP(cfg.freq_dim, dim, dim, jax.nn.silu, axes_in=(None, "embed"),
-                                     axes_out=("embed", None), rngs=rngs, dtype=f32, param_dtype=pdt)
-            self.time_proj = dense(dim, 6 * dim, ("embed", None), rngs=rngs, dtype=f32, param_dtype=pdt)
-            self.text_embedder = MLP(cfg.text_dim, dim, dim, gelu_tanh, axes_in=(None, "embed"),
-                                     axes_out=("embed", None), rngs=rngs, dtype=dtype, param_dtype=pdt)
+                                     axes_out=("embed", "mlp"), rngs=rngs, dtype=f32, param_dtype=f32)
+            self.time_proj = Dense(dim, 6 * dim, ("embed", "mlp"), rngs=rngs, dtype=dtype, param_dtype=pdt)
+            self.text_embedder = MLP(cfg.text_dim, dim, dim, gelu_tanh, axes_in=("mlp", "embed"),
+                                     axes_out=("embed", "mlp"), rngs=rngs, dtype=dtype, param_dtype=pdt)
             self.image_embedder = (ImageEmbedder(cfg.image_dim, dim, cfg.pos_embed_seq_len, rngs=rngs,
                                                  dtype=dtype, param_dtype=pdt)
                                    if cfg.image_dim is not None else None)
@@ -218,12 +229,12 @@ class WanDiT(nnx.Module):
 
             self.blocks = make_blocks(rngs)
             self.norm_out = LayerNorm(dim, cfg.eps, affine=False)
-            self.proj_out = dense(dim, cfg.out_channels * cfg.patch_volume, ("embed", None), rngs=rngs,
+            self.proj_out = Dense(dim, cfg.out_channels * cfg.patch_volume, ("embed", "mlp"), rngs=rngs,
                                   dtype=dtype, param_dtype=pdt)
             self.scale_shift_table = nnx.Param(
-                jax.random.normal(rngs.params(), (1, 2, dim), pdt) / dim**0.5, out_sharding=(None, None, "embed"))
+                jax.random.normal(rngs.params(), (1, 2, dim), f32) / dim**0.5, out_sharding=(None, None, "embed"))
 
-    def check_inputs(self, latents, timesteps, context, image_context):
+    def check_inputs(self, latents, timesteps, context, image_context, coords=None):
         cfg = self.cfg
         if latents.ndim != 5 or latents.shape[-1] != cfg.in_channels:
             raise ValueError(f"latents have shape {tuple(latents.shape)}; expected [B, F, H, W, "
@@ -236,6 +247,12 @@ class WanDiT(nnx.Module):
             raise ValueError(f"timesteps have shape {tuple(timesteps.shape)}; expected [{b}]")
         if context.ndim != 3 or context.shape[0] != b or context.shape[-1] != cfg.text_dim:
             raise ValueError(f"context has shape {tuple(context.shape)}; expected [{b}, M, {cfg.text_dim}]")
+        if coords is not None:
+            want = f * h * w // cfg.patch_volume
+            if np.ndim(coords) not in (2, 3) or np.shape(coords)[-2:] != (want, 3) or (
+                    np.ndim(coords) == 3 and np.shape(coords)[0] != b):
+                raise ValueError(f"coords have shape {tuple(np.shape(coords))}; expected [{want}, 3] or "
+                                 f"[{b}, {want}, 3] (one (t, h, w) per video token)")
         if image_context is not None:
             if cfg.image_dim is None:
                 raise ValueError("image_context given to a model without an image embedder (T2V config)")
@@ -246,7 +263,7 @@ class WanDiT(nnx.Module):
     def __call__(self, latents, timesteps, context, *, image_context=None, coords=None):
         cfg = self.cfg
         dtype = DTYPES[cfg.dtype]
-        self.check_inputs(latents, timesteps, context, image_context)
+        self.check_inputs(latents, timesteps, context, image_context, coords)
         b, f, h, w, _ = latents.shape
         pt, ph, pw = cfg.patch_size
         gf, gh, gw = f // pt, h // ph, w // pw
@@ -259,8 +276,9 @@ class WanDiT(nnx.Module):
         if cos.ndim == 2:
             cos, sin = cos[None], sin[None]  # [1, L, K/2]
 
-        temb = self.time_embedder(timestep_embedding(timesteps, cfg.freq_dim))  # float32 [B, D]
-        temb6 = self.time_proj(jax.nn.silu(temb)).reshape(b, 6, cfg.dim)  # [B, 6, D]
+        # float32 MLP, then rounded to the compute dtype as the reference does (`temb.type_as(...)`)
+        temb = self.time_embedder(timestep_embedding(timesteps, cfg.freq_dim)).astype(dtype)  # [B, D]
+        temb6 = self.time_proj(jax.nn.silu(temb.astype(jnp.float32)).astype(dtype)).reshape(b, 6, cfg.dim)
         ctx = self.text_embedder(context.astype(dtype))  # [B, M, D]
         img = None
         if image_context is not None:
@@ -280,7 +298,7 @@ class WanDiT(nnx.Module):
 
         x = run(x.astype(dtype), self.blocks, temb6, ctx, cos, sin, img)
 
-        mod = self.scale_shift_table[...].astype(jnp.float32) + temb[:, None]  # [B, 2, D]
+        mod = self.scale_shift_table[...].astype(jnp.float32) + temb[:, None].astype(jnp.float32)  # [B, 2, D]
         shift, scale = mod[:, 0:1], mod[:, 1:2]
         x = (self.norm_out(x) * (1 + scale) + shift).astype(dtype)
         x = self.proj_out(x)  # [B, L, pt·ph·pw·C]

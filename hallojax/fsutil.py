@@ -9,12 +9,17 @@ from pathlib import Path
 
 
 @contextlib.contextmanager
-def atomic_directory(out_dir: str | os.PathLike, *, overwrite: bool = False):
+def atomic_directory(out_dir: str | os.PathLike, *, overwrite: bool = False, inputs=()):
     """Yield a temporary directory beside `out_dir`; on success it replaces `out_dir`, on error it is removed.
 
-    An existing non-empty `out_dir` is an error unless `overwrite`.
+    An existing non-empty `out_dir` is an error unless `overwrite`; an `out_dir` that is or contains
+    one of `inputs` is always an error (replacing it would delete the input).
     """
     out_dir = Path(out_dir).absolute()
+    for src in inputs:
+        src = Path(src).resolve()
+        if src == out_dir.resolve() or out_dir.resolve() in src.parents:
+            raise FileExistsError(f"output {out_dir} would replace the input {src}; choose another directory")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -9,51 +9,50 @@ maps them to mesh axes with a per-preset rules table.
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from hallojax.sharding import constrain
+
 Axes = tuple[str | None, ...]
 
 
-def dense(
-    in_features: int,
-    out_features: int,
-    axes: Axes,
-    *,
-    rngs: nnx.Rngs,
-    dtype=None,
-    param_dtype=jnp.float32,
-    use_bias: bool = True,
-    kernel_init=nnx.initializers.xavier_uniform(),
-) -> nnx.Linear:
-    """`nnx.Linear` whose kernel is annotated with `axes` = (in, out) and bias with (out,)."""
-    return nnx.Linear(
-        in_features,
-        out_features,
-        use_bias=use_bias,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        kernel_init=kernel_init,
-        bias_init=nnx.initializers.zeros_init(),
-        kernel_metadata={"out_sharding": tuple(axes)},
-        bias_metadata={"out_sharding": (axes[1],)},
-        rngs=rngs,
-    )
+class Dense(nnx.Module):
+    """y = x·W + b with kernel [in, out] annotated with logical `axes` = (in, out), bias with (out,).
+
+    Computed as torch does in low precision: inputs and kernel in `dtype`, float32 accumulation, the
+    bias added in float32, one rounding to `dtype` at the end.
+    """
+
+    def __init__(self, in_features: int, out_features: int, axes: Axes, *, rngs: nnx.Rngs, dtype=None,
+                 param_dtype=jnp.float32, use_bias: bool = True,
+                 kernel_init=nnx.initializers.xavier_uniform()):
+        self.kernel = nnx.Param(kernel_init(rngs.params(), (in_features, out_features), param_dtype),
+                                out_sharding=tuple(axes))
+        self.bias = (nnx.Param(jnp.zeros((out_features,), param_dtype), out_sharding=(axes[1],))
+                     if use_bias else None)
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = self.dtype or x.dtype
+        y = jnp.einsum("...i,io->...o", x.astype(dtype), self.kernel[...].astype(dtype),
+                       preferred_element_type=jnp.float32)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(dtype)
 
 
 class LayerNorm(nnx.Module):
     """LayerNorm computed in float32 (biased variance, like torch); affine parameters optional."""
 
-    def __init__(self, dim: int, eps: float, *, affine: bool, axis_name: str | None = None,
-                 param_dtype=jnp.float32):
+    def __init__(self, dim: int, eps: float, *, affine: bool, axis_name: str | None = None):
         self.eps = eps
-        if affine:
+        if affine:  # norm parameters stay float32 whatever the model's param_dtype
             meta = {"out_sharding": (axis_name,)}
-            self.scale = nnx.Param(jnp.ones((dim,), param_dtype), **meta)
-            self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), **meta)
+            self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), **meta)
+            self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32), **meta)
         else:
             self.scale = self.bias = None
 
@@ -71,9 +70,9 @@ class LayerNorm(nnx.Module):
 class RMSNorm(nnx.Module):
     """RMSNorm over the last axis with a learned scale, computed in float32 and cast back to x.dtype."""
 
-    def __init__(self, dim: int, eps: float, *, axis_name: str | None = None, param_dtype=jnp.float32):
+    def __init__(self, dim: int, eps: float, *, axis_name: str | None = None):
         self.eps = eps
-        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=(axis_name,))
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), out_sharding=(axis_name,))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         xf = x.astype(jnp.float32)
@@ -90,19 +89,22 @@ def gelu_erf(x):
 
 
 class MLP(nnx.Module):
-    """Linear -> activation -> Linear (diffusers FeedForward / PixArtAlphaTextProjection / TimestepEmbedding)."""
+    """Linear -> activation -> Linear (diffusers FeedForward / PixArtAlphaTextProjection / TimestepEmbedding).
+
+    The activation is evaluated in float32 on the rounded linear output and rounded once, as torch's
+    GELU/SiLU kernels do for bf16 tensors.
+    """
 
     def __init__(self, in_dim: int, hidden: int, out_dim: int, activation, *, axes_in: Axes, axes_out: Axes,
                  rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32, act_axes: Axes | None = None):
-        self.fc1 = dense(in_dim, hidden, axes_in, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.fc2 = dense(hidden, out_dim, axes_out, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.fc1 = Dense(in_dim, hidden, axes_in, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.fc2 = Dense(hidden, out_dim, axes_out, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.activation = activation
         self.act_axes = act_axes
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        from hallojax.sharding import constrain  # local import: sharding imports nothing of ours
-
-        h = self.activation(self.fc1(x))
+        h = self.fc1(x)
+        h = self.activation(h.astype(jnp.float32)).astype(h.dtype)
         if self.act_axes is not None:
             h = constrain(h, self.act_axes)
         return self.fc2(h)
@@ -117,11 +119,3 @@ def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> j
     exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half
     args = t.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
     return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
-
-
-def count_params(tree) -> int:
-    return sum(int(math.prod(x.shape)) for x in jax.tree.leaves(tree))
-
-
-def shape_tuple(x: Sequence[int]) -> tuple[int, ...]:
-    return tuple(int(v) for v in x)

@@ -41,10 +41,15 @@ def _tables(head_dim: int, theta: float, max_pos: int) -> tuple[np.ndarray, np.n
 
 def rope_cos_sin(coords: jax.Array | np.ndarray, head_dim: int, theta: float = 10000.0,
                  max_pos: int = 1024) -> tuple[jax.Array, jax.Array]:
-    """cos, sin for integer coordinates `coords` [..., L, 3] (t, h, w): float32 [..., L, K/2]."""
+    """cos, sin for integer coordinates `coords` [..., L, 3] (t, h, w): float32 [..., L, K/2].
+
+    Coordinates outside [−max_pos, max_pos) raise for host arrays; inside jit (where values are not
+    known) they produce NaN rather than silently reading another position's row.
+    """
     dt, dh, dw = axis_dims(head_dim)
     cos_t, sin_t = _tables(head_dim, float(theta), int(max_pos))
-    if isinstance(coords, np.ndarray):
+    if not isinstance(coords, jax.core.Tracer):
+        coords = np.asarray(coords)
         if coords.size and (coords.min() < -max_pos or coords.max() >= max_pos):
             raise ValueError(f"RoPE coordinates span [{coords.min()}, {coords.max()}], outside "
                              f"[-{max_pos}, {max_pos}); raise rope_max_seq_len")
@@ -53,7 +58,9 @@ def rope_cos_sin(coords: jax.Array | np.ndarray, head_dim: int, theta: float = 1
     cols = []
     for axis in range(3):
         sl = slice(bounds[axis], bounds[axis + 1])
-        cols.append((jnp.asarray(cos_t[:, sl])[idx[..., axis]], jnp.asarray(sin_t[:, sl])[idx[..., axis]]))
+        rows = idx[..., axis]
+        cols.append(tuple(jnp.asarray(t[:, sl]).at[rows].get(mode="fill", fill_value=jnp.nan)
+                          for t in (cos_t, sin_t)))
     cos = jnp.concatenate([c for c, _ in cols], axis=-1)
     sin = jnp.concatenate([s for _, s in cols], axis=-1)
     return cos, sin

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+import types
 from typing import Iterable, Mapping, Sequence
 
 import jax
@@ -37,28 +38,37 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 
 Rules = Sequence[tuple[str, "str | Sequence[str] | None"]]
 
-_RULES: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("hallojax_rules", default=None)
+_RULES: contextvars.ContextVar[Mapping[str, tuple[str, ...]] | None] = contextvars.ContextVar(
+    "hallojax_rules", default=None)
 
 
-def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """Mesh with axes (data, fsdp, context, tensor); one size may be -1 (fill the remaining devices)."""
+def resolve_mesh_shape(shape: Mapping[str, int], num_devices: int) -> dict[str, int]:
+    """Sizes of (data, fsdp, context, tensor) for `num_devices`; one size may be -1 (fill the rest)."""
     unknown = set(shape) - set(MESH_AXES)
     if unknown:
         raise ValueError(f"unknown mesh axes {sorted(unknown)}; the mesh axes are {MESH_AXES}")
-    devices = list(jax.devices() if devices is None else devices)
     sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
     fills = [i for i, s in enumerate(sizes) if s == -1]
     if len(fills) > 1:
         raise ValueError(f"mesh {dict(shape)}: at most one axis may be -1")
+    if any(s < 1 for i, s in enumerate(sizes) if i not in fills):
+        raise ValueError(f"mesh {dict(shape)}: sizes must be positive (or -1 to fill)")
     known = math.prod(s for s in sizes if s != -1)
     if fills:
-        if len(devices) % known:
-            raise ValueError(f"mesh {dict(shape)}: {len(devices)} devices do not divide by {known}")
-        sizes[fills[0]] = len(devices) // known
-    if math.prod(sizes) != len(devices):
+        if num_devices % known:
+            raise ValueError(f"mesh {dict(shape)}: {num_devices} devices do not divide by {known}")
+        sizes[fills[0]] = num_devices // known
+    if math.prod(sizes) != num_devices:
         raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
-                         f"{len(devices)} present")
-    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                         f"{num_devices} present")
+    return dict(zip(MESH_AXES, sizes))
+
+
+def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Mesh with axes (data, fsdp, context, tensor) over `devices` (default: all)."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = resolve_mesh_shape(shape, len(devices))
+    return jax.make_mesh(tuple(sizes.values()), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
                          devices=devices)
 
 
@@ -83,16 +93,15 @@ def normalize_rules(rules: Rules | Mapping | None) -> dict[str, tuple[str, ...]]
 @contextlib.contextmanager
 def use_rules(rules: Rules | Mapping | None):
     """Activate a logical-axis rules table for `constrain` (inside `jax.set_mesh(mesh)`)."""
-    token = _RULES.set(tuple(normalize_rules(rules).items()))
+    token = _RULES.set(types.MappingProxyType(normalize_rules(rules)))
     try:
         yield
     finally:
         _RULES.reset(token)
 
 
-def current_rules() -> dict[str, tuple[str, ...]] | None:
-    r = _RULES.get()
-    return None if r is None else dict(r)
+def current_rules() -> Mapping[str, tuple[str, ...]] | None:
+    return _RULES.get()
 
 
 def logical_to_spec(axes: Iterable[str | None], shape: Sequence[int], rules: Mapping[str, tuple[str, ...]],
@@ -129,6 +138,16 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
 
 def _variable_axes(v: nnx.Variable) -> tuple | None:
     return v.get_metadata().get("out_sharding")
+
+
+def shard_shape(shape: Sequence[int], spec: P, mesh_shape: Mapping[str, int]) -> tuple[int, ...]:
+    """The per-device block of an array of `shape` laid out by `spec` on a mesh of `mesh_shape`."""
+    out = []
+    for i, dim in enumerate(shape):
+        entry = spec[i] if i < len(spec) else None
+        axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        out.append(dim // math.prod(mesh_shape[a] for a in axes))
+    return tuple(out)
 
 
 def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules | Mapping | None) -> nnx.State:

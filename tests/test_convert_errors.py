@@ -125,3 +125,25 @@ def test_sharded_writer_and_index_reader(tmp_path):
     (tmp_path / names[0]).unlink()
     with pytest.raises(SafetensorsError, match="is missing"):
         TensorStore(tmp_path, "model")
+
+
+@pytest.mark.parametrize("header,match", [
+    (b"[1, 2]", "header is a JSON list"),
+    (b'{"w": {"dtype": "F32", "shape": [2]}}', "needs dtype, shape and data_offsets"),
+    (b'{"w": "oops"}', "needs dtype, shape and data_offsets"),
+    (b'{"w": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}', "invalid shape"),
+    (b'{"w": {"dtype": "Q7", "shape": [2], "data_offsets": [0, 8]}}', "unsupported dtype"),
+    (b'{"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}', "truncated"),
+])
+def test_malformed_safetensors_headers_name_file_and_tensor(tmp_path, header, match):
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 8)
+    with pytest.raises(SafetensorsError, match=match) as err:
+        SafetensorsFile(path)
+    assert "m.safetensors" in str(err.value)
+
+
+def test_output_may_not_replace_the_input(tiny_src, tmp_path):
+    with pytest.raises(FileExistsError, match="would replace the input"):
+        convert_wan_diffusers(tiny_src, tiny_src, overwrite=True, progress=False)
+    assert (tiny_src / "config.json").exists() and (tiny_src / "diffusion_pytorch_model.safetensors").exists()

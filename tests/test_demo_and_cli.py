@@ -25,9 +25,13 @@ def test_demo_shards_matches_single_device_and_learns(mesh, devices):
 
 
 def test_info_reports_the_sharded_size(capsys):
-    assert cli.main(["info", "--config", "configs/wan.py:wan2.1-t2v-14b,mesh=fsdp", "--devices", "64"]) == 0
+    assert cli.main(["info", "--config", "configs/wan.py:wan2.1-t2v-14b,mesh=fsdp_tp", "--devices", "64"]) == 0
     out = capsys.readouterr().out
-    assert "preset wan2.1-t2v-14b:" in out and "'fsdp': 64" in out
+    assert "preset wan2.1-t2v-14b: 14,288,491,584 parameters" in out and "'fsdp': 32, 'context': 1, 'tensor': 2" in out
+    per_device = float(out.split("GiB of parameters per device")[0].split()[-1])
+    # 14.29e9 fp32 parameters over 64 devices, give or take the few small replicated tables
+    assert 14_288_491_584 * 4 / 64 / 2**30 <= per_device < 1.01 * 14_288_491_584 * 4 / 64 / 2**30
+    assert cli.main(["info", "--config", "configs/wan.py:tiny,mesh=fsdp_tp", "--devices", "7"]) == 2
 
 
 def test_console_entry_point_rejects_unknown_arguments():
@@ -59,5 +63,13 @@ def test_save_pretrained_checks_before_writing_and_is_atomic(tmp_path, monkeypat
     save_pretrained(tmp_path / "c", params, cfg)
     model, cfg2 = load_pretrained(tmp_path / "c", remat="full")
     assert cfg2.remat == "full" and cfg2.replace(remat="none") == cfg
+    with pytest.raises(CheckpointError, match="would change parameter shapes"):
+        load_pretrained(tmp_path / "c", num_layers=3)
+    with pytest.raises(FileExistsError, match="would replace the input"):
+        save_pretrained(tmp_path / "c", params, cfg, overwrite=True, inputs=(tmp_path / "c" / "params",))
+    (tmp_path / "c" / "config.json").write_text('{"format": "hallojax-pretrained", "version": 1}')
+    with pytest.raises(CheckpointError, match="no 'model' section"):
+        load_pretrained(tmp_path / "c")
     for k, v in flat_params(model).items():
         np.testing.assert_array_equal(np.asarray(v), params[k])
+    assert list(tmp_path.iterdir()) == [tmp_path / "c"]

@@ -46,17 +46,30 @@ class SafetensorsFile:
                 header = json.loads(fh.read(n))
         except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
             raise SafetensorsError(f"{self.path}: not a readable safetensors file ({e})") from e
+        if not isinstance(header, dict):
+            raise SafetensorsError(f"{self.path}: header is a JSON {type(header).__name__}, expected an object")
         self.metadata = header.pop("__metadata__", None) or {}
         self._header = header
         self._data_start = 8 + n
         for name, info in header.items():
-            if info.get("dtype") not in DTYPES:
-                raise SafetensorsError(f"{self.path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
-            start, end = info["data_offsets"]
-            want = DTYPES[info["dtype"]].itemsize * int(np.prod(info["shape"], dtype=np.int64))
-            if end - start != want or self._data_start + end > size:
-                raise SafetensorsError(f"{self.path}: tensor {name!r} {info['shape']} has a corrupt byte range")
+            self._check_entry(name, info, size)
         self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r") if size > self._data_start else None
+
+    def _check_entry(self, name, info, size: int) -> None:
+        where = f"{self.path}: tensor {name!r}"
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+            raise SafetensorsError(f"{where}: header entry needs dtype, shape and data_offsets, got {info!r}")
+        if info["dtype"] not in DTYPES:
+            raise SafetensorsError(f"{where}: unsupported dtype {info['dtype']!r}")
+        shape, offsets = info["shape"], info["data_offsets"]
+        if (not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape)
+                or not isinstance(offsets, list) or len(offsets) != 2
+                or not all(isinstance(o, int) and o >= 0 for o in offsets)):
+            raise SafetensorsError(f"{where}: invalid shape {shape!r} or data_offsets {offsets!r}")
+        start, end = offsets
+        want = DTYPES[info["dtype"]].itemsize * int(np.prod(shape, dtype=np.int64))
+        if end - start != want or self._data_start + end > size:
+            raise SafetensorsError(f"{where} {shape}: byte range {offsets} is corrupt or truncated")
 
     def keys(self) -> list[str]:
         return list(self._header)
@@ -90,7 +103,9 @@ class TensorStore:
         if index.exists():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
+                if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                    raise TypeError("weight_map must map tensor names to file names")
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise SafetensorsError(f"{index}: not a safetensors index with a weight_map ({e})") from e
             for name, fname in weight_map.items():
                 if fname not in files:

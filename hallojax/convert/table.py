@@ -25,10 +25,15 @@ class Transform:
     to_torch: Callable[[np.ndarray], np.ndarray]
 
     def our_shape(self, torch_shape: Sequence[int]) -> tuple[int, ...]:
-        # a zero-stride view has any shape for free: run the transform on it, read the shape
-        dummy = np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), tuple(torch_shape),
-                                                (0,) * len(torch_shape))
-        return tuple(self.to_ours(dummy).shape)
+        return tuple(self.to_ours(_shaped(torch_shape)).shape)
+
+    def torch_shape(self, our_shape: Sequence[int]) -> tuple[int, ...]:
+        return tuple(self.to_torch(_shaped(our_shape)).shape)
+
+
+def _shaped(shape: Sequence[int]) -> np.ndarray:
+    """A zero-stride view has any shape for free: run a transform on it and read the shape."""
+    return np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), tuple(shape), (0,) * len(shape))
 
 
 IDENTITY = Transform("identity", lambda x: x, lambda x: x)
@@ -135,9 +140,7 @@ def import_tensors(rules: Sequence[Rule], source: Source, our_shapes: Mapping[st
 
 
 def _torch_shape(rule: Rule, our_shapes) -> tuple[int, ...]:
-    shape = tuple(our_shapes[rule.ours])[1 if rule.per_layer else 0:]
-    dummy = np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), shape, (0,) * len(shape))
-    return tuple(rule.transform.to_torch(dummy).shape)
+    return rule.transform.torch_shape(tuple(our_shapes[rule.ours])[1 if rule.per_layer else 0:])
 
 
 def export_tensors(rules: Sequence[Rule], params: Mapping[str, np.ndarray], num_layers: int, *,

@@ -69,7 +69,9 @@ _CONFIG_KEYS = {
 }
 
 
-def config_from_diffusers(d: Mapping[str, Any], where: str = "config.json", **numerics) -> DiTConfig:
+def config_from_diffusers(d: Mapping[str, Any], where: str = "config.json") -> DiTConfig:
+    if not isinstance(d, dict):
+        raise ConversionError(f"{where}: expected a JSON object")
     if d.get("_class_name", DIFFUSERS_CLASS) != DIFFUSERS_CLASS:
         raise ConversionError(f"{where}: _class_name is {d['_class_name']!r}, expected {DIFFUSERS_CLASS!r}")
     if d.get("qk_norm", "rms_norm_across_heads") != "rms_norm_across_heads":
@@ -79,7 +81,7 @@ def config_from_diffusers(d: Mapping[str, Any], where: str = "config.json", **nu
     if kw.get("out_channels") is None:
         kw["out_channels"] = kw.get("in_channels", DiTConfig.in_channels)
     try:
-        return DiTConfig(**kw, **numerics)
+        return DiTConfig(**kw)
     except (TypeError, ValueError) as e:
         raise ConversionError(f"{where}: {e}") from e
 
@@ -113,7 +115,7 @@ def convert_wan_diffusers(src: str | os.PathLike, out: str | os.PathLike, *, ove
     shapes = param_shapes(cfg)
     params = import_tensors(WAN_RULES, store, shapes, cfg.num_layers, ignore=IGNORED,
                             what=f"{src} as {DIFFUSERS_CLASS}", progress=progress)
-    return save_pretrained(out, params, cfg, overwrite=overwrite,
+    return save_pretrained(out, params, cfg, overwrite=overwrite, inputs=(src,),
                            source={"format": "diffusers", "class": DIFFUSERS_CLASS, "path": str(Path(src).absolute())})
 
 
@@ -124,7 +126,7 @@ def export_wan_diffusers(ckpt: str | os.PathLike, out: str | os.PathLike, *, ove
     cfg, _ = read_config(ckpt)
     params = load_params_numpy(ckpt)
     tensors = export_tensors(WAN_RULES, params, cfg.num_layers, progress=progress)
-    with atomic_directory(out, overwrite=overwrite) as tmp:
+    with atomic_directory(out, overwrite=overwrite, inputs=(ckpt,)) as tmp:
         save_sharded(tensors, tmp, WEIGHTS_STEM, max_shard_bytes, metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config_to_diffusers(cfg), indent=2) + "\n")
     return Path(out)
