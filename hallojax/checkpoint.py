@@ -2,8 +2,11 @@
 
 Layout of a directory written by `save_pretrained` (and by `hallojax convert`):
 
-    OUT_DIR/config.json   {"format": "hallojax-pretrained", "version": 1, "model": {...DiTConfig...}, "source": {...}}
+    OUT_DIR/config.json   {"format": "hallojax-pretrained", "version": 1, "kind": "wan-dit",
+                           "model": {...the kind's config...}, "source": {...}}
     OUT_DIR/params/       Orbax PyTree checkpoint, parameters in the dtype they were converted in
+
+`kind` names an entry of `hallojax.registry.KINDS` (the DiT, the encoders, the VAE).
 
 The directory is assembled under a temporary name beside OUT_DIR and renamed into place last, so a
 directory named OUT_DIR is always complete. `load_pretrained` restores straight onto devices (and
@@ -22,8 +25,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from hallojax import registry
 from hallojax.fsutil import atomic_directory
-from hallojax.dit import NUMERIC_FIELDS, DiTConfig, WanDiT, abstract_model
 from hallojax.sharding import Rules, state_shardings
 
 FORMAT = "hallojax-pretrained"
@@ -41,8 +44,9 @@ def flat_params(tree) -> dict[str, Any]:
             for path, v in nnx.to_flat_state(state)}
 
 
-def param_shapes(cfg: DiTConfig) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(v.shape) for k, v in flat_params(abstract_model(cfg)).items()}
+def param_shapes(cfg) -> dict[str, tuple[int, ...]]:
+    """{dotted path: shape} of the model `cfg` describes (any registered kind)."""
+    return {k: tuple(v.shape) for k, v in flat_params(registry.abstract(cfg)).items()}
 
 
 def _nest(flat: Mapping[str, Any]) -> dict:
@@ -67,7 +71,7 @@ def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def save_pretrained(out_dir: str | os.PathLike, params: Mapping[str, Any], cfg: DiTConfig, *,
+def save_pretrained(out_dir: str | os.PathLike, params: Mapping[str, Any], cfg, *,
                     source: Mapping[str, Any] | None = None, overwrite: bool = False,
                     inputs: tuple = ()) -> Path:
     """Write {dotted path: array} + config atomically to `out_dir`."""
@@ -82,12 +86,14 @@ def save_pretrained(out_dir: str | os.PathLike, params: Mapping[str, Any], cfg: 
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(tmp / "params", _nest(params))
             ckptr.wait_until_finished()
-        meta = {"format": FORMAT, "version": VERSION, "model": cfg.to_dict(), "source": dict(source or {})}
+        meta = {"format": FORMAT, "version": VERSION, "kind": registry.kind_of(cfg), "model": cfg.to_dict(),
+                "source": dict(source or {})}
         (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
     return out_dir
 
 
-def read_config(path: str | os.PathLike) -> tuple[DiTConfig, dict]:
+def read_config(path: str | os.PathLike) -> tuple[Any, dict]:
+    """(config of the directory's model kind, the whole config.json)."""
     path = Path(path)
     cfg_file = path / "config.json"
     if not cfg_file.exists():
@@ -108,7 +114,8 @@ def read_config(path: str | os.PathLike) -> tuple[DiTConfig, dict]:
     if not isinstance(meta.get("model"), dict):
         raise CheckpointError(f"{cfg_file}: no 'model' section")
     try:
-        return DiTConfig.from_dict(meta["model"]), meta
+        config_cls, _ = registry.resolve(meta.get("kind", "wan-dit"))
+        return config_cls.from_dict(meta["model"]), meta
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{cfg_file}: invalid model config ({e})") from e
 
@@ -128,19 +135,20 @@ def load_params_numpy(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def load_pretrained(path: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None,
-                    rules: Rules | Mapping | None = None, **overrides) -> tuple[WanDiT, DiTConfig]:
-    """Load a pretrained directory: ``model, config = load_pretrained(OUT_DIR)``.
+                    rules: Rules | Mapping | None = None, **overrides):
+    """Load a pretrained directory of any kind: ``model, config = load_pretrained(OUT_DIR)``.
 
-    overrides replace DiTConfig fields that do not change parameter shapes (dtype, param_dtype,
-    remat, attention). With `mesh`, parameters are restored directly sharded by `rules`.
+    overrides replace config fields that do not change parameter shapes (the kind's NUMERIC_FIELDS,
+    e.g. dtype, param_dtype, remat, attention for the DiT). With `mesh`, parameters are restored
+    directly sharded by `rules`.
     """
     cfg, _ = read_config(path)
-    shape_changing = set(overrides) - set(NUMERIC_FIELDS)
+    shape_changing = set(overrides) - set(cfg.NUMERIC_FIELDS)
     if shape_changing:
         raise CheckpointError(f"load_pretrained overrides {sorted(shape_changing)} would change parameter "
-                              f"shapes; only {NUMERIC_FIELDS} can be overridden")
+                              f"shapes; only {cfg.NUMERIC_FIELDS} can be overridden")
     cfg = cfg.replace(**overrides)
-    graphdef, abs_state = nnx.split(abstract_model(cfg))
+    graphdef, abs_state = nnx.split(registry.abstract(cfg))
     if mesh is not None:
         shardings = state_shardings(abs_state, mesh, rules)
     else:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -37,14 +37,15 @@ REMAT_POLICIES = {
         offload_src="device", offload_dst="pinned_host"),
 }
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-# config fields that change numerics but no parameter shape (safe to override when loading)
-NUMERIC_FIELDS = ("dtype", "param_dtype", "remat", "attention")
 
 
 @dataclasses.dataclass(frozen=True)
 class DiTConfig:
     """Sizes and numerics of a Wan-family DiT. Defaults are Wan2.1-T2V-1.3B (diffusers config names
     in brackets where ours differ)."""
+
+    # fields that change numerics but no parameter shape (safe to override when loading)
+    NUMERIC_FIELDS: ClassVar[tuple[str, ...]] = ("dtype", "param_dtype", "remat", "attention")
 
     num_layers: int = 30
     num_heads: int = 12  # [num_attention_heads]
