@@ -26,6 +26,9 @@ setup(
         "einops>=0.8,<0.9",
         "tqdm>=4.66,<5",
         "absl-py>=2.1,<3",
+        "av>=14,<19",  # PyAV: video/audio decode and encode (data pipeline)
+        "soxr>=0.5,<2",  # audio resampling
+        "soundfile>=0.12,<1",
         "numpy>=1.26,<3",
     ],
     extras_require={
