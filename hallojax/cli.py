@@ -1,7 +1,7 @@
 """The `hallojax` command.
 
-    hallojax convert wan-diffusers SRC_DIR OUT_DIR [--overwrite]
-    hallojax export  wan-diffusers CKPT_DIR OUT_DIR [--overwrite] [--max-shard-gb 5]
+    hallojax convert FORMAT SRC_DIR OUT_DIR [--overwrite]       FORMAT: wan-diffusers, wan-vae, ...
+    hallojax export  FORMAT CKPT_DIR OUT_DIR [--overwrite] [--max-shard-gb 5]
     hallojax demo    [--config configs/wan.py:tiny] [--config.key=value ...]
     hallojax info    [--config configs/wan.py:wan2.1-t2v-14b,mesh=fsdp] [--devices 64]
 
@@ -20,17 +20,17 @@ USER_ERRORS = (ValueError, OSError)
 
 
 def _convert(args):
-    from hallojax.convert import convert_wan_diffusers
+    from hallojax.convert import converter
 
-    out = convert_wan_diffusers(args.src, args.out, overwrite=args.overwrite)
+    out = converter(args.format, "convert")(args.src, args.out, overwrite=args.overwrite)
     print(f"wrote {out}")
 
 
 def _export(args):
-    from hallojax.convert import export_wan_diffusers
+    from hallojax.convert import converter
 
-    out = export_wan_diffusers(args.ckpt, args.out, overwrite=args.overwrite,
-                               max_shard_bytes=int(args.max_shard_gb * 2**30))
+    out = converter(args.format, "export")(args.ckpt, args.out, overwrite=args.overwrite,
+                                           max_shard_bytes=int(args.max_shard_gb * 2**30))
     print(f"wrote {out}")
 
 
@@ -71,15 +71,17 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
+    from hallojax.convert import FORMATS
+
     p = sub.add_parser("convert", help="PyTorch weights -> a hallojax pretrained directory")
-    p.add_argument("format", choices=["wan-diffusers"])
+    p.add_argument("format", choices=sorted(FORMATS))
     p.add_argument("src")
     p.add_argument("out")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(fn=_convert)
 
     p = sub.add_parser("export", help="a hallojax pretrained directory -> PyTorch weights")
-    p.add_argument("format", choices=["wan-diffusers"])
+    p.add_argument("format", choices=sorted(FORMATS))
     p.add_argument("ckpt")
     p.add_argument("out")
     p.add_argument("--overwrite", action="store_true")

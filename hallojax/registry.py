@@ -13,6 +13,7 @@ from flax import nnx
 
 KINDS: dict[str, tuple[str, str, str]] = {
     "wan-dit": ("hallojax.dit", "DiTConfig", "WanDiT"),
+    "wan-vae": ("hallojax.vae", "VAEConfig", "WanVAE"),
 }
 
 

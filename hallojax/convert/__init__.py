@@ -1,6 +1,28 @@
-"""Weight converters between PyTorch checkpoints and hallojax, driven by declarative name tables."""
+"""Weight converters between PyTorch checkpoints and hallojax, driven by declarative name tables.
+
+`FORMATS` is what `hallojax convert FORMAT SRC OUT` and `hallojax export FORMAT CKPT OUT` accept:
+format name -> (module, import function, export function), imported on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 from hallojax.convert.table import ConversionError
 from hallojax.convert.wan import convert_wan_diffusers, export_wan_diffusers
 
-__all__ = ["ConversionError", "convert_wan_diffusers", "export_wan_diffusers"]
+FORMATS: dict[str, tuple[str, str, str]] = {
+    "wan-diffusers": ("hallojax.convert.wan", "convert_wan_diffusers", "export_wan_diffusers"),
+    "wan-vae": ("hallojax.convert.wan_vae", "convert_wan_vae", "export_wan_vae"),
+}
+
+
+def converter(fmt: str, direction: str):
+    """The import ("convert") or export function of `fmt`."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; known: {sorted(FORMATS)}")
+    module, convert_name, export_name = FORMATS[fmt]
+    return getattr(importlib.import_module(module), convert_name if direction == "convert" else export_name)
+
+
+__all__ = ["FORMATS", "ConversionError", "converter", "convert_wan_diffusers", "export_wan_diffusers"]

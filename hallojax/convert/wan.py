@@ -6,16 +6,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from hallojax.checkpoint import load_params_numpy, param_shapes, read_config, save_pretrained
-from hallojax.convert.safetensors_io import TensorStore, save_sharded
-from hallojax.convert.table import CONV3D, ConversionError, Rule, export_tensors, import_tensors, linear, norm
+from hallojax.convert.common import convert_directory, export_directory, read_json_config
+from hallojax.convert.table import CONV3D, ConversionError, Rule, linear, norm
 from hallojax.dit import DiTConfig
-from hallojax.fsutil import atomic_directory
 
 DIFFUSERS_CLASS = "WanTransformer3DModel"
 DIFFUSERS_VERSION = "0.42.1"  # the version the parity tests run against
@@ -96,37 +93,21 @@ def config_to_diffusers(cfg: DiTConfig) -> dict[str, Any]:
 
 
 def read_diffusers_config(src: str | os.PathLike) -> DiTConfig:
-    path = Path(src) / "config.json"
-    if not path.exists():
-        raise ConversionError(f"{src}: no config.json (expected a diffusers WanTransformer3DModel directory, "
-                              "e.g. the 'transformer' folder of a Wan pipeline)")
-    try:
-        d = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConversionError(f"{path}: invalid JSON ({e})") from e
-    return config_from_diffusers(d, str(path))
+    d = read_json_config(src, "diffusers WanTransformer3DModel (e.g. the 'transformer' folder of a Wan pipeline)")
+    return config_from_diffusers(d, str(Path(src) / "config.json"))
 
 
 def convert_wan_diffusers(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False,
                           progress: bool = True) -> Path:
     """diffusers directory -> our pretrained directory. Checks everything before writing anything."""
     cfg = read_diffusers_config(src)
-    store = TensorStore(src, WEIGHTS_STEM)
-    shapes = param_shapes(cfg)
-    params = import_tensors(WAN_RULES, store, shapes, cfg.num_layers, ignore=IGNORED,
-                            what=f"{src} as {DIFFUSERS_CLASS}", progress=progress)
-    return save_pretrained(out, params, cfg, overwrite=overwrite, inputs=(src,),
-                           source={"format": "diffusers", "class": DIFFUSERS_CLASS, "path": str(Path(src).absolute())})
+    return convert_directory(src, out, cfg, WAN_RULES, num_layers=cfg.num_layers, stem=WEIGHTS_STEM,
+                             what=DIFFUSERS_CLASS, ignore=IGNORED, overwrite=overwrite, progress=progress)
 
 
 def export_wan_diffusers(ckpt: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False,
                          max_shard_bytes: int = 5 * 2**30, progress: bool = True) -> Path:
-    """Our pretrained directory -> a diffusers directory (config.json + safetensors, index-sharded
-    above `max_shard_bytes`), in the dtype the parameters are stored in."""
-    cfg, _ = read_config(ckpt)
-    params = load_params_numpy(ckpt)
-    tensors = export_tensors(WAN_RULES, params, cfg.num_layers, progress=progress)
-    with atomic_directory(out, overwrite=overwrite, inputs=(ckpt,)) as tmp:
-        save_sharded(tensors, tmp, WEIGHTS_STEM, max_shard_bytes, metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config_to_diffusers(cfg), indent=2) + "\n")
-    return Path(out)
+    """Our pretrained directory -> a diffusers directory `WanTransformer3DModel.from_pretrained` loads."""
+    return export_directory(ckpt, out, lambda cfg: WAN_RULES, config_to_diffusers,
+                            num_layers=lambda cfg: cfg.num_layers, stem=WEIGHTS_STEM, overwrite=overwrite,
+                            max_shard_bytes=max_shard_bytes, progress=progress)

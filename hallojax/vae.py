@@ -1,0 +1,479 @@
+"""The Wan2.1 causal 3D VAE (diffusers `AutoencoderKLWan`) in Flax NNX, channels-last.
+
+Video [B, T, H, W, 3] in [-1, 1] with T = 1 + 4k  <->  latents [B, 1 + k, H/8, W/8, 16].
+
+Every temporal convolution is causal, so the network can run chunk by chunk in time with a small
+feature cache, which bounds activation memory for long videos: the encoder sees the first frame alone,
+then chunks of 4 frames; the decoder one latent frame at a time. The cache is an explicit list of
+arrays (`_Cache`), one entry per cached layer in call order, with the same shapes for every chunk after
+the first, so the chunks after the first run under one `lax.scan`. As in the reference:
+- a causal conv with temporal kernel k caches the last k−1 frames of its (zero-padded) input;
+- the encoder's temporal downsampler passes the first chunk through and then convolves
+  [last frame of the previous chunk, chunk] with stride 2;
+- the decoder's temporal upsampler passes the first chunk through and sees zeros in its place.
+
+`encode` returns the posterior mean normalised with the per-channel latent mean/std (the latents the
+DiT consumes); `decode` undoes that and clamps to [-1, 1]. Decoding can also be tiled in space with
+linear blending of overlaps (diffusers' tiled decode), which bounds memory at high resolution.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, ClassVar, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from hallojax.layers import Dense
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+WAN21_LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+                      0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
+WAN21_LATENTS_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+                     3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEConfig:
+    """Sizes of a Wan2.1 VAE. Defaults are the released Wan2.1 VAE (diffusers config names)."""
+
+    NUMERIC_FIELDS: ClassVar[tuple[str, ...]] = ("dtype", "param_dtype")
+
+    base_dim: int = 96
+    z_dim: int = 16
+    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attn_scales: tuple[float, ...] = ()
+    temperal_downsample: tuple[bool, ...] = (False, True, True)  # [sic], the reference's name
+    in_channels: int = 3
+    out_channels: int = 3
+    latents_mean: tuple[float, ...] = WAN21_LATENTS_MEAN
+    latents_std: tuple[float, ...] = WAN21_LATENTS_STD
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        for name in ("dim_mult", "attn_scales", "temperal_downsample", "latents_mean", "latents_std"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if len(self.temperal_downsample) != len(self.dim_mult) - 1:
+            raise ValueError(f"vae.temperal_downsample has {len(self.temperal_downsample)} entries; "
+                             f"expected len(dim_mult) - 1 = {len(self.dim_mult) - 1}")
+        if len(self.latents_mean) != self.z_dim or len(self.latents_std) != self.z_dim:
+            raise ValueError(f"vae.latents_mean/std need {self.z_dim} entries (z_dim)")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(f"vae.{name}={getattr(self, name)!r}: expected one of {sorted(DTYPES)}")
+
+    @property
+    def temporal_stride(self) -> int:
+        return 2 ** sum(self.temperal_downsample)
+
+    @property
+    def spatial_stride(self) -> int:
+        return 2 ** (len(self.dim_mult) - 1)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "VAEConfig":
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown VAE config keys {sorted(unknown)}")
+        return cls(**dict(d))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    def replace(self, **kw) -> "VAEConfig":
+        return dataclasses.replace(self, **kw)
+
+
+class _Cache:
+    """Feature cache of one chunked pass: `take` the previous chunk's entry (None on the first chunk),
+    `put` this chunk's; entries are matched by call order, as the reference does."""
+
+    def __init__(self, entries: list | None):
+        self.entries, self.new, self._i = entries, [], 0
+
+    def take(self):
+        if self.entries is None:
+            return None
+        self._i += 1
+        return self.entries[self._i - 1]
+
+    def put(self, value):
+        self.new.append(value)
+
+
+def _kernel_init(rngs, shape, dtype):
+    fan_in = int(np.prod(shape[:-1]))
+    return jax.random.normal(rngs.params(), shape, dtype) / np.sqrt(fan_in)
+
+
+class CausalConv3d(nnx.Module):
+    """Conv3d, causal in time: 2·p_t zero (or cached) frames on the left, none on the right."""
+
+    def __init__(self, cin: int, cout: int, kernel, *, stride=(1, 1, 1), padding=(0, 0, 0), rngs, dtype,
+                 param_dtype):
+        kernel = (kernel,) * 3 if isinstance(kernel, int) else tuple(kernel)
+        padding = (padding,) * 3 if isinstance(padding, int) else tuple(padding)
+        self.kernel = nnx.Param(_kernel_init(rngs, (*kernel, cin, cout), param_dtype))  # [kt, kh, kw, I, O]
+        self.bias = nnx.Param(jnp.zeros((cout,), param_dtype))
+        self.time_pad = 2 * padding[0]
+        self.spatial_pad = ((padding[1], padding[1]), (padding[2], padding[2]))
+        self.stride = tuple(stride)
+        self.dtype = dtype
+
+    def conv(self, x: jax.Array) -> jax.Array:
+        y = jax.lax.conv_general_dilated(
+            x.astype(self.dtype), self.kernel[...].astype(self.dtype), self.stride, ((0, 0), *self.spatial_pad),
+            dimension_numbers=("NDHWC", "DHWIO", "NDHWC"), preferred_element_type=jnp.float32)
+        return (y + self.bias[...].astype(jnp.float32)).astype(self.dtype)
+
+    def __call__(self, x: jax.Array, cache: _Cache | None = None) -> jax.Array:
+        if self.time_pad:
+            prev = cache.take() if cache is not None else None
+            if prev is None:
+                prev = jnp.zeros((x.shape[0], self.time_pad, *x.shape[2:]), x.dtype)
+            x = jnp.concatenate([prev, x], axis=1)
+            if cache is not None:
+                cache.put(x[:, -self.time_pad:])
+        return self.conv(x)
+
+
+class Conv2d(nnx.Module):
+    """Per-frame 2D convolution on [B, T, H, W, C]; kernel [kh, kw, I, O]."""
+
+    def __init__(self, cin, cout, kernel, *, stride=1, padding=0, rngs, dtype, param_dtype):
+        self.kernel = nnx.Param(_kernel_init(rngs, (kernel, kernel, cin, cout), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((cout,), param_dtype))
+        self.stride, self.padding, self.dtype = (stride, stride), padding, dtype
+
+    def __call__(self, x):
+        b, t = x.shape[:2]
+        pad = self.padding if isinstance(self.padding, tuple) else ((self.padding,) * 2,) * 2
+        y = jax.lax.conv_general_dilated(
+            x.reshape(b * t, *x.shape[2:]).astype(self.dtype), self.kernel[...].astype(self.dtype), self.stride,
+            pad, dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=jnp.float32)
+        y = (y + self.bias[...].astype(jnp.float32)).astype(self.dtype)
+        return y.reshape(b, t, *y.shape[1:])
+
+
+class ChannelRMSNorm(nnx.Module):
+    """x / max(‖x‖₂, 1e-12) · √C · γ over channels (the reference's F.normalize form), in float32."""
+
+    def __init__(self, dim: int):
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+        self.dim = dim
+
+    def __call__(self, x):
+        xf = x.astype(jnp.float32)
+        norm = jnp.sqrt(jnp.sum(jnp.square(xf), axis=-1, keepdims=True))
+        return (xf / jnp.maximum(norm, 1e-12) * (self.dim**0.5) * self.scale[...]).astype(x.dtype)
+
+
+def _silu(x):
+    return jax.nn.silu(x.astype(jnp.float32)).astype(x.dtype)
+
+
+class ResidualBlock(nnx.Module):
+    def __init__(self, cin: int, cout: int, *, rngs, dtype, param_dtype):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.norm1 = ChannelRMSNorm(cin)
+        self.conv1 = CausalConv3d(cin, cout, 3, padding=1, **kw)
+        self.norm2 = ChannelRMSNorm(cout)
+        self.conv2 = CausalConv3d(cout, cout, 3, padding=1, **kw)
+        self.conv_shortcut = CausalConv3d(cin, cout, 1, **kw) if cin != cout else None
+
+    def __call__(self, x, cache):
+        h = self.conv_shortcut(x) if self.conv_shortcut is not None else x
+        x = self.conv1(_silu(self.norm1(x)), cache)
+        x = self.conv2(_silu(self.norm2(x)), cache)
+        return x + h
+
+
+class AttentionBlock(nnx.Module):
+    """Single-head self-attention over the H·W positions of each frame."""
+
+    def __init__(self, dim: int, *, rngs, dtype, param_dtype):
+        self.norm = ChannelRMSNorm(dim)
+        self.to_qkv = Dense(dim, 3 * dim, (None, None), rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.proj = Dense(dim, dim, (None, None), rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+    def __call__(self, x, cache=None):
+        b, t, h, w, c = x.shape
+        q, k, v = jnp.split(self.to_qkv(self.norm(x)).reshape(b * t, h * w, 3 * c), 3, axis=-1)
+        logits = jnp.einsum("blc,bmc->blm", q, k, preferred_element_type=jnp.float32) * c**-0.5
+        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        out = jnp.einsum("blm,bmc->blc", probs, v, preferred_element_type=jnp.float32).astype(x.dtype)
+        return self.proj(out.reshape(b, t, h, w, c)) + x
+
+
+class Resample(nnx.Module):
+    """2x spatial down/upsampling, optionally with 2x temporal down/upsampling (see module docstring)."""
+
+    def __init__(self, dim: int, mode: str, *, rngs, dtype, param_dtype):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.mode = mode
+        if mode.startswith("upsample"):
+            self.resample = Conv2d(dim, dim // 2, 3, padding=1, **kw)
+        elif mode.startswith("downsample"):
+            self.resample = Conv2d(dim, dim, 3, stride=2, padding=((0, 1), (0, 1)), **kw)
+        else:
+            raise ValueError(f"resample mode {mode!r}")
+        if mode == "upsample3d":
+            self.time_conv = CausalConv3d(dim, 2 * dim, (3, 1, 1), padding=(1, 0, 0), **kw)
+        elif mode == "downsample3d":
+            self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1), **kw)
+        else:
+            self.time_conv = None
+
+    def __call__(self, x, cache):
+        if self.mode == "upsample3d":
+            prev = cache.take()
+            if prev is None:  # first chunk: passes through; the next chunk sees zeros before it
+                cache.put(jnp.zeros((x.shape[0], 2, *x.shape[2:]), x.dtype))
+            else:
+                ctx = jnp.concatenate([prev, x], axis=1)
+                cache.put(ctx[:, -2:])
+                y = self.time_conv.conv(ctx)  # [B, T, H, W, 2C]: frame pairs along channels
+                b, t, h, w, c2 = y.shape
+                x = y.reshape(b, t, h, w, 2, c2 // 2).transpose(0, 1, 4, 2, 3, 5).reshape(b, 2 * t, h, w, c2 // 2)
+        if self.mode.startswith("upsample"):
+            x = jnp.repeat(jnp.repeat(x, 2, axis=2), 2, axis=3)  # nearest, x2
+            return self.resample(x)
+        x = self.resample(x)
+        if self.mode == "downsample3d":
+            prev = cache.take()
+            cache.put(x[:, -1:])
+            if prev is not None:  # first chunk passes through
+                x = self.time_conv.conv(jnp.concatenate([prev, x], axis=1))
+        return x
+
+
+class MidBlock(nnx.Module):
+    def __init__(self, dim: int, *, rngs, dtype, param_dtype):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.resnets = nnx.List([ResidualBlock(dim, dim, **kw), ResidualBlock(dim, dim, **kw)])
+        self.attentions = nnx.List([AttentionBlock(dim, **kw)])
+
+    def __call__(self, x, cache):
+        x = self.resnets[0](x, cache)
+        return self.resnets[1](self.attentions[0](x), cache)
+
+
+class Encoder(nnx.Module):
+    def __init__(self, cfg: VAEConfig, *, rngs, dtype, param_dtype):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        dims = [cfg.base_dim * u for u in (1, *cfg.dim_mult)]
+        self.conv_in = CausalConv3d(cfg.in_channels, dims[0], 3, padding=1, **kw)
+        blocks, scale = [], 1.0
+        for i, (cin, cout) in enumerate(zip(dims[:-1], dims[1:])):
+            for _ in range(cfg.num_res_blocks):
+                blocks.append(ResidualBlock(cin, cout, **kw))
+                if scale in cfg.attn_scales:
+                    blocks.append(AttentionBlock(cout, **kw))
+                cin = cout
+            if i != len(cfg.dim_mult) - 1:
+                blocks.append(Resample(cout, "downsample3d" if cfg.temperal_downsample[i] else "downsample2d", **kw))
+                scale /= 2.0
+        self.down_blocks = nnx.List(blocks)
+        self.mid_block = MidBlock(dims[-1], **kw)
+        self.norm_out = ChannelRMSNorm(dims[-1])
+        self.conv_out = CausalConv3d(dims[-1], 2 * cfg.z_dim, 3, padding=1, **kw)
+
+    def __call__(self, x, cache):
+        x = self.conv_in(x, cache)
+        for block in self.down_blocks:
+            x = block(x, cache)
+        x = self.mid_block(x, cache)
+        return self.conv_out(_silu(self.norm_out(x)), cache)
+
+
+class UpBlock(nnx.Module):
+    def __init__(self, cin: int, cout: int, num_res_blocks: int, mode: str | None, *, rngs, dtype, param_dtype):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.resnets = nnx.List([ResidualBlock(cin if j == 0 else cout, cout, **kw)
+                                 for j in range(num_res_blocks + 1)])
+        self.upsamplers = nnx.List([Resample(cout, mode, **kw)] if mode else [])
+
+    def __call__(self, x, cache):
+        for r in self.resnets:
+            x = r(x, cache)
+        for u in self.upsamplers:
+            x = u(x, cache)
+        return x
+
+
+class Decoder(nnx.Module):
+    def __init__(self, cfg: VAEConfig, *, rngs, dtype, param_dtype):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        dims = [cfg.base_dim * u for u in (cfg.dim_mult[-1], *cfg.dim_mult[::-1])]
+        temporal_up = cfg.temperal_downsample[::-1]
+        self.conv_in = CausalConv3d(cfg.z_dim, dims[0], 3, padding=1, **kw)
+        self.mid_block = MidBlock(dims[0], **kw)
+        blocks = []
+        for i, (cin, cout) in enumerate(zip(dims[:-1], dims[1:])):
+            if i > 0:
+                cin //= 2  # the previous upsampler halved the channels
+            mode = None
+            if i != len(cfg.dim_mult) - 1:
+                mode = "upsample3d" if temporal_up[i] else "upsample2d"
+            blocks.append(UpBlock(cin, cout, cfg.num_res_blocks, mode, **kw))
+        self.up_blocks = nnx.List(blocks)
+        self.norm_out = ChannelRMSNorm(dims[-1])
+        self.conv_out = CausalConv3d(dims[-1], cfg.out_channels, 3, padding=1, **kw)
+
+    def __call__(self, x, cache):
+        x = self.conv_in(x, cache)
+        x = self.mid_block(x, cache)
+        for block in self.up_blocks:
+            x = block(x, cache)
+        return self.conv_out(_silu(self.norm_out(x)), cache)
+
+
+def _chunked(step, first: jax.Array, rest: jax.Array | None):
+    """Run `step(chunk, cache_entries) -> (out, new_entries)` on `first`, then scan it over
+    `rest` [K, B, t, ...]; returns the outputs concatenated in time."""
+    out0, entries = step(first, None)
+    if rest is None:
+        return out0
+
+    def body(entries, chunk):
+        out, entries = step(chunk, entries)
+        return entries, out
+
+    _, outs = jax.lax.scan(body, entries, rest)  # [K, B, t', ...]
+    outs = jnp.moveaxis(outs, 0, 1)
+    outs = outs.reshape(outs.shape[0], -1, *outs.shape[3:])
+    return jnp.concatenate([out0, outs], axis=1)
+
+
+class WanVAE(nnx.Module):
+    """``vae.encode(video) -> latents``, ``vae.decode(latents) -> video`` (channels last, see module doc)."""
+
+    def __init__(self, cfg: VAEConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        kw = dict(rngs=rngs, dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype])
+        with nnx.use_eager_sharding(False):  # placement happens later, from logical axes
+            self.encoder = Encoder(cfg, **kw)
+            self.quant_conv = CausalConv3d(2 * cfg.z_dim, 2 * cfg.z_dim, 1, **kw)
+            self.post_quant_conv = CausalConv3d(cfg.z_dim, cfg.z_dim, 1, **kw)
+            self.decoder = Decoder(cfg, **kw)
+
+    # --- shapes ---------------------------------------------------------------------------------
+    def _check_video(self, video):
+        cfg = self.cfg
+        if video.ndim != 5 or video.shape[-1] != cfg.in_channels:
+            raise ValueError(f"video has shape {tuple(video.shape)}; expected [B, T, H, W, {cfg.in_channels}]")
+        t, h, w = video.shape[1:4]
+        if (t - 1) % cfg.temporal_stride or h % cfg.spatial_stride or w % cfg.spatial_stride:
+            raise ValueError(f"video {tuple(video.shape)}: T must be 1 + {cfg.temporal_stride}k and H, W "
+                             f"multiples of {cfg.spatial_stride}")
+
+    def _check_latents(self, z):
+        if z.ndim != 5 or z.shape[-1] != self.cfg.z_dim:
+            raise ValueError(f"latents have shape {tuple(z.shape)}; expected [B, F, H, W, {self.cfg.z_dim}]")
+
+    # --- encode ---------------------------------------------------------------------------------
+    def encode_moments(self, video: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Posterior (mean, logvar) [B, F, H/8, W/8, z_dim] each, unnormalised."""
+        self._check_video(video)
+        s = self.cfg.temporal_stride
+        b, t = video.shape[:2]
+        x = video.astype(DTYPES[self.cfg.dtype])
+
+        def step(chunk, entries):
+            cache = _Cache(entries)
+            return self.encoder(chunk, cache), cache.new
+
+        rest = None
+        if t > 1:
+            rest = jnp.moveaxis(x[:, 1:].reshape(b, (t - 1) // s, s, *x.shape[2:]), 1, 0)  # [K, B, s, H, W, C]
+        h = self.quant_conv(_chunked(step, x[:, :1], rest))
+        mean, logvar = jnp.split(h.astype(jnp.float32), 2, axis=-1)
+        return mean, jnp.clip(logvar, -30.0, 20.0)
+
+    def normalize(self, z: jax.Array) -> jax.Array:
+        mean = jnp.asarray(self.cfg.latents_mean, jnp.float32)
+        std = jnp.asarray(self.cfg.latents_std, jnp.float32)
+        return (z - mean) * (1.0 / std)
+
+    def denormalize(self, z: jax.Array) -> jax.Array:
+        mean = jnp.asarray(self.cfg.latents_mean, jnp.float32)
+        std = jnp.asarray(self.cfg.latents_std, jnp.float32)
+        return z.astype(jnp.float32) / (1.0 / std) + mean
+
+    def encode(self, video: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
+        """Normalised latents: the posterior mean, or a sample when `rng` is given."""
+        mean, logvar = self.encode_moments(video)
+        z = mean if rng is None else mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape)
+        return self.normalize(z)
+
+    # --- decode ---------------------------------------------------------------------------------
+    def decode_raw(self, z: jax.Array, *, clamp: bool = True) -> jax.Array:
+        """Unnormalised latents -> video (clamped to [-1, 1]), one latent frame per chunk."""
+        self._check_latents(z)
+        x = self.post_quant_conv(z.astype(DTYPES[self.cfg.dtype]))
+
+        def step(chunk, entries):
+            cache = _Cache(entries)
+            return self.decoder(chunk, cache), cache.new
+
+        rest = jnp.moveaxis(x[:, 1:, None], 1, 0) if x.shape[1] > 1 else None  # [F-1, B, 1, h, w, C]
+        video = _chunked(step, x[:, :1], rest).astype(jnp.float32)
+        return jnp.clip(video, -1.0, 1.0) if clamp else video
+
+    def decode(self, latents: jax.Array, *, tile: int | None = None, tile_stride: int | None = None) -> jax.Array:
+        """Normalised latents [B, F, h, w, z] -> video [B, 1 + 4(F−1), 8h, 8w, 3] in [-1, 1].
+
+        tile / tile_stride (in pixels, e.g. 256 / 192): decode overlapping spatial tiles and blend the
+        overlaps linearly, as diffusers' tiled decode does; None decodes the whole frame at once.
+        """
+        self._check_latents(latents)
+        z = self.denormalize(latents)
+        if tile is None:
+            return self.decode_raw(z)
+        video = tiled_decode(functools.partial(self.decode_raw, clamp=False), z, self.cfg.spatial_stride, tile,
+                             tile_stride or tile * 3 // 4)
+        return jnp.clip(video, -1.0, 1.0)  # after blending, as the reference does
+
+
+def _blend(a: jax.Array, b: jax.Array, extent: int, axis: int) -> jax.Array:
+    """Linear cross-fade of the last `extent` rows of `a` into the first rows of `b` along `axis`."""
+    extent = min(a.shape[axis], b.shape[axis], extent)
+    if extent <= 0:
+        return b
+    ramp = (jnp.arange(extent, dtype=jnp.float32) / extent).reshape((-1,) + (1,) * (b.ndim - axis - 1))
+    a_tail = jax.lax.slice_in_dim(a, a.shape[axis] - extent, a.shape[axis], axis=axis)
+    b_head = jax.lax.slice_in_dim(b, 0, extent, axis=axis)
+    mixed = a_tail * (1 - ramp) + b_head * ramp
+    return jnp.concatenate([mixed, jax.lax.slice_in_dim(b, extent, b.shape[axis], axis=axis)], axis=axis)
+
+
+def tiled_decode(decode_raw, z: jax.Array, spatial_stride: int, tile: int, tile_stride: int) -> jax.Array:
+    """Decode z [B, F, h, w, C] in overlapping spatial tiles (sizes in pixels) and blend them.
+
+    Each tile is blended with its upper and left neighbours *after* those were blended themselves
+    (the reference blends in place), then cropped to the stride."""
+    lt, ls = tile // spatial_stride, tile_stride // spatial_stride
+    h, w = z.shape[2:4]
+    blend = tile - tile_stride
+    rows = []
+    for i in range(0, h, ls):
+        rows.append([decode_raw(z[:, :, i:i + lt, j:j + lt]) for j in range(0, w, ls)])
+    out_rows = []
+    for i, row in enumerate(rows):
+        pieces = []
+        for j in range(len(row)):
+            t = row[j]
+            if i > 0:
+                t = _blend(rows[i - 1][j], t, blend, axis=2)
+            if j > 0:
+                t = _blend(row[j - 1], t, blend, axis=3)
+            row[j] = t
+            pieces.append(t[:, :, :tile_stride, :tile_stride])
+        out_rows.append(jnp.concatenate(pieces, axis=3))
+    return jnp.concatenate(out_rows, axis=2)[:, :, :h * spatial_stride, :w * spatial_stride]
