@@ -4,6 +4,7 @@
     hallojax export  FORMAT CKPT_DIR OUT_DIR [--overwrite] [--max-shard-gb 5]
     hallojax demo    [--config configs/wan.py:tiny] [--config.key=value ...]
     hallojax info    [--config configs/wan.py:wan2.1-t2v-14b,mesh=fsdp] [--devices 64]
+    hallojax bench   vae [--height 480 --width 832 --frames 17]
 
 Errors in user input (files, keys, shapes) print one clear message and exit with status 2.
 """
@@ -96,6 +97,10 @@ def main(argv=None) -> int:
             p.add_argument("--devices", type=int, default=0, help="device count for -1 mesh axes")
         p.set_defaults(fn=fn, takes_overrides=True)
 
+    p = sub.add_parser("bench", help="benchmarks that print figures and their command (e.g. bench vae)")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER)
+    p.set_defaults(fn=lambda a: __import__("hallojax.bench", fromlist=["main"]).main(a.bench_args))
+
     args, rest = parser.parse_known_args(argv)
     overrides = [a for a in rest if a.startswith("--config.")]
     if len(overrides) != len(rest):
@@ -109,13 +114,11 @@ def main(argv=None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         if getattr(args, "takes_overrides", False):
-            args.fn(args, overrides)
-        else:
-            args.fn(args)
+            return args.fn(args, overrides) or 0
+        return args.fn(args) or 0
     except USER_ERRORS as e:
         print(f"hallojax {args.command}: error: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":
