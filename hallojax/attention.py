@@ -18,16 +18,38 @@ from hallojax.sharding import constrain
 ATTENTION_IMPLS = ("xla", "cudnn")
 
 
+def _logits(q, k):
+    return jnp.einsum("blnk,bmnk->bnlm", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str = "xla") -> jax.Array:
     """softmax(q·kᵀ/√K)·v for q [B, L, N, K], k/v [B, M, N, K] -> [B, L, N, K]; no mask."""
     if impl == "cudnn":
         return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
     if impl != "xla":
         raise ValueError(f"attention impl {impl!r}: expected one of {ATTENTION_IMPLS}")
-    scale = q.shape[-1] ** -0.5
-    logits = jnp.einsum("blnk,bmnk->bnlm", q, k, preferred_element_type=jnp.float32) * scale
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    probs = jax.nn.softmax(_logits(q, k), axis=-1).astype(v.dtype)
     return jnp.einsum("bnlm,bmnk->blnk", probs, v, preferred_element_type=jnp.float32).astype(v.dtype)
+
+
+def logsumexp_scores(q: jax.Array, k: jax.Array) -> jax.Array:
+    """log Σ_m exp(q·k_m/√K): float32 [B, L, N], the softmax normaliser of `dot_product_attention`."""
+    return jnp.moveaxis(jax.nn.logsumexp(_logits(q, k), axis=-1), 1, 2)
+
+
+def gated_joint_attention(q, k, v, k_extra, v_extra, gate: jax.Array, impl: str = "xla") -> jax.Array:
+    """Attention of q over [k; k_extra] whose extra share is scaled by `gate`.
+
+    With both attentions normalised separately, joint softmax attention over the concatenated keys is
+    out = out_v + w·(out_e − out_v), w = σ(lse_e − lse_v). We use out_v + gate·w·(out_e − out_v):
+    gate = 1 is exactly joint attention; gate = 0 returns out_v computed exactly as without extra tokens
+    (bitwise), while the gate still receives a gradient: the zero-init rule for token-level conditioning.
+    """
+    out_v = dot_product_attention(q, k, v, impl)
+    out_e = dot_product_attention(q, k_extra, v_extra, impl)
+    w = jax.nn.sigmoid(logsumexp_scores(q, k_extra) - logsumexp_scores(q, k))[..., None]  # [B, L, N, 1]
+    delta = (gate * w) * (out_e.astype(jnp.float32) - out_v.astype(jnp.float32))
+    return (out_v.astype(jnp.float32) + delta).astype(out_v.dtype)
 
 
 class Attention(nnx.Module):

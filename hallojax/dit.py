@@ -120,8 +120,8 @@ class PatchEmbed(nnx.Module):
         self.patch = tuple(patch)
         init = nnx.initializers.xavier_uniform(in_axis=(0, 1, 2, 3), out_axis=4)
         self.kernel = nnx.Param(init(rngs.params(), (*patch, in_channels, dim), param_dtype),
-                                out_sharding=(None, None, None, None, "embed"))
-        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), out_sharding=("embed",))
+                                out_sharding=(None, None, None, None, "embed"), eager_sharding=False)
+        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), out_sharding=("embed",), eager_sharding=False)
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -144,7 +144,7 @@ class ImageEmbedder(nnx.Module):
                       rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.norm2 = LayerNorm(dim, 1e-5, affine=True, axis_name="embed")
         self.pos_embed = (nnx.Param(jnp.zeros((1, pos_embed_seq_len, image_dim), param_dtype),
-                                    out_sharding=(None, None, None))
+                                    out_sharding=(None, None, None), eager_sharding=False)
                           if pos_embed_seq_len is not None else None)
         self.dtype = dtype
 
@@ -166,7 +166,8 @@ class WanBlock(nnx.Module):
         dim, dtype, pdt = cfg.dim, DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=pdt, impl=cfg.attention)
         self.scale_shift_table = nnx.Param(  # float32 whatever param_dtype: it is the modulation
-            jax.random.normal(rngs.params(), (1, 6, dim), jnp.float32) / dim**0.5, out_sharding=(None, None, "embed"))
+            jax.random.normal(rngs.params(), (1, 6, dim), jnp.float32) / dim**0.5,
+            out_sharding=(None, None, "embed"), eager_sharding=False)
         self.norm1 = LayerNorm(dim, cfg.eps, affine=False)
         self.attn1 = Attention(dim, cfg.num_heads, eps=cfg.eps, **kw)
         self.norm2 = LayerNorm(dim, cfg.eps, affine=True, axis_name="embed") if cfg.cross_attn_norm else None
@@ -233,7 +234,8 @@ class WanDiT(nnx.Module):
             self.proj_out = Dense(dim, cfg.out_channels * cfg.patch_volume, ("embed", "mlp"), rngs=rngs,
                                   dtype=dtype, param_dtype=pdt)
             self.scale_shift_table = nnx.Param(
-                jax.random.normal(rngs.params(), (1, 2, dim), f32) / dim**0.5, out_sharding=(None, None, "embed"))
+                jax.random.normal(rngs.params(), (1, 2, dim), f32) / dim**0.5,
+                out_sharding=(None, None, "embed"), eager_sharding=False)
 
     def check_inputs(self, latents, timesteps, context, image_context, coords=None):
         cfg = self.cfg

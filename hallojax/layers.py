@@ -30,8 +30,8 @@ class Dense(nnx.Module):
                  param_dtype=jnp.float32, use_bias: bool = True,
                  kernel_init=nnx.initializers.xavier_uniform()):
         self.kernel = nnx.Param(kernel_init(rngs.params(), (in_features, out_features), param_dtype),
-                                out_sharding=tuple(axes))
-        self.bias = (nnx.Param(jnp.zeros((out_features,), param_dtype), out_sharding=(axes[1],))
+                                out_sharding=tuple(axes), eager_sharding=False)
+        self.bias = (nnx.Param(jnp.zeros((out_features,), param_dtype), out_sharding=(axes[1],), eager_sharding=False)
                      if use_bias else None)
         self.dtype = dtype
 
@@ -50,7 +50,7 @@ class LayerNorm(nnx.Module):
     def __init__(self, dim: int, eps: float, *, affine: bool, axis_name: str | None = None):
         self.eps = eps
         if affine:  # norm parameters stay float32 whatever the model's param_dtype
-            meta = {"out_sharding": (axis_name,)}
+            meta = {"out_sharding": (axis_name,), "eager_sharding": False}
             self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), **meta)
             self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32), **meta)
         else:
@@ -72,7 +72,7 @@ class RMSNorm(nnx.Module):
 
     def __init__(self, dim: int, eps: float, *, axis_name: str | None = None):
         self.eps = eps
-        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), out_sharding=(axis_name,))
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), out_sharding=(axis_name,), eager_sharding=False)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         xf = x.astype(jnp.float32)
