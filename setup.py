@@ -30,6 +30,9 @@ setup(
         "soxr>=0.5,<2",  # audio resampling
         "soundfile>=0.12,<1",
         "numpy>=1.26,<3",
+        # tokenizers and wav2vec2 feature extraction (no torch needed; transformers 5 has no Flax models)
+        "transformers>=5.0,<6",
+        "tokenizers>=0.21,<1",
     ],
     extras_require={
         # torch stays pinned: a range would let a resolver pull a multi-GB CUDA build

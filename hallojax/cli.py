@@ -1,6 +1,6 @@
 """The `hallojax` command.
 
-    hallojax convert FORMAT SRC_DIR OUT_DIR [--overwrite]       FORMAT: wan-diffusers, wan-vae, ...
+    hallojax convert FORMAT SRC_DIR OUT_DIR [--overwrite]       FORMAT: wan-diffusers, wan-vae, wav2vec2, umt5, t5
     hallojax export  FORMAT CKPT_DIR OUT_DIR [--overwrite] [--max-shard-gb 5]
     hallojax demo    [--config configs/wan.py:tiny] [--config.key=value ...]
     hallojax info    [--config configs/wan.py:wan2.1-t2v-14b,mesh=fsdp] [--devices 64]

@@ -13,6 +13,8 @@ from flax import nnx
 
 KINDS: dict[str, tuple[str, str, str]] = {
     "wan-dit": ("hallojax.dit", "DiTConfig", "WanDiT"),
+    "wav2vec2": ("hallojax.encoders.wav2vec2", "Wav2Vec2Config", "Wav2Vec2"),
+    "t5-encoder": ("hallojax.encoders.t5", "T5EncoderConfig", "T5Encoder"),
     "wan-vae": ("hallojax.vae", "VAEConfig", "WanVAE"),
 }
 

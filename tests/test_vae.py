@@ -11,7 +11,7 @@ import torch
 
 from hallojax import cli, load_pretrained
 from hallojax.convert.safetensors_io import TensorStore
-from hallojax.convert.wan_vae import config_to_diffusers, convert_wan_vae, export_wan_vae
+from hallojax.convert.wan_vae import config_to_diffusers, export_wan_vae
 from hallojax.registry import abstract
 from hallojax.dit import param_count
 from hallojax.sharding import batch_sharding, make_mesh

@@ -14,10 +14,10 @@ from hallojax.convert.table import ConversionError, Rule, export_tensors, import
 from hallojax.fsutil import atomic_directory
 
 
-def read_json_config(src: str | os.PathLike, what: str) -> dict:
-    path = Path(src) / "config.json"
+def read_json(path: Path, what: str) -> dict:
+    """A JSON object from `path`, or a ConversionError naming the file."""
     if not path.exists():
-        raise ConversionError(f"{src}: no config.json (expected a {what} directory)")
+        raise ConversionError(f"{path.parent}: no {path.name} (expected {what})")
     try:
         d = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -25,6 +25,10 @@ def read_json_config(src: str | os.PathLike, what: str) -> dict:
     if not isinstance(d, dict):
         raise ConversionError(f"{path}: expected a JSON object")
     return d
+
+
+def read_json_config(src: str | os.PathLike, what: str) -> dict:
+    return read_json(Path(src) / "config.json", f"a {what} directory")
 
 
 def convert_directory(src: str | os.PathLike, out: str | os.PathLike, cfg, rules: Sequence[Rule], *,

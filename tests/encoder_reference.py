@@ -1,0 +1,45 @@
+"""Shared helpers of the encoder parity tests: weight perturbation of tiny transformers models and the
+parity bound."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def assert_parity(ours, ref, note: str = "") -> float:
+    """max |ours - ref| <= 1e-5 * max(1, max |ref|). Never loosen it: find the bug. Returns the error."""
+    ours = np.asarray(ours, np.float64)
+    ref = np.asarray(ref, np.float64)
+    assert ours.shape == ref.shape, f"shape {ours.shape} != reference {ref.shape} {note}"
+    err = float(np.abs(ours - ref).max())
+    bound = 1e-5 * max(1.0, float(np.abs(ref).max()))
+    assert err <= bound, f"max |ours - reference| = {err:.3g} > {bound:.3g} {note}"
+    return err
+
+
+def perturb_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Random weights with every norm scale away from 1 and every norm bias away from 0, so a swapped or
+    dropped norm parameter cannot go unnoticed; linear/conv weights ~ N(0, 1/fan_in)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1.0 + 0.2 * noise)
+            elif "norm" in name and name.endswith("bias"):
+                p.copy_(0.1 * noise)
+            elif name.endswith("original0") or name.endswith("weight_g"):  # weight-norm magnitude
+                p.copy_(0.5 + torch.rand(p.shape, generator=g))
+            elif "relative_attention_bias" in name or name.endswith("shared.weight") or "masked_spec" in name:
+                p.copy_(noise)
+            elif name.endswith("bias"):
+                p.copy_(0.05 * noise)
+            else:
+                fan_in = int(np.prod(p.shape[1:])) if p.ndim > 1 else p.shape[0]
+                p.copy_(noise / np.sqrt(fan_in))
+    return model
+
+
+def param_count_torch(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())  # tied parameters are counted once
