@@ -4,7 +4,10 @@
     hallojax demo  --config configs/wan.py:tiny,mesh=fsdp_tp --config.train.steps=20
     hallojax info  --config configs/wan.py:wan2.1-t2v-14b,mesh=fsdp
 
-arg = PRESET[,mesh=MESH][,dtype=DTYPE][,remat=POLICY]. PRESET is one of MODELS, MESH one of MESHES.
+    hallojax info  --config configs/wan.py:hallo3-style,size=1.3b
+
+arg = PRESET[,size=SIZE][,mesh=MESH][,dtype=DTYPE][,remat=POLICY]. PRESET is one of MODELS (backbones)
+or STYLES (portrait-animation presets on a backbone of SIZE: tiny or 1.3b); MESH one of MESHES.
 """
 
 import ml_collections
@@ -21,6 +24,24 @@ MODELS = {
                            added_kv_proj_dim=5120),
 }
 
+# Portrait-animation presets: each system's mechanisms as config choices on the Wan backbone.
+# Audio sizes are the published ones at 1.3b and small at tiny (AUDIO_TINY).
+STYLES = {
+    # reference network + local audio cross-attention (window MLP, conv alignment) + motion frames
+    "hallo3-style": dict(reference_net=True, audio="cross_attn", audio_align="conv", motion_frames=1,
+                         motion_mode="channels"),
+    # identity frame at t = -1 (+ additive identity path) + face-aware audio adapter every other block
+    "hyavatar-style": dict(identity_tokens=True, identity_additive=True, audio="cross_attn", audio_every=2,
+                           audio_align="group", audio_tokens=4, audio_face_mask=True),
+    # masked multi-task input (36 channels) + decoupled cross-attention with frame-aligned local audio
+    "echomimic-style": dict(in_channels=36, audio="decoupled", audio_align="group", audio_in_layers=1,
+                            audio_window=0, audio_tokens=2, audio_neighbors=1, audio_face_mask=True),
+    # symbiotic reference fusion + direct audio fusion
+    "letstalk-style": dict(symbiotic=True, audio="cross_attn", audio_align="conv"),
+}
+AUDIO_TINY = dict(audio_in_layers=2, audio_in_dim=8, audio_hidden=16, audio_tokens=2, audio_dim=16)
+SIZES = {"tiny": "tiny", "1.3b": "wan2.1-t2v-1.3b"}
+
 # Mesh shapes over (data, fsdp, context, tensor); -1 fills the remaining devices.
 MESHES = {
     "single": dict(data=1, fsdp=1, context=1, tensor=1),
@@ -35,16 +56,24 @@ MESHES = {
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     name, *opts = [s.strip() for s in (arg or "tiny").split(",")]
     opts = dict(o.split("=", 1) for o in opts if o)
-    unknown = set(opts) - {"mesh", "dtype", "remat"}
-    if name not in MODELS or unknown:
-        raise ValueError(f"config arg {arg!r}: preset must be one of {sorted(MODELS)}, options mesh=, dtype=, remat=")
+    unknown = set(opts) - {"mesh", "dtype", "remat", "size"}
+    if name not in MODELS and name not in STYLES or unknown or opts.get("size", "tiny") not in SIZES:
+        raise ValueError(f"config arg {arg!r}: preset must be one of {sorted(MODELS) + sorted(STYLES)}, "
+                         f"options mesh=, dtype=, remat=, size= ({sorted(SIZES)}, styles only)")
     mesh = opts.get("mesh", "fsdp")
     if mesh not in MESHES:
         raise ValueError(f"config arg {arg!r}: mesh must be one of {sorted(MESHES)}")
 
     config = ml_collections.ConfigDict()
     config.preset = name
-    model = DiTConfig(**MODELS[name]).to_dict()
+    if name in STYLES:
+        size = opts.get("size", "tiny")
+        style = dict(STYLES[name])
+        if size == "tiny":
+            style = {**style, **AUDIO_TINY, "audio_in_layers": min(style.get("audio_in_layers", 2), 2)}
+        model = DiTConfig(**{**MODELS[SIZES[size]], **style}).to_dict()
+    else:
+        model = DiTConfig(**MODELS[name]).to_dict()
     model.update({k: opts[k] for k in ("dtype", "remat") if k in opts})
     config.model = ml_collections.ConfigDict(model)
 

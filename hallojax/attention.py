@@ -57,7 +57,8 @@ class Attention(nnx.Module):
     I2V cross-attention an added K/V path over image tokens summed before the output projection."""
 
     def __init__(self, dim: int, num_heads: int, *, eps: float, added_kv_dim: int | None = None,
-                 rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32, impl: str = "xla"):
+                 audio_dim: int | None = None, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32,
+                 impl: str = "xla"):
         inner = dim  # Wan: heads * head_dim == dim
         self.num_heads = num_heads
         self.impl = impl
@@ -74,6 +75,13 @@ class Attention(nnx.Module):
             self.norm_added_k = RMSNorm(inner, eps, axis_name="heads")
         else:
             self.add_k_proj = self.add_v_proj = self.norm_added_k = None
+        if audio_dim is not None:  # EchoMimicV3 decoupled audio K/V: bias-free, V zero-initialised
+            self.audio_k_proj = Dense(audio_dim, inner, (None, "heads"), use_bias=False, **kw)
+            self.audio_v_proj = Dense(audio_dim, inner, (None, "heads"), use_bias=False,
+                                      kernel_init=nnx.initializers.zeros_init(), **kw)
+            self.norm_audio_k = RMSNorm(inner, eps, axis_name="heads")
+        else:
+            self.audio_k_proj = self.audio_v_proj = self.norm_audio_k = None
 
     def _heads(self, x: jax.Array) -> jax.Array:
         x = x.reshape(*x.shape[:-1], self.num_heads, -1)  # [B, L, N, K]
@@ -81,9 +89,10 @@ class Attention(nnx.Module):
 
     def __call__(self, x: jax.Array, context: jax.Array | None = None, *,
                  rope: tuple[jax.Array, jax.Array] | None = None,
-                 added_context: jax.Array | None = None) -> jax.Array:
+                 added_context: jax.Array | None = None, audio: dict | None = None) -> jax.Array:
         """x [B, L, D]; context [B, M, D] (None: self-attention); rope (cos, sin) [B|1, L, K/2];
-        added_context [B, M', D_img] for the I2V image path."""
+        added_context [B, M', D_img] for the I2V image path; audio (decoupled mode) a dict with
+        tokens [B, F, M_a, D_a], frames, neighbors, scale and face_mask [B, L] | None."""
         kv_in = x if context is None else context
         q = self._heads(self.norm_q(self.to_q(x)))
         k = self._heads(self.norm_k(self.to_k(kv_in)))
@@ -99,5 +108,58 @@ class Attention(nnx.Module):
             k_img = self._heads(self.norm_added_k(self.add_k_proj(added_context)))
             v_img = self._heads(self.add_v_proj(added_context))
             out = out + dot_product_attention(q, k_img, v_img, self.impl)
+        if audio is not None:
+            out = out + self._decoupled_audio(q, audio)
         out = out.reshape(*out.shape[:2], -1)  # [B, L, N·K]
         return self.to_out(out)
+
+    def _decoupled_audio(self, q: jax.Array, audio: dict) -> jax.Array:
+        """audio_scale · face_mask ⊙ (per-latent-frame attention of the shared query over audio K/V)."""
+        from hallojax.audio import frame_windows, local_attention  # audio imports this module
+
+        if self.audio_k_proj is None:
+            raise ValueError("audio given to cross-attention without decoupled audio projections")
+        b, l, n, kd = q.shape
+        frames = audio["frames"]
+        kv, valid = frame_windows(audio["tokens"], audio["neighbors"])
+        k = self.norm_audio_k(self.audio_k_proj(kv)).reshape(*kv.shape[:3], n, kd)
+        v = self.audio_v_proj(kv).reshape(*kv.shape[:3], n, kd)
+        out = local_attention(q.reshape(b, frames, l // frames, n, kd), k, v, valid).reshape(b, l, n, kd)
+        out = out * jnp.asarray(audio["scale"], out.dtype)
+        if audio.get("face_mask") is not None:
+            out = out * audio["face_mask"][:, :, None, None].astype(out.dtype)
+        return out
+
+    def _qkv(self, x: jax.Array, rope) -> tuple[jax.Array, jax.Array, jax.Array]:
+        q = self._heads(self.norm_q(self.to_q(x)))
+        k = self._heads(self.norm_k(self.to_k(x)))
+        v = self._heads(self.to_v(x))
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return q, k, v
+
+    def self_attention_with_extras(self, x: jax.Array, rope, gate: jax.Array, *, extra: jax.Array | None = None,
+                                   extra_rope=None, ref: jax.Array | None = None):
+        """Self-attention of the video tokens x [B, L, D] that also sees extra tokens through
+        `gated_joint_attention`: a token stream `extra` [B, E, D] (identity frame, per-frame reference
+        copies, prefix motion frames; RoPE `extra_rope`), which also forms queries over everything, and
+        reference-network features `ref` [B, R, D] (keys and values only, no RoPE; Hallo3).
+        Returns (video output [B, L, D], extra-stream output [B, E, D] | None)."""
+        q, k, v = self._qkv(x, rope)
+        ks, vs = [], []
+        if extra is not None:
+            qe, ke, ve = self._qkv(extra, extra_rope)
+            ks.append(ke)
+            vs.append(ve)
+        if ref is not None:
+            ks.append(self._heads(self.norm_k(self.to_k(ref))))
+            vs.append(self._heads(self.to_v(ref)))
+        k_x, v_x = jnp.concatenate(ks, axis=1), jnp.concatenate(vs, axis=1)
+        out = gated_joint_attention(q, k, v, k_x, v_x, gate, self.impl)
+        out = self.to_out(out.reshape(*out.shape[:2], -1))
+        out_e = None
+        if extra is not None:
+            oe = dot_product_attention(qe, jnp.concatenate([k, k_x], axis=1), jnp.concatenate([v, v_x], axis=1),
+                                       self.impl)
+            out_e = self.to_out(oe.reshape(*oe.shape[:2], -1))
+        return out, out_e

@@ -22,8 +22,9 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from hallojax.attention import ATTENTION_IMPLS, Attention
+from hallojax.audio import AudioCrossAttention, AudioProjector
 from hallojax.layers import MLP, Dense, LayerNorm, gelu_erf, gelu_tanh, timestep_embedding
-from hallojax.rope import grid_coords, rope_cos_sin
+from hallojax.rope import frame_coords, grid_coords, rope_cos_sin
 from hallojax.sharding import constrain
 
 REMAT_POLICIES = {
@@ -68,6 +69,31 @@ class DiTConfig:
     remat: str = "none"  # one of REMAT_POLICIES
     attention: str = "xla"  # one of ATTENTION_IMPLS
 
+    # --- portrait conditioning: every mechanism off by default; see README "Conditioning" ---
+    # extra tokens in self-attention, merged by gated_joint_attention (gate 0 = base output unchanged)
+    identity_tokens: bool = False  # HunyuanVideo-Avatar: reference frame tokens at RoPE t = -1, every block
+    identity_offset: str = "none"  # "none" | "shift" (h, w + grid size); per-token offsets: call argument
+    identity_additive: bool = False  # HunyuanVideo-Avatar: reference through its own patch embed + Linear, added
+    reference_net: bool = False  # Hallo3: a second stack of layers on the reference, features joined per layer
+    symbiotic: bool = False  # LetsTalk: reference tokens concatenated beside every frame
+    motion_frames: int = 0  # latent motion frames from the previous clip (Hallo3, LetsTalk)
+    motion_mode: str = "channels"  # "channels": zero-padded and concatenated to the input; "prefix": frames at t < 0
+    extra_gate_init: float = 0.0  # initial gate of the extra tokens' attention share (1 = plain joint attention)
+    # audio: "none" | "cross_attn" (own attention after the text cross-attention; Hallo3, HunyuanVideo-Avatar,
+    # LetsTalk) | "decoupled" (audio K/V inside the text cross-attention, shared query; EchoMimicV3)
+    audio: str = "none"
+    audio_every: int = 1  # cross_attn: adapters in blocks 0, k, 2k, ...
+    audio_in_layers: int = 12  # wav2vec2 hidden states per video frame
+    audio_in_dim: int = 768
+    audio_window: int = 2  # ± video frames per projection window
+    audio_hidden: int = 512
+    audio_tokens: int = 32  # tokens per video frame
+    audio_dim: int = 768  # width of audio tokens
+    audio_align: str = "conv"  # "conv" (K tokens per latent frame) | "group" (4K)
+    audio_neighbors: int = 0  # latent frames f ± e of audio context for frame f
+    audio_face_mask: bool = False  # multiply the audio output by a face mask (face-aware adapter)
+    audio_scale: float = 1.0
+
     def __post_init__(self):
         object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
         if len(self.patch_size) != 3 or min(self.patch_size) < 1:
@@ -87,6 +113,21 @@ class DiTConfig:
             raise ValueError("model.pos_embed_seq_len needs the image path (model.image_dim)")
         if self.attention == "cudnn" and self.dtype == "float32":
             raise ValueError("model.attention='cudnn' needs dtype bfloat16 or float16 (cuDNN flash attention)")
+        if self.identity_offset not in ("none", "shift"):
+            raise ValueError(f"model.identity_offset={self.identity_offset!r}: expected 'none' or 'shift'")
+        if self.motion_mode not in ("channels", "prefix") or self.motion_frames < 0:
+            raise ValueError(f"model.motion_mode={self.motion_mode!r} / motion_frames={self.motion_frames}: "
+                             "expected 'channels' or 'prefix' and motion_frames >= 0")
+        if self.audio not in ("none", "cross_attn", "decoupled"):
+            raise ValueError(f"model.audio={self.audio!r}: expected 'none', 'cross_attn' or 'decoupled'")
+        if self.audio_align not in ("conv", "group"):
+            raise ValueError(f"model.audio_align={self.audio_align!r}: expected 'conv' or 'group'")
+        if self.audio_every < 1 or self.num_layers % self.audio_every:
+            raise ValueError(f"model.audio_every={self.audio_every} must divide num_layers={self.num_layers}")
+        if self.audio == "decoupled" and self.audio_every != 1:
+            raise ValueError("model.audio='decoupled' puts audio K/V in every block: audio_every must be 1")
+        if self.audio_face_mask and self.audio == "none":
+            raise ValueError("model.audio_face_mask needs an audio mode")
 
     @property
     def dim(self) -> int:
@@ -95,6 +136,18 @@ class DiTConfig:
     @property
     def patch_volume(self) -> int:
         return math.prod(self.patch_size)
+
+    @property
+    def has_extra_tokens(self) -> bool:
+        """Whether self-attention sees extra tokens (and blocks carry their attention gate)."""
+        return (self.identity_tokens or self.symbiotic or self.reference_net
+                or (self.motion_frames > 0 and self.motion_mode == "prefix"))
+
+    @property
+    def embed_channels(self) -> int:
+        """Input channels of the patch embedding: latents, plus zero-padded motion latents in "channels" mode."""
+        motion = self.out_channels if self.motion_frames > 0 and self.motion_mode == "channels" else 0
+        return self.in_channels + motion
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "DiTConfig":
@@ -116,11 +169,16 @@ class DiTConfig:
 class PatchEmbed(nnx.Module):
     """Conv3d with kernel = stride = patch, as one matmul over patches. kernel [pt, ph, pw, C, D]."""
 
-    def __init__(self, patch, in_channels: int, dim: int, *, rngs: nnx.Rngs, dtype, param_dtype):
+    def __init__(self, patch, in_channels: int, dim: int, *, rngs: nnx.Rngs, dtype, param_dtype,
+                 zero_from: int | None = None):
+        """zero_from: input channels from this index on start at zero (conditioning channels added to
+        a pretrained model contribute nothing until trained)."""
         self.patch = tuple(patch)
         init = nnx.initializers.xavier_uniform(in_axis=(0, 1, 2, 3), out_axis=4)
-        self.kernel = nnx.Param(init(rngs.params(), (*patch, in_channels, dim), param_dtype),
-                                out_sharding=(None, None, None, None, "embed"), eager_sharding=False)
+        kernel = init(rngs.params(), (*patch, in_channels, dim), param_dtype)
+        if zero_from is not None:
+            kernel = kernel.at[..., zero_from:, :].set(0)
+        self.kernel = nnx.Param(kernel, out_sharding=(None, None, None, None, "embed"), eager_sharding=False)
         self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), out_sharding=("embed",), eager_sharding=False)
         self.dtype = dtype
 
@@ -160,7 +218,12 @@ class ImageEmbedder(nnx.Module):
 
 
 class WanBlock(nnx.Module):
-    """adaLN-modulated self-attention (3D RoPE), cross-attention, GELU-tanh FFN."""
+    """adaLN-modulated self-attention (3D RoPE), cross-attention, [audio], GELU-tanh FFN.
+
+    With extra tokens the self-attention also sees them (gated; `Attention.self_attention_with_extras`)
+    and the extra token stream goes through the same block ops, never mixed into the video tokens'
+    arithmetic, so with the gate at 0 the video output is bit for bit the base model's.
+    """
 
     def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
         dim, dtype, pdt = cfg.dim, DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
@@ -171,39 +234,105 @@ class WanBlock(nnx.Module):
         self.norm1 = LayerNorm(dim, cfg.eps, affine=False)
         self.attn1 = Attention(dim, cfg.num_heads, eps=cfg.eps, **kw)
         self.norm2 = LayerNorm(dim, cfg.eps, affine=True, axis_name="embed") if cfg.cross_attn_norm else None
-        self.attn2 = Attention(dim, cfg.num_heads, eps=cfg.eps, added_kv_dim=cfg.added_kv_proj_dim, **kw)
+        self.attn2 = Attention(dim, cfg.num_heads, eps=cfg.eps, added_kv_dim=cfg.added_kv_proj_dim,
+                               audio_dim=cfg.audio_dim if cfg.audio == "decoupled" else None, **kw)
         self.norm3 = LayerNorm(dim, cfg.eps, affine=False)
         self.ffn = MLP(dim, cfg.ffn_dim, dim, gelu_tanh, axes_in=("embed", "mlp"), axes_out=("mlp", "embed"),
                        act_axes=("act_batch", "act_len", "act_mlp"), rngs=rngs, dtype=dtype, param_dtype=pdt)
+        self.extra_gate = (nnx.Param(jnp.full((), cfg.extra_gate_init, jnp.float32))
+                           if cfg.has_extra_tokens else None)
 
-    def __call__(self, x, temb6, context, rope, image_context=None):
-        """x [B, L, D]; temb6 [B, 6, D]; context [B, M, D]; rope (cos, sin)."""
+    def attn_input(self, x, temb6):
+        """The normalised, modulated self-attention input (what Hallo3's reference layers hand over)."""
+        mod = self.scale_shift_table[...].astype(jnp.float32) + temb6.astype(jnp.float32)
+        return (self.norm1(x) * (1 + mod[:, 1:2]) + mod[:, 0:1]).astype(x.dtype)
+
+    def __call__(self, x, temb6, context, rope, image_context=None, *, extra=None, extra_rope=None, ref=None,
+                 audio=None, audio_adapter=None):
+        """x [B, L, D]; temb6 [B, 6, D]; context [B, M, D]; rope (cos, sin).
+
+        extra [B, E, D] / extra_rope: extra token stream; ref [B, R, D]: this layer's reference-network
+        features; audio: dict(tokens [B, F, M, D_a], frames, neighbors, scale, face_mask [B, L] | None);
+        audio_adapter: this layer's `AudioCrossAttention` (cross_attn mode), or None.
+        Returns (x, extra)."""
         dtype = x.dtype
         mod = self.scale_shift_table[...].astype(jnp.float32) + temb6.astype(jnp.float32)  # [B, 6, D]
         shift, scale, gate, c_shift, c_scale, c_gate = (mod[:, i : i + 1] for i in range(6))
 
-        h = (self.norm1(x) * (1 + scale) + shift).astype(dtype)
-        a = checkpoint_name(self.attn1(h, rope=rope), "attn_out")
-        x = (x.astype(jnp.float32) + a.astype(jnp.float32) * gate).astype(dtype)
-        x = constrain(x, ("act_batch", "act_len", "act_embed"))
+        def modulated(t, sh, sc):
+            return (self.norm1(t) * (1 + sc) + sh).astype(dtype)
 
-        h = self.norm2(x).astype(dtype) if self.norm2 is not None else x
-        x = x + self.attn2(h, context, added_context=image_context).astype(dtype)
+        def gated_residual(t, a, g):
+            return (t.astype(jnp.float32) + a.astype(jnp.float32) * g).astype(dtype)
 
-        h = (self.norm3(x) * (1 + c_scale) + c_shift).astype(dtype)
-        x = (x.astype(jnp.float32) + self.ffn(h).astype(jnp.float32) * c_gate).astype(dtype)
-        return constrain(x, ("act_batch", "act_len", "act_embed"))
+        h = modulated(x, shift, scale)
+        if extra is None and ref is None:
+            a, ae = self.attn1(h, rope=rope), None
+        else:
+            he = modulated(extra, shift, scale) if extra is not None else None
+            a, ae = self.attn1.self_attention_with_extras(h, rope, self.extra_gate[...], extra=he,
+                                                          extra_rope=extra_rope, ref=ref)
+        a = checkpoint_name(a, "attn_out")
+        x = constrain(gated_residual(x, a, gate), ("act_batch", "act_len", "act_embed"))
+        if extra is not None:
+            extra = gated_residual(extra, ae, gate)
+
+        def cross(t, audio_kw=None):
+            hh = self.norm2(t).astype(dtype) if self.norm2 is not None else t
+            return t + self.attn2(hh, context, added_context=image_context, audio=audio_kw).astype(dtype)
+
+        x = cross(x, audio if (audio is not None and self.attn2.audio_k_proj is not None) else None)
+        if extra is not None:
+            extra = cross(extra)
+        if audio_adapter is not None:
+            x = x + audio_adapter(x, audio["tokens"], frames=audio["frames"], neighbors=audio["neighbors"],
+                                  face_mask=audio.get("face_mask")).astype(dtype)
+
+        def ffn(t):
+            hh = (self.norm3(t) * (1 + c_scale) + c_shift).astype(dtype)
+            return (t.astype(jnp.float32) + self.ffn(hh).astype(jnp.float32) * c_gate).astype(dtype)
+
+        x = constrain(ffn(x), ("act_batch", "act_len", "act_embed"))
+        return x, (ffn(extra) if extra is not None else None)
+
+
+def _stacked(cls, n: int, rngs: nnx.Rngs, *args, **kw):
+    """n instances of cls with a leading ``layers`` axis on every parameter (for scanning)."""
+
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make(r):
+        return cls(*args, rngs=r, **kw)
+
+    return make(rngs)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceCache:
+    """Per-layer reference-network features [L, B, R, D] (Hallo3). Computed once per reference by
+    `WanDiT.encode_reference` and reused for every sampling step and every CFG branch."""
+
+    features: jax.Array
+
+
+jax.tree_util.register_dataclass(ReferenceCache, data_fields=["features"], meta_fields=[])
 
 
 class WanDiT(nnx.Module):
-    """Wan2.1 T2V / I2V transformer.
+    """Wan2.1 T2V / I2V transformer with the portrait-conditioning mechanisms as config choices.
 
-    Call: ``model(latents, timesteps, context, *, image_context=None, coords=None)``
+    Call: ``model(latents, timesteps, context, *, image_context=None, coords=None, reference=None,
+    reference_cache=None, identity_offsets=None, audio=None, face_mask=None, motion=None)``
       latents [B, F, H, W, C_in], timesteps [B] (0..1000, float or int), context [B, M, text_dim]
       (umT5 states; the Wan pipeline zero-pads to 512), image_context [B, 257, image_dim] (I2V only),
       coords: optional int [L, 3] or [B, L, 3] RoPE (t, h, w) coordinates of the video tokens
       (default: the grid, from 0).
-    Returns [B, F, H, W, C_out] in the compute dtype.
+      Conditioning (each needed only when its mechanism is on): reference [B, 1, H, W, C_ref] reference
+      latent frame (C_ref <= embed channels, zero-padded); reference_cache from `encode_reference`;
+      identity_offsets int [H'·W', 2] per-token RoPE offsets of the identity frame; audio
+      [B, T, audio_in_layers, audio_in_dim] per video frame (T = 1 + 4(F − 1)); face_mask [B, F, H', W']
+      or [B, L] on the token grid; motion [B, n, H, W, C_out] latents of the previous clip's last frames.
+    Returns [B, F, H, W, C_out] in the compute dtype (extra tokens are dropped before the head).
     """
 
     def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
@@ -211,9 +340,9 @@ class WanDiT(nnx.Module):
         dim, dtype, pdt = cfg.dim, DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
         f32 = jnp.float32
         with nnx.use_eager_sharding(False):
-            self.patch_embedding = PatchEmbed(cfg.patch_size, cfg.in_channels, dim, rngs=rngs, dtype=dtype,
-                                              param_dtype=pdt)
-            # the timestep MLP is float32 parameters and compute (diffusers keeps it in fp32)
+            extra_in = cfg.embed_channels if cfg.embed_channels != cfg.in_channels else None
+            self.patch_embedding = PatchEmbed(cfg.patch_size, cfg.embed_channels, dim, rngs=rngs, dtype=dtype,
+                                              param_dtype=pdt, zero_from=cfg.in_channels if extra_in else None)
             # every large weight names one axis for fsdp and one for tensor, so FSDP+TP splits it fully
             self.time_embedder = MLP(cfg.freq_dim, dim, dim, jax.nn.silu, axes_in=(None, "embed"),
                                      axes_out=("embed", "mlp"), rngs=rngs, dtype=f32, param_dtype=f32)
@@ -223,13 +352,7 @@ class WanDiT(nnx.Module):
             self.image_embedder = (ImageEmbedder(cfg.image_dim, dim, cfg.pos_embed_seq_len, rngs=rngs,
                                                  dtype=dtype, param_dtype=pdt)
                                    if cfg.image_dim is not None else None)
-
-            @nnx.split_rngs(splits=cfg.num_layers)
-            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-            def make_blocks(r):
-                return WanBlock(cfg, rngs=r)
-
-            self.blocks = make_blocks(rngs)
+            self.blocks = _stacked(WanBlock, cfg.num_layers, rngs, cfg)
             self.norm_out = LayerNorm(dim, cfg.eps, affine=False)
             self.proj_out = Dense(dim, cfg.out_channels * cfg.patch_volume, ("embed", "mlp"), rngs=rngs,
                                   dtype=dtype, param_dtype=pdt)
@@ -237,6 +360,26 @@ class WanDiT(nnx.Module):
                 jax.random.normal(rngs.params(), (1, 2, dim), f32) / dim**0.5,
                 out_sharding=(None, None, "embed"), eager_sharding=False)
 
+            # --- conditioning modules (None unless configured) ---
+            kw = dict(rngs=rngs, dtype=dtype, param_dtype=pdt)
+            additive = cfg.identity_additive
+            self.identity_embedding = (PatchEmbed(cfg.patch_size, cfg.out_channels, dim, **kw) if additive else None)
+            self.identity_proj = (Dense(dim, dim, ("embed", "mlp"), kernel_init=nnx.initializers.zeros_init(), **kw)
+                                  if additive else None)  # zero-init: no change at the start
+            self.reference_embedding = (PatchEmbed(cfg.patch_size, cfg.embed_channels, dim, **kw)
+                                        if cfg.reference_net else None)
+            self.reference_blocks = (_stacked(WanBlock, cfg.num_layers, rngs, cfg.replace(
+                reference_net=False, identity_tokens=False, symbiotic=False, motion_mode="channels", audio="none",
+                audio_face_mask=False)) if cfg.reference_net else None)
+            self.audio_proj = (AudioProjector(
+                in_layers=cfg.audio_in_layers, in_dim=cfg.audio_in_dim, window=cfg.audio_window,
+                hidden=cfg.audio_hidden, tokens=cfg.audio_tokens, out_dim=cfg.audio_dim, align=cfg.audio_align, **kw)
+                if cfg.audio != "none" else None)
+            self.audio_adapters = (_stacked(AudioCrossAttention, cfg.num_layers // cfg.audio_every, rngs, dim,
+                                            cfg.num_heads, cfg.audio_dim, eps=cfg.eps, dtype=dtype, param_dtype=pdt)
+                                   if cfg.audio == "cross_attn" else None)
+
+    # ---------------------------------------------------------------------------------------------
     def check_inputs(self, latents, timesteps, context, image_context, coords=None):
         cfg = self.cfg
         if latents.ndim != 5 or latents.shape[-1] != cfg.in_channels:
@@ -263,15 +406,142 @@ class WanDiT(nnx.Module):
                 raise ValueError(f"image_context has shape {tuple(image_context.shape)}; expected "
                                  f"[{b}, M', {cfg.image_dim}]")
 
-    def __call__(self, latents, timesteps, context, *, image_context=None, coords=None):
+    def _require(self, name, value, needed: bool, shape_hint: str):
+        if needed and value is None:
+            raise ValueError(f"this model's config needs `{name}` {shape_hint}")
+        if not needed and value is not None:
+            raise ValueError(f"`{name}` given but no configured mechanism uses it")
+
+    def _embed_frames(self, embed: PatchEmbed, lat: jax.Array, channels: int, what: str) -> jax.Array:
+        """Latent frames [B, n, H, W, C <= channels] through a patch embedding (channels zero-padded)."""
+        if lat.ndim != 5 or lat.shape[-1] > channels:
+            raise ValueError(f"{what} has shape {tuple(lat.shape)}; expected [B, n, H, W, C] with C <= {channels}")
+        lat = jnp.pad(lat, ((0, 0),) * 4 + ((0, channels - lat.shape[-1]),))
+        return embed(lat)
+
+    def _timestep(self, timesteps, b):
+        # float32 MLP, then rounded to the compute dtype as the reference does (`temb.type_as(...)`)
+        dtype = DTYPES[self.cfg.dtype]
+        temb = self.time_embedder(timestep_embedding(timesteps, self.cfg.freq_dim)).astype(dtype)  # [B, D]
+        temb6 = self.time_proj(jax.nn.silu(temb.astype(jnp.float32)).astype(dtype)).reshape(b, 6, self.cfg.dim)
+        return temb, temb6
+
+    def _run_blocks(self, blocks, x, temb6, ctx, rope, img, *, extra=None, extra_rope=None, ref=None,
+                    audio=None, collect: bool = False):
+        """Scan `blocks` (stacked) over layers; audio adapters in blocks 0, k, 2k, ... (k = audio_every).
+        collect: also return every layer's self-attention input [L, B, L_tokens, D] (reference net)."""
+        cfg = self.cfg
+        graphdef, state = nnx.split(blocks)
+        k = cfg.audio_every if (self.audio_adapters is not None and not collect) else 1
+        groups = cfg.num_layers // k
+        xs = {"blocks": jax.tree.map(lambda a: a.reshape(groups, k, *a.shape[1:]), state)}
+        if k > 1 or (self.audio_adapters is not None and not collect):
+            adapter_def, xs["audio"] = nnx.split(self.audio_adapters)
+        if ref is not None:
+            xs["ref"] = ref.reshape(groups, k, *ref.shape[1:])
+
+        # static settings (ints, floats) reach the body by closure; only arrays go through the scan
+        audio_static = {k: v for k, v in (audio or {}).items() if k in ("frames", "neighbors", "scale")}
+        audio_arrays = {k: v for k, v in (audio or {}).items() if k not in audio_static} if audio else None
+
+        def group(carry, xs, temb6, ctx, cos, sin, img, extra_rope, audio_arrays):
+            x, extra = carry
+            audio = {**audio_arrays, **audio_static} if audio_arrays is not None else None
+            collected = []
+            for j in range(k):
+                block = nnx.merge(graphdef, jax.tree.map(lambda a, j=j: a[j], xs["blocks"]))
+                adapter = nnx.merge(adapter_def, xs["audio"]) if ("audio" in xs and j == 0) else None
+                if collect:
+                    collected.append(block.attn_input(x, temb6))
+                x, extra = block(x, temb6, ctx, (cos, sin), img, extra=extra, extra_rope=extra_rope,
+                                 ref=xs["ref"][j] if "ref" in xs else None, audio=audio, audio_adapter=adapter)
+            return (x, extra), (jnp.stack(collected) if collect else None)
+
+        if cfg.remat != "none":
+            group = nnx.remat(group, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+        scan = nnx.scan(group, in_axes=(nnx.Carry, 0, None, None, None, None, None, None, None),
+                        out_axes=(nnx.Carry, 0))
+        (x, extra), collected = scan((x, extra), xs, temb6, ctx, rope[0], rope[1], img, extra_rope, audio_arrays)
+        if collect:
+            collected = collected.reshape(cfg.num_layers, *collected.shape[2:])
+        return x, extra, collected
+
+    # ---------------------------------------------------------------------------------------------
+    def encode_reference(self, reference: jax.Array) -> ReferenceCache:
+        """Hallo3's reference network on the reference latent [B, 1, H, W, C] at timestep 0, with no
+        text (so one cache serves every sampling step and both CFG branches): per-layer features."""
+        cfg = self.cfg
+        if self.reference_blocks is None:
+            raise ValueError("encode_reference needs model.reference_net=True")
+        dtype = DTYPES[cfg.dtype]
+        b, _, h, w, _ = reference.shape
+        x = self._embed_frames(self.reference_embedding, reference.astype(dtype), cfg.embed_channels, "reference")
+        _, temb6 = self._timestep(jnp.zeros((b,), jnp.float32), b)
+        ctx = self.text_embedder(jnp.zeros((b, 1, cfg.text_dim), dtype))  # the null prompt
+        pt, ph, pw = cfg.patch_size
+        cos, sin = rope_cos_sin(grid_coords(1, h // ph, w // pw), cfg.head_dim, cfg.rope_theta, cfg.rope_max_seq_len)
+        _, _, feats = self._run_blocks(self.reference_blocks, x, temb6, ctx, (cos[None], sin[None]), None,
+                                       collect=True)
+        return ReferenceCache(feats)
+
+    def extra_streams(self, reference, motion, identity_offsets, grid) -> tuple[jax.Array | None, np.ndarray | None]:
+        """The extra token stream [B, E, D] and its RoPE coordinates [E, 3]: the identity frame at t = −1
+        (spatial offsets: none / shift by the grid size / per-token), reference copies beside every frame
+        (symbiotic: same t, w shifted by the grid width), prefix motion frames at t = −n..−1."""
+        cfg = self.cfg
+        dtype = DTYPES[cfg.dtype]
+        gf, gh, gw = grid
+        streams, coords = [], []
+        if reference is not None and (cfg.identity_tokens or cfg.symbiotic):
+            if reference.shape[1:4] != (1, gh * cfg.patch_size[1], gw * cfg.patch_size[2]):
+                raise ValueError(f"reference has shape {tuple(reference.shape)}; expected [B, 1, "
+                                 f"{gh * cfg.patch_size[1]}, {gw * cfg.patch_size[2]}, C] (one latent frame)")
+            ref_tokens = self._embed_frames(self.patch_embedding, reference.astype(dtype), cfg.embed_channels,
+                                            "reference")  # [B, P, D]
+            if cfg.identity_tokens:
+                offset = identity_offsets if identity_offsets is not None else cfg.identity_offset
+                streams.append(ref_tokens)
+                coords.append(frame_coords(gh, gw, t=-1, offset=offset))
+            if cfg.symbiotic:
+                streams.append(jnp.tile(ref_tokens, (1, gf, 1)))
+                coords.append(grid_coords(gf, gh, gw, w0=gw))
+        if cfg.motion_frames > 0 and cfg.motion_mode == "prefix":
+            n = cfg.motion_frames // cfg.patch_size[0]
+            streams.append(self._embed_frames(self.patch_embedding, motion.astype(dtype), cfg.embed_channels,
+                                              "motion"))
+            coords.append(grid_coords(n, gh, gw, t0=-n))
+        if not streams:
+            return None, None
+        traced = any(isinstance(c, jax.Array) for c in coords)
+        return jnp.concatenate(streams, axis=1), (jnp.concatenate if traced else np.concatenate)(coords)
+
+    def __call__(self, latents, timesteps, context, *, image_context=None, coords=None, reference=None,
+                 reference_cache=None, identity_offsets=None, audio=None, face_mask=None, motion=None):
         cfg = self.cfg
         dtype = DTYPES[cfg.dtype]
         self.check_inputs(latents, timesteps, context, image_context, coords)
         b, f, h, w, _ = latents.shape
         pt, ph, pw = cfg.patch_size
         gf, gh, gw = f // pt, h // ph, w // pw
+        needs_ref = cfg.identity_tokens or cfg.identity_additive or cfg.symbiotic
+        self._require("reference", reference, needs_ref or (cfg.reference_net and reference_cache is None),
+                      "[B, 1, H, W, C]")
+        self._require("audio", audio, cfg.audio != "none", "[B, T, layers, D]")
+        self._require("motion", motion, cfg.motion_frames > 0, f"[B, {cfg.motion_frames}, H, W, C]")
+        self._require("face_mask", face_mask, cfg.audio_face_mask, "[B, F, H', W'] on the token grid")
+        if identity_offsets is not None and not cfg.identity_tokens:
+            raise ValueError("`identity_offsets` given but model.identity_tokens is off")
+        if reference_cache is not None and not cfg.reference_net:
+            raise ValueError("`reference_cache` given but model.reference_net is off")
+        if motion is not None and motion.shape[1] != cfg.motion_frames:
+            raise ValueError(f"motion has {motion.shape[1]} frames; model.motion_frames = {cfg.motion_frames}")
 
-        x = self.patch_embedding(latents)  # [B, L, D]
+        x_in = latents.astype(dtype)
+        if cfg.embed_channels != cfg.in_channels:  # motion frames as zero-padded extra channels
+            from hallojax.conditioning import motion_channels
+
+            x_in = jnp.concatenate([x_in, motion_channels(motion.astype(dtype), f)], axis=-1)
+        x = self.patch_embedding(x_in)  # [B, L, D]
         x = constrain(x, ("act_batch", "act_len", "act_embed"))
         if coords is None:
             coords = grid_coords(gf, gh, gw)
@@ -279,27 +549,41 @@ class WanDiT(nnx.Module):
         if cos.ndim == 2:
             cos, sin = cos[None], sin[None]  # [1, L, K/2]
 
-        # float32 MLP, then rounded to the compute dtype as the reference does (`temb.type_as(...)`)
-        temb = self.time_embedder(timestep_embedding(timesteps, cfg.freq_dim)).astype(dtype)  # [B, D]
-        temb6 = self.time_proj(jax.nn.silu(temb.astype(jnp.float32)).astype(dtype)).reshape(b, 6, cfg.dim)
+        extra, extra_coords = self.extra_streams(reference, motion, identity_offsets, (gf, gh, gw))
+        extra_rope = None
+        if extra is not None:
+            ce, se = rope_cos_sin(extra_coords, cfg.head_dim, cfg.rope_theta, cfg.rope_max_seq_len)
+            extra_rope = (ce[None], se[None])
+        if cfg.identity_additive:
+            add = self.identity_proj(self._embed_frames(self.identity_embedding, reference.astype(dtype),
+                                                        cfg.out_channels, "reference"))  # [B, P, D]
+            x = x + jnp.tile(add, (1, gf, 1)).astype(dtype)
+
+        temb, temb6 = self._timestep(timesteps, b)
         ctx = self.text_embedder(context.astype(dtype))  # [B, M, D]
-        img = None
-        if image_context is not None:
-            img = self.image_embedder(image_context.astype(dtype))  # [B, M', D]
+        img = self.image_embedder(image_context.astype(dtype)) if image_context is not None else None
 
-        policy = REMAT_POLICIES[cfg.remat]
+        ref_feats = None
+        if cfg.reference_net:
+            cache = reference_cache if reference_cache is not None else self.encode_reference(reference)
+            ref_feats = cache.features  # [L, B, R, D]
 
-        def body(x, block, temb6, ctx, cos, sin, img):
-            return block(x, temb6, ctx, (cos, sin), img)
+        audio_kw = None
+        if audio is not None:
+            tokens = self.audio_proj(audio.astype(dtype))  # [B, F', M, D_a]
+            if tokens.shape[1] != gf:
+                raise ValueError(f"audio covers {audio.shape[1]} video frames = {tokens.shape[1]} latent frames; "
+                                 f"the latents have {gf}")
+            mask = None
+            if face_mask is not None:
+                mask = face_mask.reshape(b, -1)
+                if mask.shape[1] != gf * gh * gw:
+                    raise ValueError(f"face_mask has shape {tuple(face_mask.shape)}; expected [{b}, {gf}, {gh}, {gw}]")
+            audio_kw = dict(tokens=tokens, frames=gf, neighbors=cfg.audio_neighbors, scale=cfg.audio_scale,
+                            face_mask=mask)
 
-        if cfg.remat != "none":
-            body = nnx.remat(body, policy=policy, prevent_cse=False)
-
-        @nnx.scan(in_axes=(nnx.Carry, 0, None, None, None, None, None), out_axes=nnx.Carry)
-        def run(x, block, temb6, ctx, cos, sin, img):
-            return body(x, block, temb6, ctx, cos, sin, img)
-
-        x = run(x.astype(dtype), self.blocks, temb6, ctx, cos, sin, img)
+        x, _, _ = self._run_blocks(self.blocks, x, temb6, ctx, (cos, sin), img, extra=extra, extra_rope=extra_rope,
+                                   ref=ref_feats, audio=audio_kw)
 
         mod = self.scale_shift_table[...].astype(jnp.float32) + temb[:, None].astype(jnp.float32)  # [B, 2, D]
         shift, scale = mod[:, 0:1], mod[:, 1:2]

@@ -99,8 +99,9 @@ def frame_coords(height: int, width: int, *, t: int = -1, offset="none") -> np.n
             coords[:, 2] += width
             return coords
         raise ValueError(f"RoPE frame offset mode {offset!r}: expected 'none', 'shift' or an array")
-    offset = np.asarray(offset, np.int32)
-    if offset.shape != (height * width, 2):
-        raise ValueError(f"per-token RoPE offsets have shape {offset.shape}, expected {(height * width, 2)}")
-    coords[:, 1:] += offset
+    if np.shape(offset) != (height * width, 2):
+        raise ValueError(f"per-token RoPE offsets have shape {np.shape(offset)}, expected {(height * width, 2)}")
+    if isinstance(offset, jax.Array):  # traced (e.g. a jitted argument): stay in jnp
+        return jnp.asarray(coords).at[:, 1:].add(offset.astype(jnp.int32))
+    coords[:, 1:] += np.asarray(offset, np.int32)
     return coords

@@ -8,12 +8,15 @@ from hallojax.convert.wan import config_to_diffusers
 from hallojax.dit import DiTConfig, abstract_model, param_count
 from hallojax.sharding import make_mesh
 
-PRESETS = ["tiny", "wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan2.1-i2v-14b"]
+PRESETS = ["tiny", "wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan2.1-i2v-14b", "hallo3-style,size=1.3b",
+           "hyavatar-style,size=1.3b", "echomimic-style,size=1.3b", "letstalk-style,size=1.3b"]
 MESHES = ["single", "dp", "fsdp", "fsdp_tp", "dp_context", "fsdp_context"]
 # published sizes (the Wan2.1 configs as released on the diffusers hub)
 # the counts the README table states (a test below proves them equal to diffusers')
 README_COUNTS = {"tiny": 149_248, "wan2.1-t2v-1.3b": 1_418_996_800, "wan2.1-t2v-14b": 14_288_491_584,
-                 "wan2.1-i2v-14b": 16_394_878_784}
+                 "wan2.1-i2v-14b": 16_394_878_784,
+                 "hallo3-style,size=1.3b": 3_065_223_774, "hyavatar-style,size=1.3b": 1_553_243_742,
+                 "echomimic-style,size=1.3b": 1_491_390_528, "letstalk-style,size=1.3b": 1_671_706_206}
 PUBLISHED = {"wan2.1-t2v-1.3b": (30, 1536, 12, 8960, 16), "wan2.1-t2v-14b": (40, 5120, 40, 13824, 16),
              "wan2.1-i2v-14b": (40, 5120, 40, 13824, 36)}
 
