@@ -1,6 +1,8 @@
 """Wan2.1 DiT presets (model sizes as published; diffusers config names in hallojax.dit.DiTConfig).
 
+    hallojax demo                                  # = configs/wan.py:demo (synthetic talking faces)
     hallojax demo  --config configs/wan.py:tiny
+    hallojax demo                                  # = configs/wan.py:demo (synthetic talking faces)
     hallojax demo  --config configs/wan.py:tiny,mesh=fsdp_tp --config.train.steps=20
     hallojax info  --config configs/wan.py:wan2.1-t2v-14b,mesh=fsdp
 
@@ -42,6 +44,13 @@ STYLES = {
 AUDIO_TINY = dict(audio_in_layers=2, audio_in_dim=8, audio_hidden=16, audio_tokens=2, audio_dim=16)
 SIZES = {"tiny": "tiny", "1.3b": "wan2.1-t2v-1.3b"}
 
+# `make demo`: a mini portrait model (identity frame + audio cross-attention) trained from scratch on the
+# synthetic talking faces, prepared with the lossless pixel codec (pixel:4 -> 48 channels, temporal
+# stride 1) and the pipeline's per-frame RMS audio feature (1 layer x 1 dim).
+DEMO_MODEL = dict(MODELS["tiny"], in_channels=48, out_channels=48, identity_tokens=True, extra_gate_init=1.0,
+                  audio="cross_attn", audio_align="group", audio_stride=1, audio_in_layers=1, audio_in_dim=1,
+                  audio_window=2, audio_hidden=16, audio_tokens=4, audio_dim=16)
+
 # Mesh shapes over (data, fsdp, context, tensor); -1 fills the remaining devices.
 MESHES = {
     "single": dict(data=1, fsdp=1, context=1, tensor=1),
@@ -57,7 +66,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     name, *opts = [s.strip() for s in (arg or "tiny").split(",")]
     opts = dict(o.split("=", 1) for o in opts if o)
     unknown = set(opts) - {"mesh", "dtype", "remat", "size"}
-    if name not in MODELS and name not in STYLES or unknown or opts.get("size", "tiny") not in SIZES:
+    if name not in MODELS and name not in STYLES and name != "demo" or unknown or opts.get("size", "tiny") not in SIZES:
         raise ValueError(f"config arg {arg!r}: preset must be one of {sorted(MODELS) + sorted(STYLES)}, "
                          f"options mesh=, dtype=, remat=, size= ({sorted(SIZES)}, styles only)")
     mesh = opts.get("mesh", "fsdp")
@@ -66,7 +75,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
 
     config = ml_collections.ConfigDict()
     config.preset = name
-    if name in STYLES:
+    if name == "demo":
+        model = DiTConfig(**DEMO_MODEL).to_dict()
+    elif name in STYLES:
         size = opts.get("size", "tiny")
         style = dict(STYLES[name])
         if size == "tiny":
@@ -83,7 +94,15 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     config.rules = [[k, v] for k, v in DEFAULT_RULES]
 
     config.seed = 0
-    # the demo's few training steps (the training issue owns the full trainer)
+    # the demo's training steps (the training issue owns the full trainer)
     config.train = ml_collections.ConfigDict(dict(
         steps=8, batch_size=8, frames=3, height=8, width=8, text_len=16, learning_rate=3e-3, log_every=1))
+    # demo data: "random" (a fixed synthetic batch, for tests) or "synthetic" (talking faces through the
+    # data pipeline into workdir)
+    config.data = ml_collections.ConfigDict(dict(
+        source="synthetic" if name == "demo" else "random", workdir="runs/demo", num_videos=6, frames=9, size=32,
+        codec="pixel:4", audio_features="rms"))
+    if name == "demo":
+        config.train.steps = 40
+        config.train.log_every = 5
     return config

@@ -12,6 +12,9 @@ latent frame holds the first video frame alone, every later one 4 video frames. 
 - ``conv`` (Hallo3's): the first frame bypasses, the other 4(F − 1) frames are compressed in time by two
   stride-2 convolutions (kernel 3, padding 1): K tokens per latent frame.
 
+The stride (4 here) is the codec's and configurable (`audio_stride`: 1, 2 or 4): with the lossless pixel
+codec of the demo (stride 1) every latent frame is one video frame.
+
 `AudioCrossAttention` lets the video tokens of latent frame f attend only to the audio tokens of frame
 f (optionally also of frames f ± e, for smooth transitions); its output projection starts at zero, so
 adding it to a pretrained model changes nothing until it trains; its output can be multiplied by a face
@@ -46,19 +49,25 @@ class AudioProjector(nnx.Module):
     """[B, T, layers, D_a] features -> [B, F, M, D_audio] tokens per latent frame (M = 4K or K)."""
 
     def __init__(self, *, in_layers: int, in_dim: int, window: int, hidden: int, tokens: int, out_dim: int,
-                 align: str, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32):
+                 align: str, stride: int = 4, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32):
+        """stride: the codec's temporal stride (4 for the Wan VAE, 1 for the pixel codec): video frames
+        per latent frame after the first."""
         if align not in ALIGN_MODES:
             raise ValueError(f"audio align mode {align!r}: expected one of {ALIGN_MODES}")
+        if stride not in (1, 2, 4):
+            raise ValueError(f"audio stride {stride}: expected 1, 2 or 4 (the codec's temporal stride)")
+        self.stride = stride
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.window, self.tokens, self.out_dim, self.align = window, tokens, out_dim, align
         self.in_layers, self.in_dim = in_layers, in_dim
         self.fc1 = Dense((2 * window + 1) * in_layers * in_dim, hidden, (None, "mlp"), **kw)
         self.fc2 = Dense(hidden, hidden, ("mlp", None), **kw)
         self.fc3 = Dense(hidden, tokens * out_dim, (None, "mlp"), **kw)
-        if align == "conv":  # two stride-2 temporal convs, shared over tokens: kernel [3, D, D]
-            init = nnx.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)
-            self.conv1 = nnx.Param(init(rngs.params(), (3, out_dim, out_dim), param_dtype))
-            self.conv2 = nnx.Param(init(rngs.params(), (3, out_dim, out_dim), param_dtype))
+        # conv: log2(stride) stride-2 temporal convs, shared over tokens: kernel [3, D, D]
+        init = nnx.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)
+        n_convs = stride.bit_length() - 1 if align == "conv" else 0
+        self.convs = nnx.List([nnx.Param(init(rngs.params(), (3, out_dim, out_dim), param_dtype))
+                               for _ in range(n_convs)])
         self.norm = LayerNorm(out_dim, 1e-5, affine=True)
         self.dtype = dtype
 
@@ -75,18 +84,20 @@ class AudioProjector(nnx.Module):
             raise ValueError(f"audio features have shape {tuple(feats.shape)}; expected "
                              f"[B, T, {self.in_layers}, {self.in_dim}] (wav2vec2 states per video frame)")
         b, t = feats.shape[:2]
-        f = frames_to_latent(t)
+        f = frames_to_latent(t, self.stride)
+        s = self.stride
         x = window_features(feats, self.window).reshape(b, t, -1)
         x = jax.nn.relu(self.fc1(x.astype(self.dtype or feats.dtype)))
         x = jax.nn.relu(self.fc2(x))
         x = self.fc3(x).reshape(b, t, self.tokens, self.out_dim)  # [B, T, K, D]
         if self.align == "group":
-            x = jnp.concatenate([jnp.repeat(x[:, :1], 3, axis=1), x], axis=1)  # [B, 4F, K, D]
-            x = x.reshape(b, f, 4 * self.tokens, self.out_dim)
+            x = jnp.concatenate([jnp.repeat(x[:, :1], s - 1, axis=1), x], axis=1)  # [B, s·F, K, D]
+            x = x.reshape(b, f, s * self.tokens, self.out_dim)
         else:
             rest = x[:, 1:]
             if t > 1:
-                rest = self._compress(self._compress(rest, self.conv1), self.conv2)  # [B, F-1, K, D]
+                for kernel in self.convs:
+                    rest = self._compress(rest, kernel)  # halves time each: [B, F-1, K, D] at the end
             x = jnp.concatenate([x[:, :1], rest], axis=1)
         return self.norm(x).astype(x.dtype)
 

@@ -2,9 +2,11 @@
 
     hallojax convert FORMAT SRC_DIR OUT_DIR [--overwrite]       FORMAT: wan-diffusers, wan-vae, wav2vec2, umt5, t5
     hallojax export  FORMAT CKPT_DIR OUT_DIR [--overwrite] [--max-shard-gb 5]
-    hallojax demo    [--config configs/wan.py:tiny] [--config.key=value ...]
+    hallojax demo    [--config configs/wan.py:demo] [--config.key=value ...]
     hallojax info    [--config configs/wan.py:wan2.1-t2v-14b,mesh=fsdp] [--devices 64]
     hallojax bench   vae [--height 480 --width 832 --frames 17]
+    hallojax synthetic OUT_DIR [--num-videos N --seed S]      synthetic talking faces (mp4 + sidecars)
+    hallojax prepare VIDEO_DIR -o OUT_DIR [--frames 49 --size 256 --codec pixel:8|wan-vae:DIR]
 
 Errors in user input (files, keys, shapes) print one clear message and exit with status 2.
 """
@@ -89,13 +91,21 @@ def main(argv=None) -> int:
     p.add_argument("--max-shard-gb", type=float, default=5.0)
     p.set_defaults(fn=_export)
 
-    for name, fn, default in (("demo", _demo, "configs/wan.py:tiny"),
+    for name, fn, default in (("demo", _demo, "configs/wan.py:demo"),
                               ("info", _info, "configs/wan.py:wan2.1-t2v-1.3b")):
         p = sub.add_parser(name, help=(fn.__doc__ or "").split("\n")[0] or "the embedded default job")
         p.add_argument("--config", default=default, help="FILE.py[:ARG], or a preset name")
         if name == "info":
             p.add_argument("--devices", type=int, default=0, help="device count for -1 mesh axes")
         p.set_defaults(fn=fn, takes_overrides=True)
+
+    import importlib
+
+    for name in ("prepare", "synthetic"):  # the data pipeline's own commands
+        module = importlib.import_module(f"data_pipeline.{name}")
+        p = sub.add_parser(name, help=(module.__doc__ or "").strip().split("\n")[0])
+        module.add_arguments(p)
+        p.set_defaults(fn=module.run)
 
     p = sub.add_parser("bench", help="benchmarks that print figures and their command (e.g. bench vae)")
     p.add_argument("bench_args", nargs=argparse.REMAINDER)
@@ -115,7 +125,8 @@ def main(argv=None) -> int:
     try:
         if getattr(args, "takes_overrides", False):
             return args.fn(args, overrides) or 0
-        return args.fn(args) or 0
+        result = args.fn(args)
+        return result if isinstance(result, int) else 0
     except USER_ERRORS as e:
         print(f"hallojax {args.command}: error: {e}", file=sys.stderr)
         return 2

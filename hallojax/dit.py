@@ -91,6 +91,7 @@ class DiTConfig:
     audio_dim: int = 768  # width of audio tokens
     audio_align: str = "conv"  # "conv" (K tokens per latent frame) | "group" (4K)
     audio_neighbors: int = 0  # latent frames f ± e of audio context for frame f
+    audio_stride: int = 4  # the codec's temporal stride: video frames per latent frame (4: Wan VAE, 1: pixel)
     audio_face_mask: bool = False  # multiply the audio output by a face mask (face-aware adapter)
     audio_scale: float = 1.0
 
@@ -373,7 +374,8 @@ class WanDiT(nnx.Module):
                 audio_face_mask=False)) if cfg.reference_net else None)
             self.audio_proj = (AudioProjector(
                 in_layers=cfg.audio_in_layers, in_dim=cfg.audio_in_dim, window=cfg.audio_window,
-                hidden=cfg.audio_hidden, tokens=cfg.audio_tokens, out_dim=cfg.audio_dim, align=cfg.audio_align, **kw)
+                hidden=cfg.audio_hidden, tokens=cfg.audio_tokens, out_dim=cfg.audio_dim, align=cfg.audio_align,
+                stride=cfg.audio_stride, **kw)
                 if cfg.audio != "none" else None)
             self.audio_adapters = (_stacked(AudioCrossAttention, cfg.num_layers // cfg.audio_every, rngs, dim,
                                             cfg.num_heads, cfg.audio_dim, eps=cfg.eps, dtype=dtype, param_dtype=pdt)

@@ -477,3 +477,40 @@ def tiled_decode(decode_raw, z: jax.Array, spatial_stride: int, tile: int, tile_
             pieces.append(t[:, :, :tile_stride, :tile_stride])
         out_rows.append(jnp.concatenate(pieces, axis=3))
     return jnp.concatenate(out_rows, axis=2)[:, :, :h * spatial_stride, :w * spatial_stride]
+
+
+class WanVAECodec:
+    """The Wan VAE behind the data pipeline's `Codec` protocol (`hallojax.codec`), spec "wan-vae:PATH".
+
+    encode: float32 video [B, T, H, W, 3] in [-1, 1] -> normalised latents [B, F, H/8, W/8, 16] (numpy);
+    decode: the inverse. Jitted once per shape; runs on the default device (or under the active mesh).
+    """
+
+    def __init__(self, vae: WanVAE, name: str = "wan-vae"):
+        self.vae, self.name = vae, name
+        cfg = vae.cfg
+        self.temporal_stride, self.spatial_stride, self.latent_channels = (cfg.temporal_stride, cfg.spatial_stride,
+                                                                           cfg.z_dim)
+        graphdef, state = nnx.split(vae)
+        self._state = state
+        self._encode = jax.jit(lambda s, v: nnx.merge(graphdef, s).encode(v))
+        self._decode = jax.jit(lambda s, z: nnx.merge(graphdef, s).decode(z))
+
+    @classmethod
+    def load(cls, path: str | None) -> "WanVAECodec":
+        if not path:
+            raise ValueError("codec 'wan-vae' needs a path: 'wan-vae:DIR' (a directory from `hallojax convert wan-vae`)")
+        from hallojax.checkpoint import load_pretrained
+
+        vae, cfg = load_pretrained(path)
+        if not isinstance(vae, WanVAE):
+            raise ValueError(f"{path} holds a {type(vae).__name__}, not a Wan VAE")
+        return cls(vae, name=f"wan-vae:{path}")
+
+    def encode(self, video):
+        self.vae._check_video(video)
+        return np.asarray(self._encode(self._state, jnp.asarray(video, jnp.float32)))
+
+    def decode(self, latents):
+        self.vae._check_latents(latents)
+        return np.asarray(self._decode(self._state, jnp.asarray(latents, jnp.float32)))

@@ -125,14 +125,16 @@ def test_audio_alignment_and_windows():
     np.testing.assert_array_equal(valid, [[False, True, True], [True, True, True], [True, True, False]])
 
 
-@pytest.mark.parametrize("align,tokens_per_latent", [("group", 4 * 3), ("conv", 3)])
-def test_audio_projector_alignment(align, tokens_per_latent):
+@pytest.mark.parametrize("align,stride,tokens_per_latent", [("group", 4, 4 * 3), ("conv", 4, 3), ("group", 1, 3),
+                                                              ("conv", 2, 3)])
+def test_audio_projector_alignment(align, stride, tokens_per_latent):
     proj = AudioProjector(in_layers=2, in_dim=4, window=1, hidden=8, tokens=3, out_dim=6, align=align,
-                          rngs=nnx.Rngs(0))
+                          stride=stride, rngs=nnx.Rngs(0))
     feats = jax.random.normal(jax.random.key(0), (2, 9, 2, 4))
     out = proj(feats)
-    assert out.shape == (2, 3, tokens_per_latent, 6)
-    if align == "group":
+    assert out.shape == (2, 1 + 8 // stride, tokens_per_latent, 6)
+    assert len(proj.convs) == (stride.bit_length() - 1 if align == "conv" else 0)
+    if align == "group" and stride == 4:
         # latent frame 0 = the first video frame's tokens, 4 times; frame 1 = video frames 1..4
         per_frame = proj(feats)  # deterministic
         np.testing.assert_array_equal(out, per_frame)

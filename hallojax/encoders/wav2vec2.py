@@ -407,3 +407,26 @@ def encode_audio(model: Wav2Vec2, waveform_16k, fps: float, num_frames: int | No
     model.check_inputs(values, None, num_frames)
     hidden = _forward_frames(model, values, int(num_frames))  # [L + 1, B, T, D]
     return jnp.transpose(hidden[1:], (1, 2, 0, 3))
+
+
+class Wav2Vec2Features:
+    """wav2vec2 behind the data pipeline's audio-feature hook (spec "wav2vec2:PATH"): a callable
+    (waveform [B, S] at 16 kHz, fps, num_frames) -> [B, num_frames, layers, D] float32 numpy."""
+
+    def __init__(self, model: Wav2Vec2):
+        self.model = model
+        self.extractor = feature_extractor(model.cfg)
+
+    @classmethod
+    def load(cls, path: str | None) -> "Wav2Vec2Features":
+        if not path:
+            raise ValueError("audio features 'wav2vec2' need a path: 'wav2vec2:DIR' (from `hallojax convert wav2vec2`)")
+        from hallojax.checkpoint import load_pretrained
+
+        model, _ = load_pretrained(path)
+        if not isinstance(model, Wav2Vec2):
+            raise ValueError(f"{path} holds a {type(model).__name__}, not a wav2vec2 model")
+        return cls(model)
+
+    def __call__(self, waveform, fps: float, num_frames: int):
+        return np.asarray(encode_audio(self.model, waveform, fps, num_frames, extractor=self.extractor), np.float32)
