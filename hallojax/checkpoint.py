@@ -26,7 +26,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from hallojax import registry
-from hallojax.fsutil import atomic_directory
+from hallojax.fsutil import atomic_directory, read_json_object
 from hallojax.sharding import Rules, state_shardings
 
 FORMAT = "hallojax-pretrained"
@@ -94,17 +94,9 @@ def save_pretrained(out_dir: str | os.PathLike, params: Mapping[str, Any], cfg, 
 
 def read_config(path: str | os.PathLike) -> tuple[Any, dict]:
     """(config of the directory's model kind, the whole config.json)."""
-    path = Path(path)
-    cfg_file = path / "config.json"
-    if not cfg_file.exists():
-        raise CheckpointError(f"{path}: no config.json; not a hallojax pretrained directory "
-                              f"(convert a diffusers model with `hallojax convert wan-diffusers`)")
-    try:
-        meta = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_file}: invalid JSON ({e})") from e
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{cfg_file}: expected a JSON object")
+    cfg_file = Path(path) / "config.json"
+    meta = read_json_object(cfg_file, "a hallojax pretrained directory; convert PyTorch weights with "
+                            "`hallojax convert FORMAT SRC OUT`", CheckpointError)
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{cfg_file}: format is {meta.get('format')!r}, expected {FORMAT!r}"
                               + (" (this looks like a diffusers directory: convert it first)"

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, ClassVar, Mapping
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +23,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from hallojax.attention import ATTENTION_IMPLS, Attention
 from hallojax.audio import AudioCrossAttention, AudioProjector
+from hallojax.modelconfig import DTYPES, ModelConfig, check_dtypes
 from hallojax.layers import MLP, Dense, LayerNorm, gelu_erf, gelu_tanh, timestep_embedding
 from hallojax.rope import frame_coords, grid_coords, rope_cos_sin
 from hallojax.sharding import constrain
@@ -37,11 +38,10 @@ REMAT_POLICIES = {
         names_which_can_be_saved=[], names_which_can_be_offloaded=["attn_out"],
         offload_src="device", offload_dst="pinned_host"),
 }
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 @dataclasses.dataclass(frozen=True)
-class DiTConfig:
+class DiTConfig(ModelConfig):
     """Sizes and numerics of a Wan-family DiT. Defaults are Wan2.1-T2V-1.3B (diffusers config names
     in brackets where ours differ)."""
 
@@ -103,9 +103,7 @@ class DiTConfig:
             raise ValueError(f"model.remat={self.remat!r}: expected one of {sorted(REMAT_POLICIES)}")
         if self.attention not in ATTENTION_IMPLS:
             raise ValueError(f"model.attention={self.attention!r}: expected one of {ATTENTION_IMPLS}")
-        for name in ("param_dtype", "dtype"):
-            if getattr(self, name) not in DTYPES:
-                raise ValueError(f"model.{name}={getattr(self, name)!r}: expected one of {sorted(DTYPES)}")
+        check_dtypes(self, "model")
         if self.head_dim % 2 or self.head_dim < 6:
             raise ValueError(f"model.head_dim={self.head_dim}: must be even and >= 6 for 3D RoPE")
         if (self.image_dim is None) != (self.added_kv_proj_dim is None):
@@ -149,22 +147,6 @@ class DiTConfig:
         """Input channels of the patch embedding: latents, plus zero-padded motion latents in "channels" mode."""
         motion = self.out_channels if self.motion_frames > 0 and self.motion_mode == "channels" else 0
         return self.in_channels + motion
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "DiTConfig":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - fields
-        if unknown:
-            raise ValueError(f"unknown model config keys {sorted(unknown)}")
-        return cls(**dict(d))
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["patch_size"] = list(self.patch_size)
-        return d
-
-    def replace(self, **kw) -> "DiTConfig":
-        return dataclasses.replace(self, **kw)
 
 
 class PatchEmbed(nnx.Module):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -33,3 +34,17 @@ def atomic_directory(out_dir: str | os.PathLike, *, overwrite: bool = False, inp
         os.replace(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_json_object(path: Path, what: str, error: type[Exception] = ValueError) -> dict:
+    """The JSON object in `path`; `error` naming the file if it is missing, invalid or not an object."""
+    path = Path(path)
+    if not path.exists():
+        raise error(f"{path.parent}: no {path.name} (expected {what})")
+    try:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: invalid JSON ({e})") from e
+    if not isinstance(d, dict):
+        raise error(f"{path}: expected a JSON object")
+    return d

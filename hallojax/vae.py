@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, ClassVar, Mapping
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -29,8 +29,8 @@ import numpy as np
 from flax import nnx
 
 from hallojax.layers import Dense
+from hallojax.modelconfig import DTYPES, ModelConfig, check_dtypes
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 WAN21_LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
                       0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
 WAN21_LATENTS_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
@@ -38,7 +38,7 @@ WAN21_LATENTS_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0
 
 
 @dataclasses.dataclass(frozen=True)
-class VAEConfig:
+class VAEConfig(ModelConfig):
     """Sizes of a Wan2.1 VAE. Defaults are the released Wan2.1 VAE (diffusers config names)."""
 
     NUMERIC_FIELDS: ClassVar[tuple[str, ...]] = ("dtype", "param_dtype")
@@ -64,9 +64,7 @@ class VAEConfig:
                              f"expected len(dim_mult) - 1 = {len(self.dim_mult) - 1}")
         if len(self.latents_mean) != self.z_dim or len(self.latents_std) != self.z_dim:
             raise ValueError(f"vae.latents_mean/std need {self.z_dim} entries (z_dim)")
-        for name in ("dtype", "param_dtype"):
-            if getattr(self, name) not in DTYPES:
-                raise ValueError(f"vae.{name}={getattr(self, name)!r}: expected one of {sorted(DTYPES)}")
+        check_dtypes(self, "vae")
 
     @property
     def temporal_stride(self) -> int:
@@ -75,19 +73,6 @@ class VAEConfig:
     @property
     def spatial_stride(self) -> int:
         return 2 ** (len(self.dim_mult) - 1)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "VAEConfig":
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown VAE config keys {sorted(unknown)}")
-        return cls(**dict(d))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-    def replace(self, **kw) -> "VAEConfig":
-        return dataclasses.replace(self, **kw)
 
 
 class _Cache:

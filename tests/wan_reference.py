@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from encoder_reference import perturb_
+
 TINY_T2V = dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=16, in_channels=12,
                 out_channels=8, text_dim=32, freq_dim=64, ffn_dim=96, num_layers=2, cross_attn_norm=True,
                 eps=1e-6, rope_max_seq_len=1024)
@@ -17,21 +19,12 @@ def make_diffusers_wan(config: dict, seed: int = 0):
 
     torch.manual_seed(seed)
     model = WanTransformer3DModel(**config).eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
+    perturb_(model, seed + 1)  # norms away from 1/0, weights ~ N(0, 1/fan_in)
+    g = torch.Generator().manual_seed(seed + 2)
+    with torch.no_grad():  # the adaLN tables and image position embedding: well away from their init
         for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.2 * noise)  # norm scales: away from 1
-            elif "norm" in name and name.endswith("bias"):
-                p.copy_(0.1 * noise)  # norm biases: away from 0
-            elif "scale_shift_table" in name or "pos_embed" in name:
-                p.copy_(0.3 * noise)
-            elif name.endswith("bias"):
-                p.copy_(0.05 * noise)
-            else:
-                fan_in = int(np.prod(p.shape[1:])) if p.ndim > 1 else p.shape[0]
-                p.copy_(noise / np.sqrt(fan_in))
+            if "scale_shift_table" in name or "pos_embed" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
     return model
 
 

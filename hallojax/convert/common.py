@@ -11,20 +11,12 @@ from typing import Any, Callable, Mapping, Sequence
 from hallojax.checkpoint import load_params_numpy, param_shapes, read_config, save_pretrained
 from hallojax.convert.safetensors_io import TensorStore, save_sharded
 from hallojax.convert.table import ConversionError, Rule, export_tensors, import_tensors
-from hallojax.fsutil import atomic_directory
+from hallojax.fsutil import atomic_directory, read_json_object
 
 
 def read_json(path: Path, what: str) -> dict:
     """A JSON object from `path`, or a ConversionError naming the file."""
-    if not path.exists():
-        raise ConversionError(f"{path.parent}: no {path.name} (expected {what})")
-    try:
-        d = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConversionError(f"{path}: invalid JSON ({e})") from e
-    if not isinstance(d, dict):
-        raise ConversionError(f"{path}: expected a JSON object")
-    return d
+    return read_json_object(path, what, ConversionError)
 
 
 def read_json_config(src: str | os.PathLike, what: str) -> dict:

@@ -3,13 +3,11 @@ additive bias and a key-padding mask, and config (de)serialisation helpers."""
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
 
 # transformers ACT2FN names -> functions (evaluated in float32 by the callers)
 ACTIVATIONS = {
@@ -42,22 +40,3 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, bias: j
         logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("bnlm,bmnk->blnk", probs, v, preferred_element_type=jnp.float32).astype(v.dtype)
-
-
-def config_from_dict(cls, d: Mapping[str, Any]):
-    """Build a frozen config dataclass from a dict; unknown keys are an error; lists become tuples."""
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(d) - fields
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} keys {sorted(unknown)}")
-    return cls(**dict(d))
-
-
-def config_to_dict(cfg) -> dict[str, Any]:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
-
-
-def check_dtypes(cfg, where: str) -> None:
-    for name in ("param_dtype", "dtype"):
-        if getattr(cfg, name) not in DTYPES:
-            raise ValueError(f"{where}.{name}={getattr(cfg, name)!r}: expected one of {sorted(DTYPES)}")

@@ -20,20 +20,21 @@ import functools
 import html
 import math
 import re
-from typing import Any, ClassVar, Mapping, NamedTuple, Sequence
+from typing import ClassVar, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from hallojax.encoders.common import DTYPES, activation, attention, check_dtypes, config_from_dict, config_to_dict
+from hallojax.encoders.common import activation, attention
+from hallojax.modelconfig import DTYPES, ModelConfig, check_dtypes
 from hallojax.layers import Dense, RMSNorm
 from hallojax.sharding import constrain
 
 
 @dataclasses.dataclass(frozen=True)
-class T5EncoderConfig:
+class T5EncoderConfig(ModelConfig):
     """Sizes of a T5-family encoder. Defaults are the umT5-XXL encoder of Wan 2.1 (transformers config
     names in brackets)."""
 
@@ -72,15 +73,6 @@ class T5EncoderConfig:
     def variant(self) -> str:
         return "umt5" if self.per_layer_bias else "t5"
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "T5EncoderConfig":
-        return config_from_dict(cls, d)
-
-    def to_dict(self) -> dict[str, Any]:
-        return config_to_dict(self)
-
-    def replace(self, **kw) -> "T5EncoderConfig":
-        return dataclasses.replace(self, **kw)
 
 
 class T5Output(NamedTuple):

@@ -22,14 +22,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, ClassVar, Mapping, NamedTuple
+from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from hallojax.encoders.common import DTYPES, activation, attention, check_dtypes, config_from_dict, config_to_dict
+from hallojax.encoders.common import activation, attention
+from hallojax.modelconfig import DTYPES, ModelConfig, check_dtypes
 from hallojax.layers import MLP, Dense, LayerNorm
 from hallojax.sharding import constrain
 
@@ -37,7 +38,7 @@ FEAT_EXTRACT_NORMS = ("group", "layer")
 
 
 @dataclasses.dataclass(frozen=True)
-class Wav2Vec2Config:
+class Wav2Vec2Config(ModelConfig):
     """Sizes of a wav2vec 2.0 encoder. Defaults are facebook/wav2vec2-base-960h (transformers config
     names in brackets where ours differ)."""
 
@@ -101,15 +102,6 @@ class Wav2Vec2Config:
             n = (n - k) // s + 1
         return n
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "Wav2Vec2Config":
-        return config_from_dict(cls, d)
-
-    def to_dict(self) -> dict[str, Any]:
-        return config_to_dict(self)
-
-    def replace(self, **kw) -> "Wav2Vec2Config":
-        return dataclasses.replace(self, **kw)
 
 
 class Wav2Vec2Output(NamedTuple):
