@@ -231,12 +231,13 @@ class WanBlock(nnx.Module):
         return (self.norm1(x) * (1 + mod[:, 1:2]) + mod[:, 0:1]).astype(x.dtype)
 
     def __call__(self, x, temb6, context, rope, image_context=None, *, extra=None, extra_rope=None, ref=None,
-                 audio=None, audio_adapter=None):
+                 audio=None, audio_adapter=None, audio_on=None):
         """x [B, L, D]; temb6 [B, 6, D]; context [B, M, D]; rope (cos, sin).
 
         extra [B, E, D] / extra_rope: extra token stream; ref [B, R, D]: this layer's reference-network
         features; audio: dict(tokens [B, F, M, D_a], frames, neighbors, scale, face_mask [B, L] | None);
-        audio_adapter: this layer's `AudioCrossAttention` (cross_attn mode), or None.
+        audio_adapter: this layer's `AudioCrossAttention` (cross_attn mode), or None; audio_on: a traced
+        bool choosing whether it applies in this layer (every k-th layer), None = always.
         Returns (x, extra)."""
         dtype = x.dtype
         mod = self.scale_shift_table[...].astype(jnp.float32) + temb6.astype(jnp.float32)  # [B, 6, D]
@@ -267,9 +268,20 @@ class WanBlock(nnx.Module):
         x = cross(x, audio if (audio is not None and self.attn2.audio_k_proj is not None) else None)
         if extra is not None:
             extra = cross(extra)
+        x = constrain(x, ("act_batch", "act_len", "act_embed"))
         if audio_adapter is not None:
-            x = x + audio_adapter(x, audio["tokens"], frames=audio["frames"], neighbors=audio["neighbors"],
-                                  face_mask=audio.get("face_mask")).astype(dtype)
+            def add_audio(t):
+                t = t + audio_adapter(t, audio["tokens"], frames=audio["frames"], neighbors=audio["neighbors"],
+                                      face_mask=audio.get("face_mask")).astype(dtype)
+                # pin the residual stream's layout: the partitioner must not re-plan the rest of the
+                # block around the adapter (another reduction order would break the bitwise zero-init rule)
+                return constrain(t, ("act_batch", "act_len", "act_embed"))
+
+            if audio_on is None:
+                x = add_audio(x)
+            else:
+                keep = lambda t: constrain(t, ("act_batch", "act_len", "act_embed"))  # noqa: E731
+                x = keep(jax.lax.cond(audio_on, add_audio, keep, x))
 
         def ffn(t):
             hh = (self.norm3(t) * (1 + c_scale) + c_shift).astype(dtype)
@@ -412,42 +424,52 @@ class WanDiT(nnx.Module):
 
     def _run_blocks(self, blocks, x, temb6, ctx, rope, img, *, extra=None, extra_rope=None, ref=None,
                     audio=None, collect: bool = False):
-        """Scan `blocks` (stacked) over layers; audio adapters in blocks 0, k, 2k, ... (k = audio_every).
+        """Scan `blocks` (stacked) over layers, one layer per step; audio adapters in blocks 0, k, 2k, ...
+        (k = audio_every): layer i uses adapter i // k, behind a `lax.cond` when k > 1, so the loop body
+        has the same shape with or without adapters (a converted base model's numerics stay exact).
         collect: also return every layer's self-attention input [L, B, L_tokens, D] (reference net)."""
         cfg = self.cfg
         graphdef, state = nnx.split(blocks)
-        k = cfg.audio_every if (self.audio_adapters is not None and not collect) else 1
-        groups = cfg.num_layers // k
-        xs = {"blocks": jax.tree.map(lambda a: a.reshape(groups, k, *a.shape[1:]), state)}
-        if k > 1 or (self.audio_adapters is not None and not collect):
-            adapter_def, xs["audio"] = nnx.split(self.audio_adapters)
+        xs = {"blocks": state, "layer": jnp.arange(cfg.num_layers)}
+        use_audio = self.audio_adapters is not None and not collect
+        k = cfg.audio_every
+        adapters = None
+        if use_audio:
+            adapter_def, adapter_state = nnx.split(self.audio_adapters)
+            if k == 1:
+                xs["audio"] = adapter_state  # one adapter per layer: scanned alongside the blocks
+            else:
+                adapters = adapter_state  # [L / k, ...]: indexed by layer // k
         if ref is not None:
-            xs["ref"] = ref.reshape(groups, k, *ref.shape[1:])
+            xs["ref"] = ref
 
         # static settings (ints, floats) reach the body by closure; only arrays go through the scan
-        audio_static = {k: v for k, v in (audio or {}).items() if k in ("frames", "neighbors", "scale")}
-        audio_arrays = {k: v for k, v in (audio or {}).items() if k not in audio_static} if audio else None
+        audio_static = {n: v for n, v in (audio or {}).items() if n in ("frames", "neighbors", "scale")}
+        audio_arrays = {n: v for n, v in (audio or {}).items() if n not in audio_static} if audio else None
 
-        def group(carry, xs, temb6, ctx, cos, sin, img, extra_rope, audio_arrays):
+        def layer(carry, xs, temb6, ctx, cos, sin, img, extra_rope, audio_arrays, adapters):
             x, extra = carry
             audio = {**audio_arrays, **audio_static} if audio_arrays is not None else None
-            collected = []
-            for j in range(k):
-                block = nnx.merge(graphdef, jax.tree.map(lambda a, j=j: a[j], xs["blocks"]))
-                adapter = nnx.merge(adapter_def, xs["audio"]) if ("audio" in xs and j == 0) else None
-                if collect:
-                    collected.append(block.attn_input(x, temb6))
-                x, extra = block(x, temb6, ctx, (cos, sin), img, extra=extra, extra_rope=extra_rope,
-                                 ref=xs["ref"][j] if "ref" in xs else None, audio=audio, audio_adapter=adapter)
-            return (x, extra), (jnp.stack(collected) if collect else None)
+            block = nnx.merge(graphdef, xs["blocks"])
+            adapter = audio_on = None
+            if use_audio and k == 1:
+                adapter = nnx.merge(adapter_def, xs["audio"])
+            elif use_audio:
+                i = xs["layer"]
+                adapter = nnx.merge(adapter_def, jax.tree.map(
+                    lambda a: jax.lax.dynamic_index_in_dim(a, i // k, keepdims=False), adapters))
+                audio_on = i % k == 0
+            attn_in = block.attn_input(x, temb6) if collect else None
+            x, extra = block(x, temb6, ctx, (cos, sin), img, extra=extra, extra_rope=extra_rope, ref=xs.get("ref"),
+                             audio=audio, audio_adapter=adapter, audio_on=audio_on)
+            return (x, extra), attn_in
 
         if cfg.remat != "none":
-            group = nnx.remat(group, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
-        scan = nnx.scan(group, in_axes=(nnx.Carry, 0, None, None, None, None, None, None, None),
+            layer = nnx.remat(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+        scan = nnx.scan(layer, in_axes=(nnx.Carry, 0, None, None, None, None, None, None, None, None),
                         out_axes=(nnx.Carry, 0))
-        (x, extra), collected = scan((x, extra), xs, temb6, ctx, rope[0], rope[1], img, extra_rope, audio_arrays)
-        if collect:
-            collected = collected.reshape(cfg.num_layers, *collected.shape[2:])
+        (x, extra), collected = scan((x, extra), xs, temb6, ctx, rope[0], rope[1], img, extra_rope, audio_arrays,
+                                     adapters)
         return x, extra, collected
 
     # ---------------------------------------------------------------------------------------------

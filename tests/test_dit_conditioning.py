@@ -223,3 +223,23 @@ def test_missing_or_unexpected_conditioning_inputs_are_named():
         call(**dict(kw, audio=kw["audio"][:, :1]))
     with pytest.raises(ValueError, match="reference has shape"):
         call(**dict(kw, reference=kw["reference"][:, :, :2]))
+
+
+@pytest.mark.parametrize("name", ["identity_tokens", "reference_net", "audio_cross_attn", "audio_every_2_group_face", "audio_decoupled",
+                                  "motion_prefix", "masked_input"])
+def test_zero_init_bitwise_on_8_devices(name, devices):
+    """The same rule with both models FSDP+TP-sharded over 8 devices."""
+    config = load_config("configs/wan.py:tiny,mesh=fsdp_tp,dtype=float32")
+    mesh, rules = make_mesh(dict(config.mesh)), normalize_rules(config.rules)
+    cfg = BASE.replace(**MECHANISMS[name])
+    base = create_sharded(lambda: WanDiT(BASE, rngs=nnx.Rngs(0)), mesh, rules)
+    adapted = create_sharded(lambda: WanDiT(cfg, rngs=nnx.Rngs(1)), mesh, rules)
+    with jax.set_mesh(mesh):
+        load_base(adapted, base)
+    x, kw = inputs(cfg)
+    with jax.set_mesh(mesh), use_rules(rules):
+        put = lambda a: jax.device_put(a, batch_sharding(mesh, a.shape, rules))  # noqa: E731
+        expected = np.asarray(forward(base, {**x, "latents": put(x["latents"][..., : BASE.in_channels])}, {}))
+        got = np.asarray(forward(adapted, {**x, "latents": put(x["latents"])}, kw))
+    assert np.abs(expected).max() > 0.1
+    assert np.array_equal(got, expected), f"{name}: max |diff| {np.abs(got - expected).max():.3g}"
