@@ -96,12 +96,19 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     config.seed = 0
     # the demo's training steps (the training issue owns the full trainer)
     config.train = ml_collections.ConfigDict(dict(
-        steps=8, batch_size=8, frames=3, height=8, width=8, text_len=16, learning_rate=3e-3, log_every=1))
+        steps=8, batch_size=8, frames=3, height=8, width=8, text_len=16, learning_rate=3e-3, log_every=1,
+        # optimizer (hallojax train): AdamW, warmup + cosine/constant, clipping, accumulation, EMA, freezing
+        schedule="constant", warmup_steps=0, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.0, grad_clip=1.0,
+        accum_steps=1, ema_decay=0.999,
+        trainable=[],  # regexes over parameter paths; empty = train everything (e.g. ["audio"] for stage 2)
+        sigma_sampling="logit_normal", shift=1.0))
+    config.checkpoint = ml_collections.ConfigDict(dict(every=50, keep=3, keep_every=0, async_save=True))
     # demo data: "random" (a fixed synthetic batch, for tests) or "synthetic" (talking faces through the
     # data pipeline into workdir)
     config.data = ml_collections.ConfigDict(dict(
         source="synthetic" if name == "demo" else "random", workdir="runs/demo", num_videos=6, frames=9, size=32,
-        codec="pixel:4", audio_features="rms"))
+        codec="pixel:4", audio_features="rms",
+        prepared=""))  # hallojax train: a prepared directory; empty with source=synthetic = prepare the demo set
     if name == "demo":
         config.train.steps = 40
         config.train.log_every = 5

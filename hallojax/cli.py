@@ -3,6 +3,7 @@
     hallojax convert FORMAT SRC_DIR OUT_DIR [--overwrite]       FORMAT: wan-diffusers, wan-vae, wav2vec2, umt5, t5
     hallojax export  FORMAT CKPT_DIR OUT_DIR [--overwrite] [--max-shard-gb 5]
     hallojax demo    [--config configs/wan.py:demo] [--config.key=value ...]
+    hallojax train   --config configs/wan.py:demo --workdir DIR [--config.train.steps=200 ...]
     hallojax info    [--config configs/wan.py:wan2.1-t2v-14b,mesh=fsdp] [--devices 64]
     hallojax bench   vae [--height 480 --width 832 --frames 17]
     hallojax synthetic OUT_DIR [--num-videos N --seed S]      synthetic talking faces (mp4 + sidecars)
@@ -42,6 +43,15 @@ def _demo(args, overrides):
     from hallojax.demo import run
 
     run(load_config(args.config, overrides))
+
+
+def _train(args, overrides):
+    """Flow-matching training; resumes from the latest checkpoint in --workdir."""
+    from hallojax.config import load_config
+    from hallojax.train import run
+
+    result = run(load_config(args.config, overrides), args.workdir)
+    print(f"trained to step {result['step']}" + (" (preempted, saved)" if result["preempted"] else ""))
 
 
 def _info(args, overrides):
@@ -92,11 +102,14 @@ def main(argv=None) -> int:
     p.set_defaults(fn=_export)
 
     for name, fn, default in (("demo", _demo, "configs/wan.py:demo"),
+                              ("train", _train, "configs/wan.py:demo"),
                               ("info", _info, "configs/wan.py:wan2.1-t2v-1.3b")):
         p = sub.add_parser(name, help=(fn.__doc__ or "").split("\n")[0] or "the embedded default job")
         p.add_argument("--config", default=default, help="FILE.py[:ARG], or a preset name")
         if name == "info":
             p.add_argument("--devices", type=int, default=0, help="device count for -1 mesh axes")
+        if name == "train":
+            p.add_argument("--workdir", required=True, help="checkpoints and logs; a rerun resumes from it")
         p.set_defaults(fn=fn, takes_overrides=True)
 
     import importlib

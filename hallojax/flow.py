@@ -31,12 +31,23 @@ def interpolate(x0: jax.Array, noise: jax.Array, sigma: jax.Array) -> jax.Array:
     return (1.0 - s) * x0 + s * noise
 
 
+def sample_noise(rng: jax.Array, x0: jax.Array, *, shift: float = 1.0, mode: str = "logit_normal"):
+    """(σ [B], ε like x0) for a batch: drawn once per global batch, so microbatches can share them."""
+    r_sigma, r_noise = jax.random.split(rng)
+    return (sample_sigma(r_sigma, x0.shape[0], mode=mode, shift=shift),
+            jax.random.normal(r_noise, x0.shape, jnp.float32))
+
+
 def flow_matching_loss(model, x0: jax.Array, context: jax.Array, rng: jax.Array, *, shift: float = 1.0,
                        mode: str = "logit_normal", **model_kwargs) -> jax.Array:
     """Mean squared error between the model's velocity and ε − x0 at a random σ per sample."""
-    r_sigma, r_noise = jax.random.split(rng)
-    sigma = sample_sigma(r_sigma, x0.shape[0], mode=mode, shift=shift)
-    noise = jax.random.normal(r_noise, x0.shape, jnp.float32)
+    sigma, noise = sample_noise(rng, x0, shift=shift, mode=mode)
+    return velocity_loss(model, x0, context, sigma, noise, **model_kwargs)
+
+
+def velocity_loss(model, x0: jax.Array, context: jax.Array, sigma: jax.Array, noise: jax.Array,
+                  **model_kwargs) -> jax.Array:
+    """The loss at given σ [B] and ε (see `flow_matching_loss`)."""
     x_t = interpolate(x0.astype(jnp.float32), noise, sigma)
     v = model(x_t, 1000.0 * sigma, context, **model_kwargs).astype(jnp.float32)
     return jnp.mean(jnp.square(v - (noise - x0.astype(jnp.float32))))
