@@ -143,3 +143,17 @@ def test_accumulation_equals_one_batch_and_ema_update():
         np.testing.assert_allclose(e, 0.9 * np.asarray(p0) + 0.1 * np.asarray(p1), rtol=1e-6, atol=1e-7)
     assert int(s1["step"]) == 1
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(s1["params"]), jax.tree.leaves(state["params"])))
+
+
+def test_restore_onto_a_different_mesh(prepared, tmp_path, devices):
+    args = overrides(prepared, steps=4, every=4)
+    run(load_config("configs/wan.py:demo,mesh=fsdp,dtype=float32", args), tmp_path)
+    saved = final_params(tmp_path, 4)
+    # same workdir, another mesh: FSDP x TP instead of FSDP x 8; nothing left to train, only the restore
+    result = run(load_config("configs/wan.py:demo,mesh=fsdp_tp,dtype=float32", args), tmp_path)
+    assert result["step"] == 4
+    params = result["state"]["params"]
+    assert all(np.array_equal(np.asarray(a), b) for a, b in zip(jax.tree.leaves(params), saved))
+    q = params["blocks"]["attn1"]["to_q"]["kernel"]
+    assert q.sharding.mesh.shape["tensor"] == 2
+    assert q.addressable_shards[0].data.shape == (q.shape[0], q.shape[1] // 4, q.shape[2] // 2)
