@@ -48,8 +48,9 @@ def _demo(args, overrides):
 def _train(args, overrides):
     """Flow-matching training; resumes from the latest checkpoint in --workdir."""
     from hallojax.config import load_config
-    from hallojax.train import run
+    from hallojax.train import initialize_distributed, run
 
+    initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     result = run(load_config(args.config, overrides), args.workdir)
     print(f"trained to step {result['step']}" + (" (preempted, saved)" if result["preempted"] else ""))
 
@@ -110,6 +111,9 @@ def main(argv=None) -> int:
             p.add_argument("--devices", type=int, default=0, help="device count for -1 mesh axes")
         if name == "train":
             p.add_argument("--workdir", required=True, help="checkpoints and logs; a rerun resumes from it")
+            p.add_argument("--coordinator", help="multi-host: HOST:PORT of process 0 (or HALLOJAX_COORDINATOR)")
+            p.add_argument("--num-processes", type=int, help="multi-host: process count (or HALLOJAX_NUM_PROCESSES)")
+            p.add_argument("--process-id", type=int, help="multi-host: this process (or HALLOJAX_PROCESS_ID)")
         p.set_defaults(fn=fn, takes_overrides=True)
 
     import importlib

@@ -188,6 +188,35 @@ def restore(manager, abstract, shardings, data_iter):
     return restored["state"], step
 
 
+# --- multi-host ----------------------------------------------------------------------------------
+def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+    """`jax.distributed.initialize` from flags, else from HALLOJAX_COORDINATOR / HALLOJAX_NUM_PROCESSES /
+    HALLOJAX_PROCESS_ID, else auto-detected on TPU VMs and under SLURM; single-process otherwise.
+    CPU-only hosts use gloo collectives."""
+    import os
+
+    coordinator = coordinator or os.environ.get("HALLOJAX_COORDINATOR")
+    if num_processes is None and "HALLOJAX_NUM_PROCESSES" in os.environ:
+        num_processes = int(os.environ["HALLOJAX_NUM_PROCESSES"])
+    if process_id is None and "HALLOJAX_PROCESS_ID" in os.environ:
+        process_id = int(os.environ["HALLOJAX_PROCESS_ID"])
+    explicit = (coordinator, num_processes, process_id)
+    if any(v is not None for v in explicit):
+        if not all(v is not None for v in explicit):
+            raise ValueError("multi-host needs all of coordinator, num_processes and process_id "
+                             f"(got {dict(zip(('coordinator', 'num_processes', 'process_id'), explicit))})")
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                                   process_id=process_id)
+    elif "SLURM_JOB_ID" in os.environ or "TPU_WORKER_HOSTNAMES" in os.environ:
+        jax.distributed.initialize()  # cluster auto-detection
+    else:
+        return
+    log.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
+             jax.local_device_count(), jax.device_count())
+
+
 # --- loop ----------------------------------------------------------------------------------------
 class _Preempted:
     """SIGTERM (preemption) -> save at the next step boundary and exit 0."""
@@ -216,6 +245,13 @@ def run(config, workdir: str | Path) -> dict:
     if t.batch_size % (t.accum_steps * jax.process_count()):
         raise ValueError(f"train.batch_size={t.batch_size} must divide by accum_steps x processes")
     local_batch = t.batch_size // jax.process_count()
+    batch_axes = [a for a in rules.get("act_batch", ()) if mesh.shape[a] > 1]
+    batch_devices = int(np.prod([mesh.shape[a] for a in batch_axes]))
+    if jax.process_count() > 1 and (t.batch_size % batch_devices or batch_devices % jax.process_count()):
+        # each process feeds only its own samples: the batch must really be split over the batch mesh axes,
+        # or the "global" array would hold a different replica on every host
+        raise ValueError(f"train.batch_size={t.batch_size} must be a multiple of the {batch_devices} devices of "
+                         f"the batch mesh axes {batch_axes} when training on {jax.process_count()} processes")
 
     graphdef, state, shardings, abstract = create_state(cfg, t, config.seed, mesh, rules)
     log.info("model %s: %s parameters; mesh %s; workdir %s", config.preset,
