@@ -110,6 +110,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         codec="pixel:4", audio_features="rms",
         prepared=""))  # hallojax train: a prepared directory; empty with source=synthetic = prepare the demo set
     if name == "demo":
-        config.train.steps = 40
-        config.train.log_every = 5
+        config.train.steps = 200
+        config.train.log_every = 20
+        config.checkpoint.every = 100
     return config

@@ -129,67 +129,52 @@ def run(config) -> dict:
 
 
 def run_synthetic(config) -> dict:
-    """The synthetic talking-face demo (see the module docstring)."""
+    """The synthetic talking-face demo (see the module docstring): data pipeline -> a sharded forward
+    checked against one device -> `hallojax.train` for `train.steps` steps with checkpoints."""
+    import shutil
+    from pathlib import Path
+
+    from hallojax import train
+
     cfg = DiTConfig.from_dict(config.model)
     rules = normalize_rules(config.rules)
     mesh = make_mesh(dict(config.mesh))
-    clips = load_clips(prepare_synthetic(config.data, config.seed))
+    prepared = prepare_synthetic(config.data, config.seed)
+    clips = load_clips(prepared)
     n, f, h, w, c = clips["latents"].shape
     if c != cfg.in_channels:
         raise ValueError(f"prepared latents have {c} channels (codec {config.data.codec}); model.in_channels is "
                          f"{cfg.in_channels}")
     log.info("data: %d clips of %d frames, latents %s, audio features %s; mesh %s", n, f, (h, w, c),
              clips["audio"].shape[2:], dict(mesh.shape))
+
+    # one sharded forward against the same weights on one device
+    bs = min(config.train.batch_size, n)
     model = create_sharded(lambda: WanDiT(cfg, rngs=nnx.Rngs(config.seed)), mesh, rules)
-    log.info("model %s: %s parameters (identity frame + audio cross-attention)", config.preset,
-             f"{param_count(model):,}")
-    bs = config.train.batch_size
-    rng_np = np.random.default_rng(config.seed)
-    context = np.zeros((bs, 1, cfg.text_dim), np.float32)  # no text encoder in the demo: the null prompt
-
-    def batch(step):
-        idx = rng_np.choice(n, bs, replace=n < bs)
-        put = lambda a: jax.device_put(a, batch_sharding(mesh, a.shape, rules))  # noqa: E731
-        return {k: put(v[idx]) for k, v in clips.items()}
-
-    first = batch(0)
+    first = {k: v[:bs] for k, v in clips.items()}
+    args = (first["latents"], np.linspace(50.0, 950.0, bs).astype(np.float32),
+            np.zeros((bs, 1, cfg.text_dim), np.float32))  # no text encoder in the demo: the null prompt
     kw = dict(reference=first["reference"], audio=first["audio"])
-    t = jnp.linspace(50.0, 950.0, bs)
-
-    @nnx.jit
-    def forward(m, x, t, ctx, kw):
-        return m(x, t, ctx, **kw)
-
+    forward = nnx.jit(lambda m, a, k: m(*a, **k))
     with jax.set_mesh(mesh), use_rules(rules):
-        y_sharded = np.asarray(forward(model, first["latents"], t, context, kw), np.float32)
+        put = lambda a: jax.device_put(a, batch_sharding(mesh, a.shape, rules))  # noqa: E731
+        y_sharded = np.asarray(forward(model, tuple(put(a) for a in args), {k: put(v) for k, v in kw.items()}),
+                               np.float32)
     graphdef, state = nnx.split(model)
-    single = nnx.merge(graphdef, jax.device_get(state))
-    host = lambda d: {k: np.asarray(v) for k, v in d.items()}  # noqa: E731
-    y_single = np.asarray(forward(single, np.asarray(first["latents"]), t, context, host(kw)), np.float32)
+    y_single = np.asarray(forward(nnx.merge(graphdef, jax.device_get(state)), args, kw), np.float32)
     diff = float(np.max(np.abs(y_sharded - y_single)))
     log.info("sharded forward vs single-device forward: max |diff| = %.3g (max |y| %.3g)", diff,
              float(np.abs(y_single).max()))
 
-    optimizer = shard_module(nnx.Optimizer(model, optax.adamw(config.train.learning_rate), wrt=nnx.Param), mesh,
-                             rules)
-
-    @nnx.jit(donate_argnums=(0, 1))
-    def train_step(model, optimizer, b, ctx, rng):
-        loss, grads = nnx.value_and_grad(lambda m: flow_matching_loss(
-            m, b["latents"], ctx, rng, reference=b["reference"], audio=b["audio"]))(model)
-        optimizer.update(model, grads)
-        return loss
-
-    losses = []
-    key = jax.random.key(config.seed)
-    with jax.set_mesh(mesh), use_rules(rules):
-        for step in range(config.train.steps):
-            t0 = time.perf_counter()
-            losses.append(float(train_step(model, optimizer, batch(step), context, jax.random.fold_in(key, step))))
-            if step % config.train.log_every == 0 or step == config.train.steps - 1:
-                log.info("step %3d  loss %.4f  (%.2fs)", step, losses[-1], time.perf_counter() - t0)
+    # training: the real trainer, from scratch in <workdir>/train (a demo run does not resume)
+    train_dir = Path(config.data.workdir) / "train"
+    shutil.rmtree(train_dir, ignore_errors=True)
+    config.data.prepared = str(prepared)
+    result = train.run(config, train_dir)
+    losses = result["losses"]
     k = max(1, len(losses) // 5)
     head, tail = float(np.mean(losses[:k])), float(np.mean(losses[-k:]))
-    log.info("loss over %d steps: first %d mean %.4f -> last %d mean %.4f", len(losses), k, head, k, tail)
+    log.info("loss over %d steps: first %d mean %.4f -> last %d mean %.4f; checkpoints in %s", len(losses), k,
+             head, k, tail, train_dir / "checkpoints")
     return {"forward_max_diff": diff, "forward_max_abs": float(np.abs(y_single).max()), "losses": losses,
             "loss_head": head, "loss_tail": tail, "clips": n, "mesh": dict(mesh.shape), "params": param_count(model)}
