@@ -1,34 +1,122 @@
 """Attention: the kernel dispatch and Wan's self/cross-attention module.
 
 Layout is [B, L, N, K] throughout. `dot_product_attention` picks the kernel by name:
-``xla`` (portable einsum + float32 softmax, the CPU/TPU default) or ``cudnn`` (fused cuDNN flash
-attention through `jax.nn.dot_product_attention`, GPU only).
+``xla`` (portable einsum + float32 softmax, the CPU/TPU default), ``cudnn`` (fused cuDNN flash
+attention through `jax.nn.dot_product_attention`, GPU only) or ``splash`` (the Pallas TPU splash-attention
+kernel: flash-style, never materialises the [L, M] logits, so e.g. the 1.3B Wan model at 480x832x81
+(32,760 tokens) fits 4 samples per chip instead of 1).
+
+Splash details: query and key lengths are zero-padded separately to multiples of `SPLASH_BLOCK` (128);
+padded keys get segment id 1 (real tokens 0, every query 0) so no query attends to them, and padded query
+rows are sliced off. Under a mesh (`jax.set_mesh`) the kernel runs inside `jax.shard_map` with the
+activation layout of the active logical rules (default `DEFAULT_RULES`): batch over the ``act_batch``
+mesh axes, heads over ``act_heads`` (tensor), queries over ``act_len`` (context); keys/values enter
+every shard with their full length (shard_map all-gathers them over the query-sequence axes and
+reduces their gradients back). Axes that do not divide a dimension leave it unsharded. Set
+`SPLASH_INTERPRET = True` (or pass ``interpret=True``) to run the kernel in Pallas interpret mode on
+CPU (tests). The kernel's dots follow `jax_default_matmul_precision`: "highest" with bfloat16 inputs
+fails to compile in Mosaic, so leave it at the default for bfloat16 splash runs.
 """
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from hallojax.layers import Dense, RMSNorm
 from hallojax.rope import apply_rope
-from hallojax.sharding import constrain
+from hallojax.sharding import (
+    DEFAULT_RULES,
+    constrain,
+    current_rules,
+    logical_to_spec,
+    normalize_rules,
+)
 
-ATTENTION_IMPLS = ("xla", "cudnn")
+ATTENTION_IMPLS = ("xla", "cudnn", "splash")
+
+SPLASH_BLOCK = 128  # q and kv lengths are padded to a multiple of this
+SPLASH_INTERPRET = False  # run the splash kernel in Pallas interpret mode (CPU tests); see `splash_attention`
 
 
 def _logits(q, k):
     return jnp.einsum("blnk,bmnk->bnlm", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
 
 
+def _splash_block_size(n: int) -> int:
+    """The largest of 512/256/128 dividing n (a multiple of SPLASH_BLOCK)."""
+    return next(b for b in (512, 256, 128) if n % b == 0)
+
+
+def _splash_local(q: jax.Array, k: jax.Array, v: jax.Array, interpret: bool) -> jax.Array:
+    """Splash attention on one device: pad, transpose to the kernel's [N, L, K], vmap over batch."""
+    # the Pallas TPU module, imported on first use only
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+    _, l, n, kd = q.shape
+    m = k.shape[1]
+    lp, mp = (-(-x // SPLASH_BLOCK) * SPLASH_BLOCK for x in (l, m))
+    bq, bkv = _splash_block_size(lp), _splash_block_size(mp)
+    sizes = sa.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq, block_kv_dkv=bkv,
+                          block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
+    mask = sa.MultiHeadMask(tuple(sa.FullMask((lp, mp)) for _ in range(n)))
+    kernel = sa.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+
+    def to_kernel(x, pad):  # [B, L, N, K] -> [B, N, L + pad, K]
+        return jnp.pad(jnp.swapaxes(x, 1, 2), ((0, 0), (0, 0), (0, pad), (0, 0)))
+
+    qt = to_kernel(q * jnp.asarray(kd ** -0.5, q.dtype), lp - l)
+    kt, vt = to_kernel(k, mp - m), to_kernel(v, mp - m)
+    segment_ids = None
+    if mp != m:  # padded keys form their own segment; all queries (padded ones too) are segment 0
+        segment_ids = sa.SegmentIds(q=jnp.zeros((lp,), jnp.int32),
+                                    kv=(jnp.arange(mp) >= m).astype(jnp.int32))
+    out = jax.vmap(kernel, in_axes=(0, 0, 0, None))(qt, kt, vt, segment_ids)  # [B, N, Lp, K]
+    return jnp.swapaxes(out[:, :, :l], 1, 2).astype(v.dtype)
+
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, interpret: bool | None = None) -> jax.Array:
+    """Non-causal multi-head splash attention (TPU Pallas) for q [B, L, N, K], k/v [B, M, N, K].
+
+    Without a mesh (or on a single device) the kernel is called directly; under `jax.set_mesh` it runs in
+    `jax.shard_map`: batch over the ``act_batch`` mesh axes, heads over ``act_heads``, queries over
+    ``act_len`` of the active rules (`DEFAULT_RULES` when none are active), keys/values gathered to their
+    full length on every shard. `interpret` (default `SPLASH_INTERPRET`) selects Pallas interpret mode.
+    """
+    interpret = SPLASH_INTERPRET if interpret is None else interpret
+    mesh = jax.sharding.get_abstract_mesh()
+    manual = set() if mesh.empty else set(mesh.manual_axes)
+    mesh_shape = {} if mesh.empty else {a: s for a, s in mesh.shape.items() if a not in manual}
+    if math.prod(mesh_shape.values()) == 1:
+        return _splash_local(q, k, v, interpret)
+    rules = current_rules() or normalize_rules(DEFAULT_RULES)
+    q_spec = logical_to_spec(("act_batch", "act_len", "act_heads", None), q.shape, rules, mesh_shape)
+    kv_spec = P(q_spec[0], None, q_spec[2], None)
+    # Mosaic kernels must run with every mesh axis manual (size-1 axes too), hence all axes in axis_names.
+    # check_vma=False: pallas_call outputs carry no varying-axes type; the shard_map transpose then still
+    # sums the key/value cotangents over the query-sequence shards (tested against one device).
+    fn = jax.shard_map(lambda q_, k_, v_: _splash_local(q_, k_, v_, interpret), in_specs=(q_spec, kv_spec, kv_spec),
+                       out_specs=q_spec, axis_names=frozenset(mesh_shape), check_vma=False)
+    return fn(q, k, v)
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str = "xla") -> jax.Array:
     """softmax(q·kᵀ/√K)·v for q [B, L, N, K], k/v [B, M, N, K] -> [B, L, N, K]; no mask."""
     if impl == "cudnn":
         return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+    if impl == "splash":
+        return splash_attention(q, k, v)
     if impl != "xla":
         raise ValueError(f"attention impl {impl!r}: expected one of {ATTENTION_IMPLS}")
-    probs = jax.nn.softmax(_logits(q, k), axis=-1).astype(v.dtype)
+    return _attend(_logits(q, k), v)
+
+
+def _attend(logits: jax.Array, v: jax.Array) -> jax.Array:
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("bnlm,bmnk->blnk", probs, v, preferred_element_type=jnp.float32).astype(v.dtype)
 
 
@@ -44,10 +132,28 @@ def gated_joint_attention(q, k, v, k_extra, v_extra, gate: jax.Array, impl: str 
     out = out_v + w·(out_e − out_v), w = σ(lse_e − lse_v). We use out_v + gate·w·(out_e − out_v):
     gate = 1 is exactly joint attention; gate = 0 returns out_v computed exactly as without extra tokens
     (bitwise), while the gate still receives a gradient: the zero-init rule for token-level conditioning.
+
+    With ``splash`` the log-sum-exps are not available differentiably (the kernel's `save_residuals`
+    output has no VJP) and materialising the [L, M] logits is what splash avoids, so we use the same
+    identity the other way round: w·(out_e − out_v) = out_joint − out_v with out_joint the splash attention
+    over the concatenated keys [k; k_extra], i.e. out = out_v + gate·(out_joint − out_v). Same math (equal
+    to float32 rounding); in bfloat16 the difference carries about one ulp of |out| absolute error.
     """
-    out_v = dot_product_attention(q, k, v, impl)
-    out_e = dot_product_attention(q, k_extra, v_extra, impl)
-    w = jax.nn.sigmoid(logsumexp_scores(q, k_extra) - logsumexp_scores(q, k))[..., None]  # [B, L, N, 1]
+    if impl == "splash":
+        out_v = splash_attention(q, k, v)
+        out_j = splash_attention(q, jnp.concatenate([k, k_extra], axis=1), jnp.concatenate([v, v_extra], axis=1))
+        delta = gate * (out_j.astype(jnp.float32) - out_v.astype(jnp.float32))
+        return (out_v.astype(jnp.float32) + delta).astype(out_v.dtype)
+    if impl == "xla":  # one logits tensor per key set, read by both the softmax and the log-sum-exp, so the
+        # backward pass also multiplies by q and k once (two [L, M] products would cost ~15 % more FLOPs)
+        logits_v, logits_e = _logits(q, k), _logits(q, k_extra)
+        out_v, out_e = _attend(logits_v, v), _attend(logits_e, v_extra)
+        lse_v, lse_e = (jnp.moveaxis(jax.nn.logsumexp(x, axis=-1), 1, 2) for x in (logits_v, logits_e))
+    else:
+        out_v = dot_product_attention(q, k, v, impl)
+        out_e = dot_product_attention(q, k_extra, v_extra, impl)
+        lse_v, lse_e = logsumexp_scores(q, k), logsumexp_scores(q, k_extra)
+    w = jax.nn.sigmoid(lse_e - lse_v)[..., None]  # [B, L, N, 1]
     delta = (gate * w) * (out_e.astype(jnp.float32) - out_v.astype(jnp.float32))
     return (out_v.astype(jnp.float32) + delta).astype(out_v.dtype)
 
