@@ -46,7 +46,7 @@ class DiTConfig(ModelConfig):
     in brackets where ours differ)."""
 
     # fields that change numerics but no parameter shape (safe to override when loading)
-    NUMERIC_FIELDS: ClassVar[tuple[str, ...]] = ("dtype", "param_dtype", "remat", "attention")
+    NUMERIC_FIELDS: ClassVar[tuple[str, ...]] = ("dtype", "param_dtype", "remat", "attention", "scan_unroll")
 
     num_layers: int = 30
     num_heads: int = 12  # [num_attention_heads]
@@ -68,6 +68,8 @@ class DiTConfig(ModelConfig):
     dtype: str = "bfloat16"  # compute dtype of matmuls and the residual stream
     remat: str = "none"  # one of REMAT_POLICIES
     attention: str = "xla"  # one of ATTENTION_IMPLS
+    scan_unroll: int = 1  # layers per step of the layer scan (num_layers: no loop; XLA's cost analysis counts
+    # a loop body once, so `hallojax.flops` is checked against an unrolled program)
 
     # --- portrait conditioning: every mechanism off by default; see README "Conditioning" ---
     # extra tokens in self-attention, merged by gated_joint_attention (gate 0 = base output unchanged)
@@ -101,6 +103,8 @@ class DiTConfig(ModelConfig):
             raise ValueError(f"model.patch_size={self.patch_size}: expected three positive ints (t, h, w)")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"model.remat={self.remat!r}: expected one of {sorted(REMAT_POLICIES)}")
+        if self.scan_unroll < 1:
+            raise ValueError(f"model.scan_unroll={self.scan_unroll}: expected >= 1 (layers per loop step)")
         if self.attention not in ATTENTION_IMPLS:
             raise ValueError(f"model.attention={self.attention!r}: expected one of {ATTENTION_IMPLS}")
         check_dtypes(self, "model")
@@ -467,7 +471,7 @@ class WanDiT(nnx.Module):
         if cfg.remat != "none":
             layer = nnx.remat(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
         scan = nnx.scan(layer, in_axes=(nnx.Carry, 0, None, None, None, None, None, None, None, None),
-                        out_axes=(nnx.Carry, 0))
+                        out_axes=(nnx.Carry, 0), unroll=min(cfg.scan_unroll, cfg.num_layers))
         (x, extra), collected = scan((x, extra), xs, temb6, ctx, rope[0], rope[1], img, extra_rope, audio_arrays,
                                      adapters)
         return x, extra, collected
