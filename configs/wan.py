@@ -101,13 +101,24 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         schedule="constant", warmup_steps=0, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.0, grad_clip=1.0,
         accum_steps=1, ema_decay=0.999,
         trainable=[],  # regexes over parameter paths; empty = train everything (e.g. ["audio"] for stage 2)
-        sigma_sampling="logit_normal", shift=1.0))
+        sigma_sampling="logit_normal", shift=1.0,
+        loss_weighting="none",  # none | sigma_sqrt | cosmap (per sample; see hallojax.flow)
+        # per-sample tasks for the known-frame mask ([[task, probability], ...]; empty = all generated);
+        # the loss covers generated frames only; masked-input models (2C + 4 channels) see the known frames
+        mask_tasks=[],
+        # condition dropout for classifier-free guidance (hallojax.conditioning.DropoutConfig)
+        dropout=dict(p_text=0.0, p_audio=0.0, p_ref=0.0, phases=False, early_sigma=0.8, late_sigma=0.2,
+                     late_drop=0.5)))
+    if name in STYLES:  # the published systems train with condition dropout (EchoMimicV3: phase-scheduled)
+        config.train.dropout.update(p_text=0.1, p_audio=0.1, p_ref=0.05, phases=name == "echomimic-style")
+    if name == "echomimic-style":  # masked multi-task training
+        config.train.mask_tasks = [["t2v", 0.2], ["i2v", 0.5], ["continuation", 0.2], ["first_last", 0.1]]
     config.checkpoint = ml_collections.ConfigDict(dict(every=50, keep=3, keep_every=0, async_save=True))
     # demo data: "random" (a fixed synthetic batch, for tests) or "synthetic" (talking faces through the
     # data pipeline into workdir)
     config.data = ml_collections.ConfigDict(dict(
         source="synthetic" if name == "demo" else "random", workdir="runs/demo", num_videos=6, frames=9, size=32,
-        codec="pixel:4", audio_features="rms",
+        codec="pixel:4", audio_features="rms", face_scale=3.0,  # face box scale for the face-aware audio mask
         prepared=""))  # hallojax train: a prepared directory; empty with source=synthetic = prepare the demo set
     if name == "demo":
         config.train.steps = 200

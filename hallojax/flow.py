@@ -1,8 +1,10 @@
 """Rectified-flow (flow-matching) objective, as Wan and HunyuanVideo-Avatar train.
 
 x_t = (1 − σ)·x0 + σ·ε, target v = ε − x0, the model sees t = 1000·σ. σ is drawn uniform or
-logit-normal and optionally shifted: σ' = s·σ / (1 + (s − 1)·σ). The loss is a plain mean over
-elements: no per-batch normalisation, so it is well defined at any batch size, including 1.
+logit-normal and optionally shifted: σ' = s·σ / (1 + (s − 1)·σ). The loss is a mean per sample (over
+the generated positions only, when a known-frame mask is given), optionally weighted by a function of
+that sample's σ, then a mean over samples: nothing is normalised over the batch, so it is well defined
+at any batch size, including 1, and k equal microbatches average to the loss of their union.
 """
 
 from __future__ import annotations
@@ -31,6 +33,39 @@ def interpolate(x0: jax.Array, noise: jax.Array, sigma: jax.Array) -> jax.Array:
     return (1.0 - s) * x0 + s * noise
 
 
+WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
+
+
+def loss_weight(sigma: jax.Array, weighting: str = "none") -> jax.Array:
+    """Per-sample weight of the velocity loss: none (1), sigma_sqrt (σ⁻², clipped at 1e4), cosmap
+    (2 / (π(1 − 2σ + 2σ²))), the SD3 family's choices."""
+    if weighting == "none":
+        return jnp.ones_like(sigma)
+    if weighting == "sigma_sqrt":
+        return jnp.minimum(sigma.astype(jnp.float32) ** -2.0, 1e4)
+    if weighting == "cosmap":
+        return 2.0 / (jnp.pi * (1.0 - 2.0 * sigma + 2.0 * sigma**2))
+    raise ValueError(f"loss weighting {weighting!r}: expected one of {WEIGHTINGS}")
+
+
+def masked_mse(pred: jax.Array, target: jax.Array, generate: jax.Array | None = None,
+               weights: jax.Array | None = None) -> jax.Array:
+    """mean_b w_b · mean over sample b's generated elements of (pred − target)².
+
+    pred/target [B, F, ...]; generate [B, F] (1 = generated, 0 = known frame, excluded) or None;
+    weights [B] or None. A sample with no generated frame contributes 0."""
+    err = jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32))
+    per_elem = err.reshape(err.shape[0], err.shape[1], -1)  # [B, F, E]
+    if generate is None:
+        per_sample = per_elem.mean(axis=(1, 2))
+    else:
+        g = generate.astype(jnp.float32)
+        per_sample = (per_elem.sum(-1) * g).sum(-1) / jnp.maximum(g.sum(-1) * per_elem.shape[-1], 1.0)
+    if weights is not None:
+        per_sample = per_sample * weights
+    return per_sample.mean()
+
+
 def sample_noise(rng: jax.Array, x0: jax.Array, *, shift: float = 1.0, mode: str = "logit_normal"):
     """(σ [B], ε like x0) for a batch: drawn once per global batch, so microbatches can share them."""
     r_sigma, r_noise = jax.random.split(rng)
@@ -50,4 +85,4 @@ def velocity_loss(model, x0: jax.Array, context: jax.Array, sigma: jax.Array, no
     """The loss at given σ [B] and ε (see `flow_matching_loss`)."""
     x_t = interpolate(x0.astype(jnp.float32), noise, sigma)
     v = model(x_t, 1000.0 * sigma, context, **model_kwargs).astype(jnp.float32)
-    return jnp.mean(jnp.square(v - (noise - x0.astype(jnp.float32))))
+    return masked_mse(v, noise - x0.astype(jnp.float32))

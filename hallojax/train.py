@@ -33,7 +33,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from hallojax.dit import DiTConfig, WanDiT, param_count
-from hallojax.flow import sample_noise, velocity_loss
+from hallojax.flow import sample_noise
 from hallojax.sharding import batch_sharding, make_mesh, normalize_rules, state_shardings, use_rules
 
 log = logging.getLogger("hallojax.train")
@@ -83,45 +83,177 @@ def init_state(cfg: DiTConfig, t, seed: int):
     return {"params": params, "opt_state": opt_state, "ema": params, "step": jnp.zeros((), jnp.int32)}
 
 
-def create_state(cfg: DiTConfig, t, seed: int, mesh, rules):
-    """Build the state directly sharded (no host copy); shardings from the parameters' logical axes."""
+def state_layout(cfg: DiTConfig, t, seed: int, mesh, rules):
+    """(graphdef, shardings, abstract state): the state's shapes and placement, nothing allocated."""
     abstract_model = nnx.eval_shape(lambda: WanDiT(cfg, rngs=nnx.Rngs(seed)))
     graphdef, abs_params = nnx.split(abstract_model, nnx.Param)
     param_sh = nnx.to_pure_dict(state_shardings(abs_params, mesh, rules))
     abstract = jax.eval_shape(lambda: init_state(cfg, t, seed))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    flat_p = dict(jax.tree_util.tree_leaves_with_path(param_sh))
 
     def like_params(tree):
         """Sharding of an optimizer leaf: that of the parameter it mirrors, else replicated."""
-        flat_p = {p: s for p, s in jax.tree_util.tree_leaves_with_path(param_sh)}
         return jax.tree_util.tree_map_with_path(
             lambda path, leaf: next((s for p, s in flat_p.items() if path[-len(p):] == p and leaf.shape), replicated),
             tree)
 
     shardings = {"params": param_sh, "ema": param_sh, "opt_state": like_params(abstract["opt_state"]),
                  "step": replicated}
+    return graphdef, shardings, abstract
+
+
+def create_state(cfg: DiTConfig, t, seed: int, mesh, rules):
+    """Build the state directly sharded (no host copy); shardings from the parameters' logical axes."""
+    graphdef, shardings, abstract = state_layout(cfg, t, seed, mesh, rules)
     with jax.set_mesh(mesh):
         state = jax.jit(lambda: init_state(cfg, t, seed), out_shardings=shardings)()
     return graphdef, state, shardings, abstract
 
 
+def jit_train_step(graphdef, cfg: DiTConfig, t, seed: int, shardings):
+    """The step jitted with the state's shardings in and out and the state donated (batches arrive as
+    global arrays already sharded over the batch axes)."""
+    return jax.jit(make_train_step(graphdef, cfg, t, seed), in_shardings=(shardings, None),
+                   out_shardings=(shardings, None), donate_argnums=(0,))
+
+
 # --- step ----------------------------------------------------------------------------------------
-def make_train_step(graphdef, cfg: DiTConfig, t, seed: int, model_inputs):
-    """(state, batch) -> (state, metrics). σ and ε are drawn once for the global batch from
+# The trainer's batch: latents [B, F, h, w, C] (clean codec latents), context [B, M, text_dim] and, as
+# the model's mechanisms need them, reference [B, 1, h, w, C], audio [B, T, layers, D], face_mask
+# [B, F, h', w'] on the token grid, image_context [B, M', image_dim] (I2V). Everything random (σ, ε,
+# condition dropout, the task's known frames, motion-frame noise) is drawn per global batch inside the
+# step from fold_in(seed, step).
+MASK_TASKS = ("t2v", "i2v", "first_last", "continuation")
+
+
+def masked_input(cfg: DiTConfig) -> bool:
+    """The model takes [noisy (C), latent mask (4), masked latent (C)] (Wan I2V / InP, EchoMimicV3)."""
+    return cfg.in_channels == 2 * cfg.out_channels + 4
+
+
+def check_channels(cfg: DiTConfig) -> None:
+    if cfg.in_channels != cfg.out_channels and not masked_input(cfg):
+        raise ValueError(f"model.in_channels={cfg.in_channels}: the trainer feeds C = out_channels "
+                         f"({cfg.out_channels}) latent channels, or 2C + 4 (masked multi-task input)")
+
+
+def known_frames(key, t, batch: int, frames: int, motion: int) -> jax.Array:
+    """float32 [B, F], 1 = known (excluded from the loss): a task per sample drawn from
+    `train.mask_tasks` ([[task, probability], ...]; t2v: none known, i2v: frame 0, first_last: the first
+    and last, continuation: 1..F/2 first frames), and always the first `motion` frames (motion frames)."""
+    f = jnp.arange(frames)[None, :]
+    known = jnp.broadcast_to(f < motion, (batch, frames))
+    if not t.mask_tasks:
+        return known.astype(jnp.float32)
+    names = [str(n) for n, _ in t.mask_tasks]
+    if bad := [n for n in names if n not in MASK_TASKS]:
+        raise ValueError(f"train.mask_tasks: unknown task(s) {bad}; expected {MASK_TASKS}")
+    probs = jnp.array([float(p) for _, p in t.mask_tasks], jnp.float32)
+    k_task, k_len = jax.random.split(key)
+    task = jax.random.categorical(k_task, jnp.log(probs), shape=(batch,))[:, None]
+    length = jax.random.randint(k_len, (batch, 1), 1, max(frames // 2, 1) + 1)
+    is_task = lambda n: (task == names.index(n)) if n in names else jnp.zeros_like(task, bool)  # noqa: E731
+    known |= is_task("i2v") & (f == 0)
+    known |= is_task("first_last") & ((f == 0) | (f == frames - 1))
+    known |= is_task("continuation") & (f < length)
+    return known.astype(jnp.float32)
+
+
+def step_randomness(cfg: DiTConfig, t, batch: dict, key) -> dict:
+    """What the step draws once per global batch: σ, ε, keep flags, known frames, motion latents."""
+    from hallojax.conditioning import DropoutConfig, condition_dropout, motion_from_clip
+
+    k_noise, k_drop, k_mask, k_motion = jax.random.split(key, 4)
+    x0 = batch["latents"]
+    sigma, noise = sample_noise(k_noise, x0, shift=t.shift, mode=t.sigma_sampling)
+    out = {"sigma": sigma, "noise": noise}
+    keep = condition_dropout(k_drop, sigma, DropoutConfig(**t.dropout))
+    out.update({f"keep_{k}": v for k, v in keep.items()})
+    out["known"] = known_frames(k_mask, t, x0.shape[0], x0.shape[1], cfg.motion_frames)
+    if cfg.motion_frames:
+        out["motion"] = motion_from_clip(k_motion, x0, cfg.motion_frames)
+    return out
+
+
+def model_kwargs(cfg: DiTConfig, b: dict) -> dict:
+    """The model's conditioning inputs from a (micro)batch, condition dropout applied (zeros)."""
+    from hallojax.conditioning import apply_keep
+
+    kw = {}
+    if cfg.identity_tokens or cfg.symbiotic or cfg.identity_additive or cfg.reference_net:
+        kw["reference"] = apply_keep(_need(b, "reference"), b["keep_ref"])
+    if cfg.audio != "none":
+        kw["audio"] = apply_keep(_need(b, "audio"), b["keep_audio"])
+    if cfg.audio_face_mask:
+        kw["face_mask"] = _need(b, "face_mask")
+    if cfg.motion_frames:
+        kw["motion"] = b["motion"]
+    if cfg.image_dim is not None:
+        kw["image_context"] = apply_keep(_need(b, "image_context"), b["keep_ref"])
+    return kw
+
+
+def _need(b: dict, key: str):
+    if key not in b:
+        raise ValueError(f"the model's config needs batch[{key!r}]; the batch has {sorted(b)}")
+    return b[key]
+
+
+def flow_loss(model, cfg: DiTConfig, t, b: dict) -> jax.Array:
+    """Velocity loss of one (micro)batch with its drawn randomness (see `step_randomness`)."""
+    from hallojax.conditioning import apply_keep, inpainting_input
+    from hallojax.flow import interpolate, loss_weight, masked_mse
+
+    x0 = b["latents"].astype(jnp.float32)
+    x_t = interpolate(x0, b["noise"], b["sigma"])
+    known = b["known"]  # [B, F]
+    x_in = x_t
+    if masked_input(cfg):
+        k = known[:, :, None, None, None]
+        x_in = inpainting_input(x_t, jnp.broadcast_to(k, (*x0.shape[:4], 4)), x0 * k)
+    v = model(x_in, 1000.0 * b["sigma"], apply_keep(b["context"], b["keep_text"]), **model_kwargs(cfg, b))
+    return masked_mse(v, b["noise"] - x0, 1.0 - known, loss_weight(b["sigma"], t.loss_weighting))
+
+
+def example_batch(cfg: DiTConfig, batch: int, frames: int, height: int, width: int, *, text_len: int = 512,
+                  image_len: int = 257, audio_stride: int | None = None, seed: int | None = 0) -> dict:
+    """A trainer batch for latents [batch, frames, height, width, C] (latent grid sizes): random numpy
+    arrays, or `jax.ShapeDtypeStruct`s with seed=None (ahead-of-time compilation, benchmarks)."""
+    pt, ph, pw = cfg.patch_size
+    stride = audio_stride or cfg.audio_stride
+    shapes = {"latents": (batch, frames, height, width, cfg.out_channels), "context": (batch, text_len, cfg.text_dim)}
+    if cfg.identity_tokens or cfg.symbiotic or cfg.identity_additive or cfg.reference_net:
+        shapes["reference"] = (batch, 1, height, width, cfg.out_channels)
+    if cfg.audio != "none":
+        shapes["audio"] = (batch, 1 + stride * (frames - 1), cfg.audio_in_layers, cfg.audio_in_dim)
+    if cfg.audio_face_mask:
+        shapes["face_mask"] = (batch, frames // pt, height // ph, width // pw)
+    if cfg.image_dim is not None:
+        shapes["image_context"] = (batch, image_len, cfg.image_dim)
+    if seed is None:
+        return {k: jax.ShapeDtypeStruct(v, jnp.float32) for k, v in shapes.items()}
+    rng = np.random.default_rng(seed)
+    out = {k: rng.standard_normal(v).astype(np.float32) for k, v in shapes.items()}
+    if "face_mask" in out:
+        out["face_mask"] = (out["face_mask"] > -0.5).astype(np.float32)
+    return out
+
+
+def make_train_step(graphdef, cfg: DiTConfig, t, seed: int):
+    """(state, batch) -> (state, metrics). The randomness is drawn once for the global batch from
     fold_in(seed, step), then the batch is split into `accum_steps` equal microbatches whose gradients
     are averaged: the same loss as one batch, in less memory."""
+    check_channels(cfg)
     base_key = jax.random.key(seed)
 
     def loss_fn(params, micro):
-        model = nnx.merge(graphdef, params)
-        return velocity_loss(model, micro["latents"], micro["context"], micro["sigma"], micro["noise"],
-                             **model_inputs(micro))
+        return flow_loss(nnx.merge(graphdef, params), cfg, t, micro)
 
     def step(state, batch):
         k = t.accum_steps
         key = jax.random.fold_in(base_key, state["step"])
-        sigma, noise = sample_noise(key, batch["latents"], shift=t.shift, mode=t.sigma_sampling)
-        batch = {**batch, "sigma": sigma, "noise": noise}
+        batch = {**batch, **step_randomness(cfg, t, batch, key)}
         micro = jax.tree.map(lambda a: a.reshape(k, a.shape[0] // k, *a.shape[1:]), batch)
 
         def accumulate(carry, mb):
@@ -143,8 +275,9 @@ def make_train_step(graphdef, cfg: DiTConfig, t, seed: int, model_inputs):
 
 
 # --- input ---------------------------------------------------------------------------------------
-def make_dataset(data, batch_size: int, seed: int):
-    """Grain: shuffled (seeded), repeated, this process's slice, batched; records -> model inputs."""
+def make_dataset(data, batch_size: int, seed: int, cfg: DiTConfig | None = None):
+    """Grain: shuffled (seeded), repeated, this process's slice, batched; records -> the trainer's batch
+    (face_mask: the record's face box, scaled by `data.face_scale`, on the token grid of every frame)."""
     import grain
 
     from data_pipeline.reader import array_record_source
@@ -158,8 +291,16 @@ def make_dataset(data, batch_size: int, seed: int):
 
     def to_inputs(raw):
         r = decode_record(raw)
-        return {"latents": r["latents"], "reference": r["ref_latent"],
-                "audio": r.get("audio_features", np.zeros((1, 1, 1), np.float32))}
+        out = {"latents": r["latents"], "reference": r["ref_latent"],
+               "audio": r.get("audio_features", np.zeros((1, 1, 1), np.float32))}
+        if cfg is not None and cfg.audio_face_mask:
+            from hallojax.conditioning import face_mask_tokens
+
+            f, h, w = r["latents"].shape[:3]
+            grid = (h // cfg.patch_size[1], w // cfg.patch_size[2])
+            mask = face_mask_tokens(tuple(r["face_box"]), *r["ref_frame"].shape[:2], grid, scale=data.face_scale)
+            out["face_mask"] = np.broadcast_to(mask, (f // cfg.patch_size[0], *grid)).copy()
+        return out
 
     return ds.map(to_inputs).batch(batch_size, drop_remainder=True).to_iter_dataset()
 
@@ -256,22 +397,13 @@ def run(config, workdir: str | Path) -> dict:
     graphdef, state, shardings, abstract = create_state(cfg, t, config.seed, mesh, rules)
     log.info("model %s: %s parameters; mesh %s; workdir %s", config.preset,
              f"{param_count(state['params']):,}", dict(mesh.shape), workdir)
-    data_iter = iter(make_dataset(config.data, local_batch, config.seed))
+    data_iter = iter(make_dataset(config.data, local_batch, config.seed, cfg))
     manager = checkpoint_manager(workdir, ckpt)
     if manager.latest_step() is not None:
         state, step = restore(manager, abstract, shardings, data_iter)
         log.info("resumed from step %d", step)
 
-    def model_inputs(b):
-        kw = {}
-        if cfg.identity_tokens or cfg.symbiotic or cfg.identity_additive or cfg.reference_net:
-            kw["reference"] = b["reference"]
-        if cfg.audio != "none":
-            kw["audio"] = b["audio"]
-        return kw
-
-    step_fn = jax.jit(make_train_step(graphdef, cfg, t, config.seed, model_inputs),
-                      in_shardings=(shardings, None), out_shardings=(shardings, None), donate_argnums=(0,))
+    step_fn = jit_train_step(graphdef, cfg, t, config.seed, shardings)
     tokens_per_step = None
     preempted = _Preempted()
     history = []

@@ -102,8 +102,7 @@ def _step_setup(**train_kw):
              "audio": rng.standard_normal((4, 3, 1, 1)).astype(np.float32),
              "context": np.zeros((4, 1, cfg.text_dim), np.float32)}
     graphdef = nnx.split(nnx.eval_shape(lambda: WanDiT(cfg, rngs=nnx.Rngs(0))), nnx.Param)[0]
-    inputs = lambda b: {"reference": b["reference"], "audio": b["audio"]}  # noqa: E731
-    step = jax.jit(make_train_step(graphdef, cfg, config.train, 0, inputs))
+    step = jax.jit(make_train_step(graphdef, cfg, config.train, 0))
     return config, cfg, batch, init_state(cfg, config.train, 0), step
 
 
