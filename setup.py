@@ -25,6 +25,7 @@ setup(
         "ml-dtypes>=0.5,<0.7",
         "einops>=0.8,<0.9",
         "tqdm>=4.66,<5",
+        "tensorboardX>=2.6,<3",  # TensorBoard event files without TensorFlow
         "absl-py>=2.1,<3",
         "av>=14,<19",  # PyAV: video/audio decode and encode (data pipeline)
         "soxr>=0.5,<2",  # audio resampling
@@ -44,6 +45,8 @@ setup(
             "diffusers>=0.35,<0.43",
             "transformers>=5.0,<6",
             "accelerate>=1.10,<2",
+            # libtpu: `hallojax compile` and the splash-attention tests compile for TPU topologies on CPU
+            "jax[tpu]>=0.10.0,<0.12",
         ],
         "tpu": ["jax[tpu]>=0.10.0,<0.12"],
         "cuda": ["jax[cuda12]>=0.10.0,<0.12"],

@@ -94,7 +94,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     config.rules = [[k, v] for k, v in DEFAULT_RULES]
 
     config.seed = 0
-    # the demo's training steps (the training issue owns the full trainer)
+    # training (hallojax train; frames/height/width/text_len: the batch of data.source=random)
     config.train = ml_collections.ConfigDict(dict(
         steps=8, batch_size=8, frames=3, height=8, width=8, text_len=16, learning_rate=3e-3, log_every=1,
         # optimizer (hallojax train): AdamW, warmup + cosine/constant, clipping, accumulation, EMA, freezing

@@ -48,8 +48,11 @@ def _logits(q, k):
 
 
 def _splash_block_size(n: int) -> int:
-    """The largest of 512/256/128 dividing n (a multiple of SPLASH_BLOCK)."""
-    return next(b for b in (512, 256, 128) if n % b == 0)
+    """The largest of 512/256/128 dividing n (a multiple of SPLASH_BLOCK); 1024 from 64k tokens, where
+    the kernel's per-block metadata (quadratic in the block count, held in the core's small SMEM)
+    would overflow at 512 (14B at 720p: 75,776 padded tokens)."""
+    sizes = (1024, 512, 256, 128) if n >= 65536 else (512, 256, 128)
+    return next(b for b in sizes if n % b == 0)
 
 
 def _splash_local(q: jax.Array, k: jax.Array, v: jax.Array, interpret: bool) -> jax.Array:
@@ -63,8 +66,12 @@ def _splash_local(q: jax.Array, k: jax.Array, v: jax.Array, interpret: bool) -> 
     bq, bkv = _splash_block_size(lp), _splash_block_size(mp)
     sizes = sa.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq, block_kv_dkv=bkv,
                           block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
-    mask = sa.MultiHeadMask(tuple(sa.FullMask((lp, mp)) for _ in range(n)))
+    # one head's mask, the kernel vmapped over heads: the mask metadata lives in the core's small SMEM, and
+    # a per-head copy for 40 heads at 75k tokens (14B at 720p) overflows it
+    mask = sa.MultiHeadMask((sa.FullMask((lp, mp)),))
     kernel = sa.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+    per_head = jax.vmap(lambda q1, k1, v1, seg: kernel(q1[None], k1[None], v1[None], seg)[0],
+                        in_axes=(0, 0, 0, None))
 
     def to_kernel(x, pad):  # [B, L, N, K] -> [B, N, L + pad, K]
         return jnp.pad(jnp.swapaxes(x, 1, 2), ((0, 0), (0, 0), (0, pad), (0, 0)))
@@ -75,7 +82,7 @@ def _splash_local(q: jax.Array, k: jax.Array, v: jax.Array, interpret: bool) -> 
     if mp != m:  # padded keys form their own segment; all queries (padded ones too) are segment 0
         segment_ids = sa.SegmentIds(q=jnp.zeros((lp,), jnp.int32),
                                     kv=(jnp.arange(mp) >= m).astype(jnp.int32))
-    out = jax.vmap(kernel, in_axes=(0, 0, 0, None))(qt, kt, vt, segment_ids)  # [B, N, Lp, K]
+    out = jax.vmap(per_head, in_axes=(0, 0, 0, None))(qt, kt, vt, segment_ids)  # [B, N, Lp, K]
     return jnp.swapaxes(out[:, :, :l], 1, 2).astype(v.dtype)
 
 

@@ -13,17 +13,14 @@ the clips. With `--config configs/wan.py:tiny` it trains on a fixed random batch
 from __future__ import annotations
 
 import logging
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from hallojax.dit import DiTConfig, WanDiT, param_count
-from hallojax.flow import flow_matching_loss
-from hallojax.sharding import batch_sharding, create_sharded, make_mesh, normalize_rules, shard_module, use_rules
+from hallojax.sharding import batch_sharding, create_sharded, make_mesh, normalize_rules, use_rules
 
 log = logging.getLogger("hallojax.demo")
 
@@ -105,36 +102,28 @@ def run(config) -> dict:
     log.info("sharded forward %s (max |y| %.3g) vs single-device forward: max |diff| = %.3g",
              y_sharded.shape, float(np.abs(y_single).max()), diff)
 
-    tx = optax.adamw(config.train.learning_rate, b1=0.9, b2=0.99, weight_decay=0.0)
-    # optimizer moments inherit the parameters' logical axes; place them (and the step count) on the mesh
-    optimizer = shard_module(nnx.Optimizer(model, tx, wrt=nnx.Param), mesh, rules)
-
-    @nnx.jit(donate_argnums=(0, 1))
-    def train_step(model, optimizer, x0, c, rng):
-        loss, grads = nnx.value_and_grad(lambda m: flow_matching_loss(m, x0, c, rng))(model)
-        optimizer.update(model, grads)
-        return loss
-
-    losses = []
-    rng = jax.random.key(config.seed)  # one fixed noise draw: the curve then shows the model fitting it
-    with jax.set_mesh(mesh), use_rules(rules):
-        for step in range(config.train.steps):
-            t0 = time.perf_counter()
-            loss = float(train_step(model, optimizer, lat_s, ctx_s, rng))
-            losses.append(loss)
-            if step % config.train.log_every == 0 or step == config.train.steps - 1:
-                log.info("step %3d  loss %.4f  (%.2fs)", step, loss, time.perf_counter() - t0)
+    losses = _train(config)["losses"]
     log.info("loss %.4f -> %.4f over %d steps", losses[0], losses[-1], len(losses))
-    return {"forward_max_diff": diff, "forward_max_abs": float(np.abs(y_single).max()), "losses": losses, "mesh": dict(mesh.shape), "params": param_count(model)}
+    return {"forward_max_diff": diff, "forward_max_abs": float(np.abs(y_single).max()), "losses": losses,
+            "mesh": dict(mesh.shape), "params": param_count(model)}
+
+
+def _train(config) -> dict:
+    """The real trainer, from scratch in <data.workdir>/train (a demo run does not resume)."""
+    import shutil
+    from pathlib import Path
+
+    from hallojax import train
+
+    train_dir = Path(config.data.workdir) / "train"
+    shutil.rmtree(train_dir, ignore_errors=True)
+    return train.run(config, train_dir)
 
 
 def run_synthetic(config) -> dict:
     """The synthetic talking-face demo (see the module docstring): data pipeline -> a sharded forward
     checked against one device -> `hallojax.train` for `train.steps` steps with checkpoints."""
-    import shutil
     from pathlib import Path
-
-    from hallojax import train
 
     cfg = DiTConfig.from_dict(config.model)
     rules = normalize_rules(config.rules)
@@ -166,11 +155,9 @@ def run_synthetic(config) -> dict:
     log.info("sharded forward vs single-device forward: max |diff| = %.3g (max |y| %.3g)", diff,
              float(np.abs(y_single).max()))
 
-    # training: the real trainer, from scratch in <workdir>/train (a demo run does not resume)
-    train_dir = Path(config.data.workdir) / "train"
-    shutil.rmtree(train_dir, ignore_errors=True)
     config.data.prepared = str(prepared)
-    result = train.run(config, train_dir)
+    result = _train(config)
+    train_dir = Path(config.data.workdir) / "train"
     losses = result["losses"]
     k = max(1, len(losses) // 5)
     head, tail = float(np.mean(losses[:k])), float(np.mean(losses[-k:]))

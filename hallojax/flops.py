@@ -20,7 +20,7 @@ PEAKS: tuple[tuple[str, float, float], ...] = (
     ("TPU v4", 275.0, 32.0),
     ("TPU v5 lite", 197.0, 16.0),  # v5e
     ("TPU v5e", 197.0, 16.0),
-    ("TPU v5", 459.0, 95.0),  # v5p ("TPU v5" / "TPU v5p")
+    ("TPU v5", 459.0, 95.74),  # v5p ("TPU v5" / "TPU v5p")
     ("TPU v6", 918.0, 32.0),  # v6e ("TPU v6 lite")
     ("H200", 989.0, 141.0),
     ("H100", 989.0, 80.0),

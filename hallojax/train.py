@@ -8,7 +8,8 @@ step (gradient accumulation over microbatches with `lax.scan`, donated state) ·
 data pipeline's ArrayRecord shards, seeded shuffle, per-process slice, iterator state checkpointed) ·
 checkpoints (Orbax `CheckpointManager`: params, optimizer state, EMA, step and the data iterator state;
 a save is committed atomically by Orbax, so an interrupted one is never restored; SIGTERM saves at the
-next step boundary and exits 0) · loop (console lines with loss, grad norm, lr, step time, tokens/s).
+next step boundary and exits 0) · loop (progress lines with loss, grad norm, lr, step time, tokens/s,
+TFLOP/s per device and MFU from the analytic FLOP count; TensorBoard events in <workdir>/tensorboard).
 
 Randomness is a pure function of (seed, step), and the data order of (seed, iterator state), so a run
 killed with `kill -9` and resumed from its last checkpoint ends with bitwise the same parameters as an
@@ -33,7 +34,9 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from hallojax.dit import DiTConfig, WanDiT, param_count
+from hallojax.flops import device_peak, format_flops, mfu, train_flops
 from hallojax.flow import sample_noise
+from hallojax.metrics import MetricWriter, StepTimer, progress_line
 from hallojax.sharding import batch_sharding, make_mesh, normalize_rules, state_shardings, use_rules
 
 log = logging.getLogger("hallojax.train")
@@ -245,14 +248,13 @@ def make_train_step(graphdef, cfg: DiTConfig, t, seed: int):
     fold_in(seed, step), then the batch is split into `accum_steps` equal microbatches whose gradients
     are averaged: the same loss as one batch, in less memory."""
     check_channels(cfg)
-    base_key = jax.random.key(seed)
 
     def loss_fn(params, micro):
         return flow_loss(nnx.merge(graphdef, params), cfg, t, micro)
 
     def step(state, batch):
         k = t.accum_steps
-        key = jax.random.fold_in(base_key, state["step"])
+        key = jax.random.fold_in(jax.random.key(seed), state["step"])  # traced: no eager device work
         batch = {**batch, **step_randomness(cfg, t, batch, key)}
         micro = jax.tree.map(lambda a: a.reshape(k, a.shape[0] // k, *a.shape[1:]), batch)
 
@@ -303,6 +305,33 @@ def make_dataset(data, batch_size: int, seed: int, cfg: DiTConfig | None = None)
         return out
 
     return ds.map(to_inputs).batch(batch_size, drop_remainder=True).to_iter_dataset()
+
+
+class FixedBatches:
+    """data.source = "random": one fixed batch of smooth random latents and text states, repeated (smoke
+    tests and the `tiny` demo); this process's slice of it. Iterator state = the count, like Grain's."""
+
+    def __init__(self, cfg: DiTConfig, t, seed: int):
+        from hallojax.demo import synthetic_batch
+
+        lat, ctx = synthetic_batch(cfg.replace(in_channels=cfg.out_channels), t, seed)
+        n = t.batch_size // jax.process_count()
+        i = jax.process_index() * n
+        self.batch = {"latents": lat[i:i + n], "context": ctx[i:i + n]}
+        self.count = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        self.count += 1
+        return dict(self.batch)
+
+    def get_state(self) -> dict:
+        return {"count": self.count}
+
+    def set_state(self, state: dict) -> None:
+        self.count = int(state["count"])
 
 
 # --- checkpoints ---------------------------------------------------------------------------------
@@ -397,36 +426,55 @@ def run(config, workdir: str | Path) -> dict:
     graphdef, state, shardings, abstract = create_state(cfg, t, config.seed, mesh, rules)
     log.info("model %s: %s parameters; mesh %s; workdir %s", config.preset,
              f"{param_count(state['params']):,}", dict(mesh.shape), workdir)
-    data_iter = iter(make_dataset(config.data, local_batch, config.seed, cfg))
+    if config.data.source == "random":
+        data_iter = FixedBatches(cfg, t, config.seed)
+    else:
+        data_iter = iter(make_dataset(config.data, local_batch, config.seed, cfg))
     manager = checkpoint_manager(workdir, ckpt)
     if manager.latest_step() is not None:
         state, step = restore(manager, abstract, shardings, data_iter)
         log.info("resumed from step %d", step)
 
     step_fn = jit_train_step(graphdef, cfg, t, config.seed, shardings)
-    tokens_per_step = None
+    kind = jax.devices()[0].device_kind
+    writer = MetricWriter(workdir / "tensorboard" if jax.process_index() == 0 else None)
+    timer = StepTimer()
+    flops_per_step = tokens_per_step = None
     preempted = _Preempted()
     history = []
     try:
         with jax.set_mesh(mesh), use_rules(rules):
             while int(jax.device_get(state["step"])) < t.steps:
                 batch = next(data_iter)
-                batch["context"] = np.zeros((local_batch, 1, cfg.text_dim), np.float32)  # no text in the records
+                if "context" not in batch:  # no text in the records: the null prompt
+                    batch["context"] = np.zeros((local_batch, 1, cfg.text_dim), np.float32)
                 batch = {k: jax.make_array_from_process_local_data(
                     batch_sharding(mesh, (t.batch_size, *v.shape[1:]), rules), np.asarray(v))
                     for k, v in batch.items()}
                 if tokens_per_step is None:
                     f, h, w = batch["latents"].shape[1:4]
                     tokens_per_step = t.batch_size * f * h * w // cfg.patch_volume
+                    flops_per_step = train_flops(cfg, batch=t.batch_size, frames=f, height=h, width=w,
+                                                 text_len=batch["context"].shape[1])
+                    log.info("%s model FLOPs per step (%s tokens); device %s, peak %s", format_flops(flops_per_step),
+                             f"{tokens_per_step:,}", kind,
+                             f"{device_peak(kind) / 1e12:.0f} TFLOP/s" if device_peak(kind) else "unknown (no MFU)")
                 t0 = time.perf_counter()
                 state, metrics = step_fn(state, batch)
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                dt = time.perf_counter() - t0
+                timer.add(time.perf_counter() - t0)
                 step = int(jax.device_get(state["step"]))
                 history.append(metrics["loss"])
+                if len(history) == 1:
+                    log.info("first step (compilation included): %.1f s", timer.compile_seconds)
                 if step % t.log_every == 0 or step == t.steps:
-                    log.info("step %5d  loss %.4f  grad_norm %.3f  lr %.2e  %.3fs/step  %.0f tokens/s", step,
-                             metrics["loss"], metrics["grad_norm"], metrics["lr"], dt, tokens_per_step / dt)
+                    dt = timer.interval_mean()
+                    if dt is not None:
+                        metrics.update(step_time=dt, tokens_per_s=tokens_per_step / dt,
+                                       tflops_per_device=flops_per_step / dt / jax.device_count() / 1e12,
+                                       mfu=mfu(flops_per_step, dt, jax.device_count(), kind))
+                    log.info(progress_line(step, t.steps, metrics))
+                    writer.scalars(step, metrics)
                 if step % ckpt.every == 0 or step == t.steps or preempted.flag:
                     save(manager, state, data_iter, config)
                 if preempted.flag:
@@ -434,6 +482,7 @@ def run(config, workdir: str | Path) -> dict:
                     break
         manager.wait_until_finished()
     finally:
+        writer.close()
         preempted.close()
         manager.close()
     return {"state": state, "losses": history, "step": int(jax.device_get(state["step"])),

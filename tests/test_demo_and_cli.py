@@ -14,14 +14,16 @@ from hallojax.dit import DiTConfig, WanDiT
 
 
 @pytest.mark.parametrize("mesh", ["fsdp", "fsdp_tp"])
-def test_demo_shards_matches_single_device_and_learns(mesh, devices):
-    config = load_config(f"configs/wan.py:tiny,mesh={mesh},dtype=float32", ["--config.train.steps=6"])
+def test_demo_shards_matches_single_device_and_learns(mesh, devices, tmp_path):
+    config = load_config(f"configs/wan.py:tiny,mesh={mesh},dtype=float32",
+                         ["--config.train.steps=20", "--config.train.log_every=10", f"--config.data.workdir={tmp_path}"])
     result = run(config)
     assert result["forward_max_abs"] > 0.1 and result["forward_max_diff"] <= 1e-5 * result["forward_max_abs"]
     assert int(np.prod(list(result["mesh"].values()))) == 8
-    losses = result["losses"]
-    assert len(losses) == 6 and all(np.isfinite(losses))
-    assert losses[-1] < 0.9 * losses[0], losses
+    losses = result["losses"]  # the trainer's: a fresh σ and ε every step, so compare means
+    assert len(losses) == 20 and all(np.isfinite(losses))
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
+    assert (tmp_path / "train" / "checkpoints" / "20").is_dir()
 
 
 def test_demo_on_synthetic_talking_faces_through_the_pipeline(tmp_path, devices):

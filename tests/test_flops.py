@@ -121,7 +121,7 @@ def test_layers_scale_the_count_and_the_wan_1_3b_figure():
 
 
 def test_device_peaks_and_mfu():
-    assert device_spec("TPU v5") == (459.0, 95.0)
+    assert device_spec("TPU v5") == (459.0, 95.74)
     assert device_spec("TPU v5 lite")[0] == 197.0 and device_spec("TPU v6 lite")[0] == 918.0
     assert device_spec("NVIDIA H100 80GB HBM3")[0] == 989.0 and device_spec("NVIDIA A100-SXM4-80GB")[0] == 312.0
     assert device_spec("cpu") is None and mfu(1e12, 1.0, 1, "cpu") is None
