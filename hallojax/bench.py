@@ -5,12 +5,29 @@
 Random weights at the published Wan2.1 VAE size (throughput does not depend on the values); reports
 encode and decode frames/s after one warm-up call, and peak memory: the device's own counter where
 it has one (GPU/TPU), otherwise XLA's compiled estimate (arguments + outputs + temporaries).
+
+    hallojax bench train [--config configs/wan.py:tiny] [--batch N --frames 3 --height 8 --width 8
+                         --text-len 16 --steps 5 --warmup 2] [--no-torch] [--config.key=value ...]
+
+One flow-matching training step of the DiT (`hallojax.train`'s step: AdamW, clipping, EMA) on the
+config's mesh over the devices present, on a random batch of latent-grid shape [batch, frames, height,
+width] with `text_len` text tokens: compile time, median step time, video tokens/s, model TFLOP/s per
+device (`hallojax.flops.train_flops`), MFU where the device's peak is known, and peak memory. Beside it,
+when torch and diffusers import, the same step in eager PyTorch on diffusers' `WanTransformer3DModel`
+of the same sizes (plain T2V/I2V configs only). The defaults fit a CPU on the `tiny` preset; the real
+measurement is on accelerators, e.g.
+
+    hallojax bench train --config configs/wan.py:wan2.1-t2v-1.3b --batch 8 --frames 21 --height 60 \
+        --width 104 --text-len 512
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import shlex
+import statistics
 import sys
 import time
 
@@ -82,7 +99,362 @@ def bench_vae(argv) -> dict:
     return result
 
 
-BENCHES = {"vae": bench_vae}
+# --- bench train ---------------------------------------------------------------------------------
+# mechanisms that diffusers' WanTransformer3DModel does not have: with any of them on there is no PyTorch row
+STYLE_FIELDS = ("identity_tokens", "identity_additive", "reference_net", "symbiotic", "motion_frames", "audio")
+
+
+def torch_skip_reason(cfg) -> str | None:
+    """Why the diffusers/PyTorch side cannot run this model config, or None (plain T2V/I2V Wan)."""
+    on = [f"model.{f}={getattr(cfg, f)!r}" for f in STYLE_FIELDS if getattr(cfg, f) not in (False, 0, "none")]
+    if on:
+        return (f"PyTorch side skipped: diffusers has no such model ({', '.join(on)}; "
+                "WanTransformer3DModel is plain T2V/I2V Wan)")
+    return None
+
+
+def diffusers_kwargs(cfg) -> dict:
+    """WanTransformer3DModel(**kwargs) of the same sizes as our DiTConfig."""
+    return dict(patch_size=tuple(cfg.patch_size), num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
+                in_channels=cfg.in_channels, out_channels=cfg.out_channels, text_dim=cfg.text_dim,
+                freq_dim=cfg.freq_dim, ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers,
+                cross_attn_norm=cfg.cross_attn_norm, eps=cfg.eps, image_dim=cfg.image_dim,
+                added_kv_proj_dim=cfg.added_kv_proj_dim, rope_max_seq_len=cfg.rope_max_seq_len,
+                pos_embed_seq_len=cfg.pos_embed_seq_len)
+
+
+def bench_mesh(mesh_config):
+    """The config's mesh; a mesh of fixed sizes (no -1 axis) needing fewer devices than present takes the
+    first ones (mesh=single: one device)."""
+    from hallojax.sharding import make_mesh
+
+    shape = {k: int(v) for k, v in dict(mesh_config).items()}
+    devices = jax.devices()
+    if -1 not in shape.values() and math.prod(shape.values()) < len(devices):
+        devices = devices[:math.prod(shape.values())]
+    return make_mesh(shape, devices)
+
+
+def _gib(n: int | None) -> str:
+    if n is None:
+        return "n/a"
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _command_line(argv) -> str:
+    """The command as typed (sys.argv, with the environment variables that decide the devices)."""
+    tail = ["bench", "train", *argv]
+    if sys.argv[1:] == tail:
+        prog = os.path.basename(sys.argv[0])
+        words = ["python", "-m", "hallojax.cli"] if prog in ("cli.py", "__main__.py") else [prog]
+        words += sys.argv[1:]
+    else:  # hallojax.cli.main([...]) from Python
+        words = ["hallojax", *tail]
+    env = [f"{k}={shlex.quote(os.environ[k])}" for k in ("JAX_PLATFORMS", "XLA_FLAGS", "CUDA_VISIBLE_DEVICES")
+           if os.environ.get(k)]
+    return " ".join(env + [shlex.join(words)])
+
+
+def _run_ours(cfg, config, mesh, rules, np_batch, steps: int, warmup: int) -> dict:
+    from hallojax.dit import param_count
+    from hallojax.sharding import batch_sharding, use_rules
+    from hallojax.train import create_state, jit_train_step
+
+    t = config.train
+    graphdef, state, shardings, _ = create_state(cfg, t, config.seed, mesh, rules)
+    out = {"params": param_count(state["params"])}
+    with jax.set_mesh(mesh), use_rules(rules):
+        batch = {k: jax.device_put(v, batch_sharding(mesh, v.shape, rules)) for k, v in np_batch.items()}
+        jax.block_until_ready((state, batch))
+        t0 = time.perf_counter()
+        compiled = jit_train_step(graphdef, cfg, t, config.seed, shardings).lower(state, batch).compile()
+        out["compile_s"] = time.perf_counter() - t0
+        times = []
+        for i in range(warmup + steps):
+            t0 = time.perf_counter()
+            state, metrics = compiled(state, batch)
+            jax.block_until_ready((state, metrics))
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+    memory = compiled.memory_analysis()
+    out["xla_bytes"] = None if memory is None else int(
+        memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes)
+    peaks = [p for p in (_peak(d) for d in mesh.devices.flat) if p is not None]
+    out.update(step_times=times, step_s=statistics.median(times), loss=float(metrics["loss"]),
+               peak_bytes=max(peaks) if peaks else None)
+    return out
+
+
+def _run_torch(cfg, t, np_batch, steps: int, warmup: int, seed: int, device: str) -> dict:
+    """Our training step in eager PyTorch on diffusers' WanTransformer3DModel: flow-matching MSE to ε − x0 at
+    σ drawn as ours draws it, global-norm clipping, AdamW with our hyper-parameters and the EMA update."""
+    import diffusers
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(seed)
+    cuda = device == "cuda"
+    device = torch.device(device)
+    amp = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.dtype) if cuda else None
+    model = WanTransformer3DModel(**diffusers_kwargs(cfg)).to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=t.learning_rate, betas=(t.b1, t.b2), eps=t.eps, weight_decay=t.weight_decay)
+    ema = [p.detach().clone() for p in params]
+
+    x0 = torch.from_numpy(np_batch["latents"].transpose(0, 4, 1, 2, 3).copy()).to(device)  # [B, C, F, H, W]
+    context = torch.from_numpy(np_batch["context"]).to(device)
+    image = None
+    if cfg.image_dim is not None:
+        image = torch.from_numpy(np_batch["image_context"]).to(device)
+        if cfg.pos_embed_seq_len is not None:  # FLF2V: diffusers takes the two frames' tokens as 2B rows
+            image = image.reshape(2 * image.shape[0], image.shape[1] // 2, image.shape[2])
+    masked = cfg.in_channels == 2 * cfg.out_channels + 4
+    b = x0.shape[0]
+
+    def step():
+        if t.sigma_sampling == "uniform":
+            sigma = torch.rand(b, device=device)
+        else:
+            sigma = torch.sigmoid(torch.randn(b, device=device))
+        sigma = t.shift * sigma / (1.0 + (t.shift - 1.0) * sigma)
+        noise = torch.randn_like(x0)
+        s = sigma.view(-1, 1, 1, 1, 1)
+        x_in = (1.0 - s) * x0 + s * noise
+        if masked:  # [noisy, latent mask (4), masked latent]: no known frames (the same work)
+            x_in = torch.cat([x_in, torch.zeros_like(x_in[:, :4]), torch.zeros_like(x0)], dim=1)
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            v = model(x_in, 1000.0 * sigma, context, encoder_hidden_states_image=image, return_dict=False)[0]
+        loss = torch.nn.functional.mse_loss(v.float(), noise - x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if t.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
+        opt.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - t.ema_decay)
+        return loss
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        loss = step()
+        if cuda:
+            torch.cuda.synchronize(device)
+        loss = float(loss.detach())
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return dict(name=f"diffusers {diffusers.__version__} (torch {torch.__version__})",
+                device=torch.cuda.get_device_name(device) if cuda else "cpu",
+                dtype=str(amp or torch.float32).removeprefix("torch."), threads=torch.get_num_threads(),
+                params=sum(p.numel() for p in params), step_times=times, step_s=statistics.median(times), loss=loss,
+                peak_bytes=torch.cuda.max_memory_allocated(device) if cuda else None)
+
+
+def _torch_import_error() -> str | None:
+    try:
+        import diffusers  # noqa: F401
+        import torch  # noqa: F401
+        from diffusers import WanTransformer3DModel  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - any failure to import means no PyTorch row
+        return f"PyTorch side skipped: torch/diffusers do not import ({type(e).__name__}: {e})"
+    return None
+
+
+def bench_train(config, *, batch: int | None = None, frames: int = 3, height: int = 8, width: int = 8,
+                text_len: int = 16, image_len: int | None = None, steps: int = 5, warmup: int = 2,
+                torch: bool = True, command: str | None = None, overrides=()) -> dict:
+    """Time our training step (and diffusers' in PyTorch beside it) and print the figures; see the module
+    docstring. `config`: a loaded ConfigDict or a spec for `load_config` (with `overrides`). Returns the
+    figures: step_s (median), tokens_per_s, flops_per_step, tflops_per_device, mfu, ..., and under
+    "torch" diffusers' row (None with the reason in "torch_skipped"), "ratio" = its step time / ours.
+    On a GPU, start Python with XLA_PYTHON_CLIENT_PREALLOCATE=false (the CLI does) so both sides fit."""
+    from hallojax.config import load_config
+    from hallojax.dit import DiTConfig
+    from hallojax.flops import format_flops, mfu, train_flops
+    from hallojax.sharding import normalize_rules
+    from hallojax.train import check_channels, example_batch
+
+    spec = config if isinstance(config, str) else None
+    if spec is not None:
+        config = load_config(spec, overrides)
+    cfg = DiTConfig.from_dict(config.model)
+    check_channels(cfg)
+    t = config.train
+    rules = normalize_rules(config.rules)
+    mesh = bench_mesh(config.mesh)
+    n_dev = mesh.size
+    kind = mesh.devices.flat[0].device_kind
+    batch_axes = [a for a in rules.get("act_batch", ()) if mesh.shape[a] > 1]
+    split = math.prod(mesh.shape[a] for a in batch_axes) * t.accum_steps
+    if batch is None:  # the device count, rounded up to what the batch axes (x microbatches) split evenly
+        batch = -(-n_dev // split) * split
+    if image_len is None:
+        image_len = cfg.pos_embed_seq_len or 257
+    _check_shape(cfg, batch=batch, frames=frames, height=height, width=width, text_len=text_len,
+                 image_len=image_len, steps=steps, warmup=warmup)
+    if batch % split:
+        raise ValueError(f"--batch {batch}: must be a multiple of {split}, the devices of the mesh's batch axes "
+                         f"{batch_axes} (mesh {dict(mesh.shape)}) x train.accum_steps={t.accum_steps}")
+
+    shape = dict(batch=batch, frames=frames, height=height, width=width, text_len=text_len)
+    if cfg.image_dim is not None:
+        shape["image_len"] = image_len
+    flops = train_flops(cfg, **shape)
+    tokens = batch * frames * height * width // cfg.patch_volume
+    np_batch = example_batch(cfg, batch, frames, height, width, text_len=text_len, image_len=image_len,
+                             seed=config.seed)
+
+    if command is None:
+        args = ", ".join(f"{k}={v!r}" for k, v in dict(shape, steps=steps, warmup=warmup, torch=torch).items())
+        command = f"python: hallojax.bench.bench_train({spec or config.get('preset', '<config>')!r}, {args})"
+    print(f"command: {command}")
+    print(f"devices: {n_dev} x {kind} (of {jax.device_count()} {jax.default_backend()}); mesh {dict(mesh.shape)} "
+          f"({config.get('mesh_preset', 'custom')}); dtype {cfg.dtype}, params {cfg.param_dtype}; remat {cfg.remat}, "
+          f"attention {cfg.attention}; jax {jax.__version__}")
+    latent = [batch, frames, height, width, cfg.out_channels]
+    print(f"model {config.get('preset', '?')}: latents {latent}, text {[batch, text_len, cfg.text_dim]}"
+          + (f", image {[batch, image_len, cfg.image_dim]}" if cfg.image_dim is not None else "")
+          + f"; {tokens:,} video tokens/step; {format_flops(flops)}/step (train_flops); "
+          f"{warmup} warm-up + {steps} timed steps, median")
+
+    skipped = "PyTorch side skipped: --no-torch" if not torch else None
+    skipped = skipped or torch_skip_reason(cfg) or _torch_import_error()
+    device = None
+    if skipped is None:
+        device, skipped = _torch_device(mesh.devices.flat[0].platform)
+    theirs = None
+
+    def run_torch():
+        try:
+            return _run_torch(cfg, t, np_batch, steps, warmup, config.seed, device), None
+        except RuntimeError as e:  # e.g. out of memory: the row says so, our figures stand
+            return None, f"PyTorch side failed: {type(e).__name__}: {str(e).splitlines()[0]}"
+        finally:  # the model and optimizer went with _run_torch's frame: hand their memory back
+            if device == "cuda":
+                import torch as _torch
+
+                _torch.cuda.empty_cache()
+
+    # on a GPU, PyTorch runs first and empties its cache, so that JAX (not preallocating: see the CLI) has
+    # the memory after it; on CPU ours runs first (no torch worker threads spinning beside XLA's)
+    if device == "cuda":
+        theirs, skipped = run_torch()
+    ours = _run_ours(cfg, config, mesh, rules, np_batch, steps, warmup)
+    if device == "cpu":
+        theirs, skipped = run_torch()
+
+    result = dict(command=command, preset=config.get("preset"), n_devices=n_dev, device_kind=kind,
+                  mesh=dict(mesh.shape), dtype=cfg.dtype, shape=shape, steps=steps, warmup=warmup,
+                  tokens_per_step=tokens, flops_per_step=flops, **ours)
+    result["tokens_per_s"] = tokens / ours["step_s"]
+    result["tflops_per_device"] = flops / ours["step_s"] / n_dev / 1e12
+    result["mfu"] = mfu(flops, ours["step_s"], n_dev, kind)
+    result["torch"], result["torch_skipped"], result["ratio"] = theirs, skipped, None
+    if theirs is not None:
+        theirs["tokens_per_s"] = tokens / theirs["step_s"]
+        theirs["tflops_per_device"] = flops / theirs["step_s"] / 1e12
+        theirs["mfu"] = mfu(flops, theirs["step_s"], 1, theirs["device"])
+        result["ratio"] = theirs["step_s"] / ours["step_s"]
+
+    print(f"compile: {ours['compile_s']:.2f} s (lower + compile); parameters {ours['params']:,}; XLA memory "
+          f"estimate {_gib(ours['xla_bytes'])}/device; final loss {ours['loss']:.4f}")
+
+    def mfu_text(value, device):
+        return f"{100 * value:.1f} %" if value is not None else f"n/a (no peak for {device})"
+
+    rows = [("hallojax (JAX)", f"{n_dev} x {kind}, {cfg.dtype}", ours, result, kind,
+             f"{ours['compile_s']:.2f}")]
+    if theirs is not None:
+        where = f"{theirs['device']}, {theirs['dtype']}" + ("" if theirs["peak_bytes"] is not None
+                                                             else f", {theirs['threads']} threads")
+        rows.append((theirs["name"], where, theirs, theirs, theirs["device"], "eager"))
+    header = ("implementation", "devices, dtype", "step ms (median)", "tokens/s", "TFLOP/s/device", "MFU",
+              "peak memory", "compile s")
+    lines = [header] + [(name, where, f"{run['step_s'] * 1e3:.1f}", f"{fig['tokens_per_s']:,.0f}",
+                         f"{fig['tflops_per_device']:.4f}", mfu_text(fig["mfu"], device),
+                         _gib(run["peak_bytes"]) if run["peak_bytes"] is not None else "n/a (not reported)", comp)
+                        for name, where, run, fig, device, comp in rows]
+    widths = [max(len(r[i]) for r in lines) for i in range(len(header))]
+    fmt = lambda row: "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"  # noqa: E731
+    print(fmt(lines[0]))
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in lines[1:]:
+        print(fmt(row))
+    if theirs is not None:
+        print(f"ratio: diffusers step time / ours = {result['ratio']:.2f} (>1: hallojax is faster); "
+              f"diffusers parameters {theirs['params']:,}, final loss {theirs['loss']:.4f}")
+        if theirs["dtype"] != cfg.dtype:
+            print(f"note: PyTorch runs {theirs['dtype']} on {theirs['device']}, ours {cfg.dtype}")
+    else:
+        print(skipped)
+    return result
+
+
+def _torch_device(platform: str) -> tuple[str | None, str | None]:
+    """PyTorch's device for JAX's platform (CPU beside CPU, CUDA beside GPU), or None and the reason."""
+    import torch
+
+    if platform == "cpu":
+        return "cpu", None
+    if platform == "gpu" and torch.cuda.is_available():
+        return "cuda", None
+    return None, f"PyTorch side skipped: no PyTorch device beside JAX's {platform} (CUDA available: " \
+                 f"{torch.cuda.is_available()}); pass --no-torch to silence"
+
+
+def _check_shape(cfg, *, batch, frames, height, width, text_len, image_len, steps, warmup) -> None:
+    for name, value, low in (("--batch", batch, 1), ("--frames", frames, 1), ("--height", height, 1),
+                             ("--width", width, 1), ("--text-len", text_len, 1), ("--steps", steps, 1),
+                             ("--warmup", warmup, 0)):
+        if not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} {value}: must be an integer >= {low}")
+    for name, value, p in zip(("--frames", "--height", "--width"), (frames, height, width), cfg.patch_size):
+        if value % p:
+            raise ValueError(f"{name} {value}: must be a multiple of the patch size {p} "
+                             f"(model.patch_size={tuple(cfg.patch_size)}; latent-grid sizes)")
+    if cfg.motion_frames >= frames:
+        raise ValueError(f"--frames {frames}: must exceed model.motion_frames={cfg.motion_frames}")
+    if cfg.image_dim is not None and (image_len < 1 or (cfg.pos_embed_seq_len is not None
+                                                        and image_len != cfg.pos_embed_seq_len)):
+        raise ValueError(f"--image-len {image_len}: this I2V model takes "
+                         f"{cfg.pos_embed_seq_len or '>= 1'} image tokens")
+
+
+def bench_train_cli(argv) -> dict:
+    from hallojax.config import load_config
+
+    p = argparse.ArgumentParser(prog="hallojax bench train", allow_abbrev=False,
+                                description="Training-step throughput of the DiT (and diffusers' beside it). "
+                                "Sizes are latent-grid sizes; extra --config.key=value overrides apply.")
+    p.add_argument("--config", default="configs/wan.py:tiny", help="FILE.py[:ARG], or a preset name")
+    p.add_argument("--batch", type=int, default=None,
+                   help="default: the mesh's device count (a multiple of its batch axes)")
+    p.add_argument("--frames", type=int, default=3, help="latent frames")
+    p.add_argument("--height", type=int, default=8, help="latent height")
+    p.add_argument("--width", type=int, default=8, help="latent width")
+    p.add_argument("--text-len", type=int, default=16, help="text tokens (Wan: 512)")
+    p.add_argument("--image-len", type=int, default=None, help="I2V image tokens (default 257)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
+    p.add_argument("--torch", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time diffusers' WanTransformer3DModel in PyTorch (when importable)")
+    args, rest = p.parse_known_args(argv)
+    overrides = [a for a in rest if a.startswith("--config.")]
+    if len(overrides) != len(rest):
+        p.error(f"unrecognized arguments: {' '.join(a for a in rest if a not in overrides)}")
+    command = _command_line(argv)
+    if args.torch:  # JAX grows its GPU memory as needed, leaving room for PyTorch's side
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    config = load_config(args.config, overrides)
+    return bench_train(config, batch=args.batch, frames=args.frames, height=args.height, width=args.width,
+                       text_len=args.text_len, image_len=args.image_len, steps=args.steps, warmup=args.warmup,
+                       torch=args.torch, command=command)
+
+
+BENCHES = {"vae": bench_vae, "train": bench_train_cli}
 
 
 def main(argv) -> int:

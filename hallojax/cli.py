@@ -5,7 +5,9 @@
     hallojax demo    [--config configs/wan.py:demo] [--config.key=value ...]
     hallojax train   --config configs/wan.py:demo --workdir DIR [--config.train.steps=200 ...]
     hallojax info    [--config configs/wan.py:wan2.1-t2v-14b,mesh=fsdp] [--devices 64]
+    hallojax compile --config PRESET --topology v5p:2x2x2 [--batch 32 --frames 21 --height 60 --width 104]
     hallojax bench   vae [--height 480 --width 832 --frames 17]
+    hallojax bench   train [--config configs/wan.py:tiny --batch N --frames 3 --height 8 --width 8 --steps 5]
     hallojax synthetic OUT_DIR [--num-videos N --seed S]      synthetic talking faces (mp4 + sidecars)
     hallojax prepare VIDEO_DIR -o OUT_DIR [--frames 49 --size 256 --codec pixel:8|wan-vae:DIR]
 
@@ -53,6 +55,20 @@ def _train(args, overrides):
     initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     result = run(load_config(args.config, overrides), args.workdir)
     print(f"trained to step {result['step']}" + (" (preempted, saved)" if result["preempted"] else ""))
+
+
+def _compile(args, overrides):
+    """TPU fit check: compile the training step ahead of time for a TPU topology (per-chip HBM, FLOPs)."""
+    import shlex
+
+    from hallojax.aot import compile_train_step
+    from hallojax.config import load_config
+
+    print("$ hallojax " + " ".join(shlex.quote(a) for a in args.argv))
+    report = compile_train_step(load_config(args.config, overrides), args.topology, batch=args.batch,
+                                frames=args.frames, height=args.height, width=args.width, text_len=args.text_len)
+    print("\n".join(report.lines()))
+    return 0 if report.fits else 1
 
 
 def _info(args, overrides):
@@ -104,11 +120,19 @@ def main(argv=None) -> int:
 
     for name, fn, default in (("demo", _demo, "configs/wan.py:demo"),
                               ("train", _train, "configs/wan.py:demo"),
-                              ("info", _info, "configs/wan.py:wan2.1-t2v-1.3b")):
+                              ("info", _info, "configs/wan.py:wan2.1-t2v-1.3b"),
+                              ("compile", _compile, "configs/wan.py:wan2.1-t2v-1.3b,remat=full")):
         p = sub.add_parser(name, help=(fn.__doc__ or "").split("\n")[0] or "the embedded default job")
         p.add_argument("--config", default=default, help="FILE.py[:ARG], or a preset name")
         if name == "info":
             p.add_argument("--devices", type=int, default=0, help="device count for -1 mesh axes")
+        if name == "compile":
+            p.add_argument("--topology", required=True, help="TPU slice: v5p:2x2x2 (chip grid) or v5p-16")
+            p.add_argument("--batch", type=int, default=8, help="global batch")
+            p.add_argument("--frames", type=int, default=21, help="latent frames (81 video frames: 21)")
+            p.add_argument("--height", type=int, default=60, help="latent height (480 pixels: 60)")
+            p.add_argument("--width", type=int, default=104, help="latent width (832 pixels: 104)")
+            p.add_argument("--text-len", type=int, default=512, help="text tokens (Wan pads to 512)")
         if name == "train":
             p.add_argument("--workdir", required=True, help="checkpoints and logs; a rerun resumes from it")
             p.add_argument("--coordinator", help="multi-host: HOST:PORT of process 0 (or HALLOJAX_COORDINATOR)")
@@ -124,11 +148,12 @@ def main(argv=None) -> int:
         module.add_arguments(p)
         p.set_defaults(fn=module.run)
 
-    p = sub.add_parser("bench", help="benchmarks that print figures and their command (e.g. bench vae)")
+    p = sub.add_parser("bench", help="benchmarks that print figures and their command (bench vae, bench train)")
     p.add_argument("bench_args", nargs=argparse.REMAINDER)
     p.set_defaults(fn=lambda a: __import__("hallojax.bench", fromlist=["main"]).main(a.bench_args))
 
     args, rest = parser.parse_known_args(argv)
+    args.argv = argv
     overrides = [a for a in rest if a.startswith("--config.")]
     if len(overrides) != len(rest):
         parser.error(f"unrecognized arguments: {' '.join(a for a in rest if a not in overrides)}")
