@@ -70,6 +70,7 @@ class FitReport:
     temp_gib: float = 0.0
     code_gib: float = 0.0
     total_gib: float = 0.0  # arguments + outputs - aliased (donated) + temporaries + code
+    host_gib: float = 0.0  # pinned host memory per chip (remat offloading), beside the HBM total
     flops_per_step: float = 0.0  # analytic model FLOPs, all chips
     xla_flops_per_chip: float = 0.0
     compile_seconds: float = 0.0
@@ -89,6 +90,8 @@ class FitReport:
         out.append(f"per chip: arguments {self.argument_gib:.2f} GiB, outputs {self.output_gib:.2f} (aliased "
                    f"{self.alias_gib:.2f}), temporaries {self.temp_gib:.2f}, code {self.code_gib:.2f} -> "
                    f"total {self.total_gib:.2f} GiB of {cap}")
+        if self.host_gib:
+            out.append(f"pinned host memory per chip (offloaded activations): {self.host_gib:.2f} GiB")
         per_chip = self.flops_per_step / self.chips
         out.append(f"FLOPs per step: {format_flops(self.flops_per_step)} model ({format_flops(per_chip)} per chip); "
                    f"XLA per chip {format_flops(self.xla_flops_per_chip)} (loop bodies counted once)")
@@ -162,6 +165,9 @@ def compile_train_step(config, topology: str, *, batch: int, frames: int, height
     report.code_gib = mem.generated_code_size_in_bytes / gib
     report.total_gib = (report.argument_gib + report.output_gib - report.alias_gib + report.temp_gib
                         + report.code_gib)
+    report.host_gib = sum(getattr(mem, f"host_{n}_size_in_bytes", 0) or 0
+                          for n in ("argument", "output", "temp")) / gib - (
+        getattr(mem, "host_alias_size_in_bytes", 0) or 0) / gib
     report.fits = report.hbm_gib is None or report.total_gib <= report.hbm_gib
     if not report.fits:
         report.error = f"{report.total_gib:.2f} GiB needed"

@@ -6,9 +6,10 @@ attention through `jax.nn.dot_product_attention`, GPU only) or ``splash`` (the P
 kernel: flash-style, never materialises the [L, M] logits, so e.g. the 1.3B Wan model at 480x832x81
 (32,760 tokens) fits 4 samples per chip instead of 1).
 
-Splash details: query and key lengths are zero-padded separately to multiples of `SPLASH_BLOCK` (128);
-padded keys get segment id 1 (real tokens 0, every query 0) so no query attends to them, and padded query
-rows are sliced off. Under a mesh (`jax.set_mesh`) the kernel runs inside `jax.shard_map` with the
+Splash details: query and key lengths are zero-padded separately to a multiple of their block size
+(`_splash_block_size`: 128 to 1024, the largest that wastes at most 1/64 of the tokens); padded keys
+get segment id 1 (real tokens 0, every query 0) so no query attends to them, and padded query rows are
+sliced off. Under a mesh (`jax.set_mesh`) the kernel runs inside `jax.shard_map` with the
 activation layout of the active logical rules (default `DEFAULT_RULES`): batch over the ``act_batch``
 mesh axes, heads over ``act_heads`` (tensor), queries over ``act_len`` (context); keys/values enter
 every shard with their full length (shard_map all-gathers them over the query-sequence axes and
@@ -39,7 +40,7 @@ from hallojax.sharding import (
 
 ATTENTION_IMPLS = ("xla", "cudnn", "splash")
 
-SPLASH_BLOCK = 128  # q and kv lengths are padded to a multiple of this
+SPLASH_BLOCK = 128  # the smallest splash block; q and kv lengths are padded to a multiple of their block
 SPLASH_INTERPRET = False  # run the splash kernel in Pallas interpret mode (CPU tests); see `splash_attention`
 
 
@@ -48,11 +49,14 @@ def _logits(q, k):
 
 
 def _splash_block_size(n: int) -> int:
-    """The largest of 512/256/128 dividing n (a multiple of SPLASH_BLOCK); 1024 from 64k tokens, where
-    the kernel's per-block metadata (quadratic in the block count, held in the core's small SMEM)
-    would overflow at 512 (14B at 720p: 75,776 padded tokens)."""
-    sizes = (1024, 512, 256, 128) if n >= 65536 else (512, 256, 128)
-    return next(b for b in sizes if n % b == 0)
+    """Block size for a sequence of n tokens; the sequence is padded to a multiple of it.
+
+    The kernel keeps per-block metadata in the core's 1 MiB SMEM, quadratic in the block count: at 128-token
+    blocks 75,600 tokens (14B at 720p, padded to 75,648 = 591 blocks) need 1.08 MiB and fail to compile.
+    So: the largest of 1024 (from 64k tokens), 512, 256 whose padding wastes at most 1/64 of n, else 128.
+    """
+    sizes = (1024, 512, 256) if n >= 65536 else (512, 256)
+    return next((b for b in sizes if (-n) % b <= n // 64), SPLASH_BLOCK)
 
 
 def _splash_local(q: jax.Array, k: jax.Array, v: jax.Array, interpret: bool) -> jax.Array:
@@ -62,8 +66,8 @@ def _splash_local(q: jax.Array, k: jax.Array, v: jax.Array, interpret: bool) -> 
 
     _, l, n, kd = q.shape
     m = k.shape[1]
-    lp, mp = (-(-x // SPLASH_BLOCK) * SPLASH_BLOCK for x in (l, m))
-    bq, bkv = _splash_block_size(lp), _splash_block_size(mp)
+    bq, bkv = _splash_block_size(l), _splash_block_size(m)
+    lp, mp = -(-l // bq) * bq, -(-m // bkv) * bkv
     sizes = sa.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq, block_kv_dkv=bkv,
                           block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
     # one head's mask, the kernel vmapped over heads: the mask metadata lives in the core's small SMEM, and

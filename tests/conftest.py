@@ -10,13 +10,15 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # TPU ahead-of-time compiles (libtpu, no chips) in parallel test workers: skip libtpu's one-process lock
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
+ROOT = Path(__file__).resolve().parents[1]
+# set through the environment so that the `hallojax train` subprocesses the tests spawn share the cache
+# (and the numerics, so their programs are the in-process ones and hit it)
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ.get("HALLOJAX_JAX_CACHE", str(ROOT / ".cache" / "jax"))
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+os.environ["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-jax.config.update("jax_compilation_cache_dir", os.environ.get("HALLOJAX_JAX_CACHE", str(ROOT / ".cache" / "jax")))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-jax.config.update("jax_default_matmul_precision", "highest")
 
 try:
     import torch
