@@ -32,3 +32,14 @@ except ImportError:  # the parity tests need it; they fail with a clear import e
 def devices():
     assert jax.device_count() == 8, f"tests expect 8 simulated CPU devices, got {jax.devices()}"
     return jax.devices()
+
+
+# `make test` runs two xdist workers, a file per worker at a time (--dist loadfile --no-loadscope-reorder):
+# the slowest files go first so that no long file is drawn last while the other worker sits idle
+SLOW_FIRST = ("test_train.py", "test_train_conditioning.py", "test_demo_and_cli.py", "test_dit_conditioning.py",
+              "test_sharding.py", "test_compile.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))  # stable: file order kept otherwise
