@@ -75,6 +75,7 @@ class FitReport:
     xla_flops_per_chip: float = 0.0
     compile_seconds: float = 0.0
     error: str = ""
+    hints: tuple[str, ...] = ()  # what to try when it does not fit
 
     def lines(self) -> list[str]:
         from hallojax.flops import device_spec, format_flops
@@ -86,6 +87,7 @@ class FitReport:
         cap = f"{self.hbm_gib:.1f} GiB" if self.hbm_gib else "unknown"
         if not self.fits:
             out.append(f"DOES NOT FIT per-chip HBM ({cap}): {self.error}")
+            out += [f"  try: {h}" for h in self.hints]
             return out
         out.append(f"per chip: arguments {self.argument_gib:.2f} GiB, outputs {self.output_gib:.2f} (aliased "
                    f"{self.alias_gib:.2f}), temporaries {self.temp_gib:.2f}, code {self.code_gib:.2f} -> "
@@ -100,6 +102,19 @@ class FitReport:
             t = per_chip / (spec[0] * 1e12)
             out.append(f"step time at 100% / 50% MFU: {t:.3g} s / {2 * t:.3g} s")
         return out
+
+
+def fit_hints(cfg) -> tuple[str, ...]:
+    """The memory levers not yet pulled in this model config, in the order to try them."""
+    hints = []
+    if cfg.attention != "splash":
+        hints.append("--config.model.attention=splash (flash attention: no [L, L] logits in HBM)")
+    if cfg.remat == "none":
+        hints.append("--config.model.remat=full (recompute each layer in the backward pass)")
+    if cfg.remat != "offload_layer_input":
+        hints.append("--config.model.remat=offload_layer_input (layer inputs in pinned host memory)")
+    hints.append("a smaller --batch, or more chips")
+    return tuple(hints)
 
 
 def compile_train_step(config, topology: str, *, batch: int, frames: int, height: int, width: int,
@@ -151,6 +166,7 @@ def compile_train_step(config, topology: str, *, batch: int, frames: int, height
         if "RESOURCE_EXHAUSTED" not in msg and "exceeds" not in msg:
             raise
         report.error = next((ln.strip() for ln in msg.splitlines() if "exceeds" in ln or "RESOURCE" in ln), msg[:300])
+        report.hints = fit_hints(cfg)
         report.compile_seconds = time.perf_counter() - t0
         return report
     finally:
@@ -171,6 +187,7 @@ def compile_train_step(config, topology: str, *, batch: int, frames: int, height
     report.fits = report.hbm_gib is None or report.total_gib <= report.hbm_gib
     if not report.fits:
         report.error = f"{report.total_gib:.2f} GiB needed"
+        report.hints = fit_hints(cfg)
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     report.xla_flops_per_chip = float((cost or {}).get("flops", 0.0))

@@ -51,6 +51,7 @@ def test_cli_prints_the_fit_and_fails_when_it_does_not_fit(capsys):
     assert "$ hallojax compile" in out and "v5p:2x2x1 (4 chips" in out and "total" in out and "of 95.7 GiB" in out
     # 21 x 240 x 416 latents with XLA attention: the [L, L] logits alone are terabytes per chip
     assert main([*args[:5], "--batch", "4", "--frames", "21", "--height", "240", "--width", "416"]) == 1
-    assert "DOES NOT FIT" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "DOES NOT FIT" in out and "try: --config.model.attention=splash" in out and "remat=full" in out
     assert main([*args[:3], "--topology", "v5p-7"]) == 2
     assert "no standard slice shape" in capsys.readouterr().err
