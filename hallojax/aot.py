@@ -181,9 +181,8 @@ def compile_train_step(config, topology: str, *, batch: int, frames: int, height
     report.code_gib = mem.generated_code_size_in_bytes / gib
     report.total_gib = (report.argument_gib + report.output_gib - report.alias_gib + report.temp_gib
                         + report.code_gib)
-    report.host_gib = sum(getattr(mem, f"host_{n}_size_in_bytes", 0) or 0
-                          for n in ("argument", "output", "temp")) / gib - (
-        getattr(mem, "host_alias_size_in_bytes", 0) or 0) / gib
+    report.host_gib = (mem.host_argument_size_in_bytes + mem.host_output_size_in_bytes - mem.host_alias_size_in_bytes
+                       + mem.host_temp_size_in_bytes) / gib
     report.fits = report.hbm_gib is None or report.total_gib <= report.hbm_gib
     if not report.fits:
         report.error = f"{report.total_gib:.2f} GiB needed"

@@ -70,8 +70,8 @@ def _splash_local(q: jax.Array, k: jax.Array, v: jax.Array, interpret: bool) -> 
     lp, mp = -(-l // bq) * bq, -(-m // bkv) * bkv
     sizes = sa.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq, block_kv_dkv=bkv,
                           block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
-    # one head's mask, the kernel vmapped over heads: the mask metadata lives in the core's small SMEM, and
-    # a per-head copy for 40 heads at 75k tokens (14B at 720p) overflows it
+    # one head's mask, the kernel vmapped over heads: the mask metadata (in the core's small SMEM) stays one
+    # head's size whatever the head count
     mask = sa.MultiHeadMask((sa.FullMask((lp, mp)),))
     kernel = sa.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
     per_head = jax.vmap(lambda q1, k1, v1, seg: kernel(q1[None], k1[None], v1[None], seg)[0],
