@@ -30,6 +30,9 @@ setup(
         "av>=14,<19",  # PyAV: video/audio decode and encode (data pipeline)
         "soxr>=0.5,<2",  # audio resampling
         "soundfile>=0.12,<1",
+        "pillow>=10,<14",  # portraits for `hallojax generate`
+        # face boxes for generation: OpenCV's bundled Haar cascades (4.x ships them; 5.0 does not)
+        "opencv-python-headless>=4.9,<5",
         "numpy>=1.26,<3",
         # tokenizers and wav2vec2 feature extraction (no torch needed; transformers 5 has no Flax models)
         "transformers>=5.0,<6",

@@ -134,6 +134,19 @@ def crop_region(src_w: int, src_h: int, out_w: int, out_h: int, box=None, box_sc
     return x0, y0, w, h
 
 
+def crop_resize(img: np.ndarray, region, width: int, height: int) -> np.ndarray:
+    """uint8 RGB [H, W, 3] -> the `crop_region` (x0, y0, w, h) resized to width x height (area averaging
+    when shrinking, bicubic when enlarging): the one resize of training clips and of generation portraits."""
+    x0, y0, cw, ch = region
+    crop = np.ascontiguousarray(img[y0:y0 + ch, x0:x0 + cw])
+    if (cw, ch) == (width, height):
+        return crop
+    interpolation = "AREA" if cw >= width else "BICUBIC"
+    out = av.VideoFrame.from_ndarray(crop, format="rgb24").reformat(
+        width=width, height=height, format="rgb24", interpolation=interpolation)
+    return out.to_ndarray()
+
+
 def _stable_hash(text: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little")
 
@@ -221,18 +234,11 @@ class _FrameSampler:
             self.geometry = (key, (x0, y0, cw, ch), (w, h))
         elif self.geometry[0] != key:
             raise SkipVideo(f"frame size or rotation changes mid-stream: {self.geometry[0]} -> {key}")
-        x0, y0, cw, ch = self.geometry[1]
         # rgb24 conversion handles every pixel format: gray becomes 3 equal channels, alpha is dropped
         img = frame.to_ndarray(format="rgb24")
         if quarter:
             img = np.rot90(img, k=quarter)  # rotation is counter-clockwise degrees, as np.rot90 turns
-        crop = np.ascontiguousarray(img[y0:y0 + ch, x0:x0 + cw])
-        if (cw, ch) == (cfg.width, cfg.height):
-            return crop
-        interpolation = "AREA" if cw >= cfg.width else "BICUBIC"
-        out = av.VideoFrame.from_ndarray(crop, format="rgb24").reformat(
-            width=cfg.width, height=cfg.height, format="rgb24", interpolation=interpolation)
-        return out.to_ndarray()
+        return crop_resize(img, self.geometry[1], cfg.width, cfg.height)
 
 
 class _AudioCollector:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import fractions
 import itertools
 import json
 import os
@@ -32,6 +31,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
+from hallojax.media import write_mp4
 
 SKIN = np.array([[255, 224, 196], [241, 194, 160], [224, 172, 130], [198, 134, 90], [160, 110, 75],
                  [120, 80, 55]], np.float64)
@@ -221,35 +222,6 @@ def lipsync_correlation(measured, truth) -> float:
     x, y = x - x.mean(), y - y.mean()
     denom = np.sqrt((x * x).sum() * (y * y).sum())
     return float((x * y).sum() / denom) if denom > 0 else 0.0
-
-
-def write_mp4(path: Path, frames: np.ndarray, audio: np.ndarray, fps: int, audio_rate: int, crf: int = 18):
-    """h264 (yuv420p) + AAC mono mp4 through PyAV; written under a temporary name, then renamed."""
-    import av
-
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with av.open(str(tmp), "w", format="mp4") as out:
-            vs = out.add_stream("libx264", rate=fps, options={"crf": str(crf), "preset": "medium"})
-            vs.width, vs.height, vs.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-            vs.codec_context.thread_count = 1  # one core per job; several jobs run side by side
-            ast = out.add_stream("aac", rate=audio_rate, layout="mono")
-            for i, f in enumerate(frames):
-                vf = av.VideoFrame.from_ndarray(f, format="rgb24")
-                vf.pts = i
-                vf.time_base = fractions.Fraction(1, fps)
-                out.mux(vs.encode(vf))
-            out.mux(vs.encode())
-            step = ast.codec_context.frame_size or 1024
-            for i in range(0, len(audio), step):
-                af = av.AudioFrame.from_ndarray(audio[None, i:i + step], format="flt", layout="mono")
-                af.sample_rate, af.pts = audio_rate, i
-                out.mux(ast.encode(af))
-            out.mux(ast.encode())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _write_json(path: Path, data) -> None:

@@ -4,6 +4,9 @@
     hallojax export  FORMAT CKPT_DIR OUT_DIR [--overwrite] [--max-shard-gb 5]
     hallojax demo    [--config configs/wan.py:demo] [--config.key=value ...]
     hallojax train   --config configs/wan.py:demo --workdir DIR [--config.train.steps=200 ...]
+    hallojax generate --checkpoint DIR --image PORTRAIT --audio SPEECH --out OUT.mp4 [--prompt TEXT]
+                     [--sampler euler|unipc|dpm++] [--steps N] [--shift S] [--guidance text=X,audio=Y]
+                     [--long-video motion|overlap|continue] [--height H --width W] [--fps 25] [--seed S]
     hallojax info    [--config configs/wan.py:wan2.1-t2v-14b,mesh=fsdp] [--devices 64]
     hallojax compile --config PRESET --topology v5p:2x2x2 [--batch 32 --frames 21 --height 60 --width 104]
     hallojax bench   vae [--height 480 --width 832 --frames 17]
@@ -140,6 +143,12 @@ def main(argv=None) -> int:
             p.add_argument("--process-id", type=int, help="multi-host: this process (or HALLOJAX_PROCESS_ID)")
         p.set_defaults(fn=fn, takes_overrides=True)
 
+    from hallojax import generate
+
+    p = sub.add_parser("generate", help="a portrait and a speech track -> a talking video (mp4 with the speech)")
+    generate.add_arguments(p)
+    p.set_defaults(fn=lambda a, o: generate.run(a, o), takes_overrides=True)
+
     import importlib
 
     for name in ("prepare", "synthetic"):  # the data pipeline's own commands
@@ -148,7 +157,7 @@ def main(argv=None) -> int:
         module.add_arguments(p)
         p.set_defaults(fn=module.run)
 
-    p = sub.add_parser("bench", help="benchmarks that print figures and their command (bench vae, bench train)")
+    p = sub.add_parser("bench", help="benchmarks that print figures and their command (bench vae, train, sample)")
     p.add_argument("bench_args", nargs=argparse.REMAINDER)
     p.set_defaults(fn=lambda a: __import__("hallojax.bench", fromlist=["main"]).main(a.bench_args))
 

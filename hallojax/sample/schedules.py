@@ -1,0 +1,101 @@
+"""Noise schedules for sampling: the σ grid a sampler walks and the time value the model is given.
+
+A `Schedule` holds, for N steps, the noise levels σ_0 > … > σ_N = 0 (N + 1 values), the signal scale
+α_i of each level and the model's time input t_i (N values), all on the host as numpy. Samplers only see
+(α, σ) pairs and a prediction type, so the same solver code runs flow-matching models (α = 1 − σ,
+prediction "flow": the model returns the velocity ε − x0) and, later, VP diffusion models (α = √ᾱ,
+σ = √(1 − ᾱ), prediction "v" or "epsilon").
+
+The flow schedules reproduce diffusers' schedulers value for value (tested for steps ∈ {5, 8, 25, 50},
+shift ∈ {1, 3, 5}), including where diffusers rounds:
+
+- "euler" = `FlowMatchEulerDiscreteScheduler(shift=s)`: σ = linspace(1, σ_min, N) with σ_min the float32
+  value of shift(1/1000), shifted again (so the low end is shifted twice, as diffusers does), float32;
+  the model gets float t = 1000·σ (float32).
+- "unipc" = `UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+  flow_shift=s)`: σ = shift(linspace(1, 1/1000, N + 1)[:-1]), σ_0 nudged below 1 by 1e-6 when it is 1;
+  the model gets t = int(1000·σ) (diffusers keeps integer timesteps: truncated, not rounded).
+- "dpm++" = `DPMSolverMultistepScheduler(..., use_flow_sigmas=True, flow_shift=s)`:
+  σ = flip(shift(1 − linspace(1, 1/1000, N + 1)))[:-1]; t = int(1000·σ).
+Every schedule ends with σ_N = 0, so the last step returns the clean prediction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+NUM_TRAIN_TIMESTEPS = 1000
+PREDICTIONS = ("flow", "v", "epsilon")
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """sigmas [N + 1] (σ_N = 0), alphas [N + 1], timesteps [N] (the model's time input), all float32."""
+
+    sigmas: np.ndarray
+    alphas: np.ndarray
+    timesteps: np.ndarray
+    prediction: str = "flow"
+
+    def __post_init__(self):
+        n = len(self.timesteps)
+        if n < 1 or self.sigmas.shape != (n + 1,) or self.alphas.shape != (n + 1,):
+            raise ValueError(f"schedule: {n} timesteps need {n + 1} sigmas and alphas, got "
+                             f"{self.sigmas.shape}, {self.alphas.shape}")
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"schedule prediction {self.prediction!r}: expected one of {PREDICTIONS}")
+
+    @property
+    def steps(self) -> int:
+        return len(self.timesteps)
+
+
+def shift_sigmas(sigmas: np.ndarray, shift: float) -> np.ndarray:
+    """σ' = s·σ / (1 + (s − 1)·σ): more steps at high noise for s > 1 (Wan, HunyuanVideo-Avatar)."""
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def _flow(sigmas: np.ndarray, timesteps: np.ndarray) -> Schedule:
+    sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
+    return Schedule(sigmas=sigmas, alphas=(1.0 - sigmas.astype(np.float64)).astype(np.float32),
+                    timesteps=np.asarray(timesteps, np.float32), prediction="flow")
+
+
+def euler_flow(steps: int, shift: float) -> Schedule:
+    # the scheduler's training grid is float32 and shifted once; its last value is σ_min
+    train = np.linspace(1, NUM_TRAIN_TIMESTEPS, NUM_TRAIN_TIMESTEPS, dtype=np.float32)[::-1] / np.float32(
+        NUM_TRAIN_TIMESTEPS)
+    train = (np.float32(shift) * train / (np.float32(1) + np.float32(shift - 1) * train)).astype(np.float32)
+    sigma_max, sigma_min = float(train[0]), float(train[-1])
+    t = np.linspace(sigma_max * NUM_TRAIN_TIMESTEPS, sigma_min * NUM_TRAIN_TIMESTEPS, steps)
+    sigmas = shift_sigmas(t / NUM_TRAIN_TIMESTEPS, shift).astype(np.float32)
+    return _flow(sigmas, sigmas * np.float32(NUM_TRAIN_TIMESTEPS))
+
+
+def unipc_flow(steps: int, shift: float) -> Schedule:
+    sigmas = shift_sigmas(np.linspace(1, 1 / NUM_TRAIN_TIMESTEPS, steps + 1)[:-1], shift)
+    if abs(sigmas[0] - 1) < 1e-6:
+        sigmas[0] -= 1e-6
+    return _flow(sigmas, np.trunc(sigmas * NUM_TRAIN_TIMESTEPS))
+
+
+def dpm_flow(steps: int, shift: float) -> Schedule:
+    sigmas = 1.0 - np.linspace(1, 1 / NUM_TRAIN_TIMESTEPS, steps + 1)
+    sigmas = np.flip(shift_sigmas(sigmas, shift))[:-1].copy()
+    return _flow(sigmas, np.trunc(sigmas * NUM_TRAIN_TIMESTEPS))
+
+
+FLOW_SCHEDULES = {"euler": euler_flow, "unipc": unipc_flow, "dpm++": dpm_flow}
+
+
+def flow_schedule(sampler: str, steps: int, shift: float) -> Schedule:
+    """The σ grid diffusers' scheduler for `sampler` uses with `steps` steps and `shift`."""
+    if sampler not in FLOW_SCHEDULES:
+        raise ValueError(f"sampler {sampler!r}: expected one of {sorted(FLOW_SCHEDULES)}")
+    if not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"steps {steps!r}: must be an integer >= 1")
+    if not shift > 0:
+        raise ValueError(f"shift {shift!r}: must be > 0")
+    return FLOW_SCHEDULES[sampler](int(steps), float(shift))
