@@ -113,11 +113,21 @@ def _check_overrides(config, overrides) -> None:
 
 
 def _steps_in(workdir: Path) -> list[int]:
-    import orbax.checkpoint as ocp
+    """Finished checkpoint steps of a workdir (Orbax renames a step directory into place when committed)."""
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()
+                  if p.name.isdigit() and (p / "state").is_dir() and (p / "config").is_dir())
 
-    with ocp.CheckpointManager((workdir / "checkpoints").absolute(),
-                               options=ocp.CheckpointManagerOptions(create=False, read_only=True)) as m:
-        return list(m.all_steps())
+
+class _quiet_absl:
+    """Orbax logs expected conditions (a partial restore's missing metadata file) as absl warnings."""
+
+    def __enter__(self):
+        self.logger = logging.getLogger("absl")
+        self.level = self.logger.level
+        self.logger.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc):
+        self.logger.setLevel(self.level)
 
 
 def load_checkpoint(path, *, step: int | None = None, weights: str = "auto", overrides=(),
@@ -179,7 +189,7 @@ def _load_workdir(path: Path, step, weights, overrides, devices):
     target = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
                           nnx.to_pure_dict(abs_params), shardings)
     try:
-        with ocp.PyTreeCheckpointer() as ckptr:
+        with _quiet_absl(), ocp.PyTreeCheckpointer() as ckptr:
             restored = ckptr.restore(ckpt / "state", args=ocp.args.PyTreeRestore(
                 item={weights: target}, restore_args=ocp.checkpoint_utils.construct_restore_args({weights: target}),
                 partial_restore=True))
@@ -399,8 +409,8 @@ class Pipeline:
             enc, enc_cfg = load_pretrained(text_encoder)
             if not isinstance(enc, T5Encoder):
                 raise ValueError(f"--text-encoder {text_encoder} holds a {type(enc).__name__}, not a T5/umT5 encoder")
-            if enc_cfg.d_model != loaded.cfg.text_dim:
-                raise ValueError(f"--text-encoder {text_encoder}: width {enc_cfg.d_model} != the DiT's text_dim "
+            if enc_cfg.dim != loaded.cfg.text_dim:
+                raise ValueError(f"--text-encoder {text_encoder}: width {enc_cfg.dim} != the DiT's text_dim "
                                  f"{loaded.cfg.text_dim}")
             text = (enc, load_tokenizer(tokenizer))
         return cls(loaded, spec, audio_fn=audio_fn, text=text)
@@ -710,33 +720,33 @@ class Pipeline:
         schedule = flow_schedule(sc.sampler, sc.steps, sc.shift)
         arrays = schedule_arrays(sampler_obj, schedule)
         weights = jnp.asarray(g.weights(sc.steps), jnp.float32)
-        with jax.set_mesh(self.mesh), use_rules(self.rules):
-            if cfg.reference_net:
-                need_null = any("ref" in d for d in g.branches())
+        if cfg.reference_net:
+            need_null = any("ref" in d for d in g.branches())
+            with self._on_mesh():
                 full["reference_cache"], null["reference_cache"] = self._reference_caches(jnp.asarray(ref_latent),
                                                                                           need_null)
-            t_encode = time.perf_counter() - t0
-            log.info("%s", plan.describe())
-            log.info("%s; sampler %s, %d steps, shift %g; %dx%d at %g fps, %d frames (%.2f s)", g.describe(sc.steps),
-                     sc.sampler, sc.steps, sc.shift, width, height, fps, n_frames, n_frames / fps)
-            key = jax.random.key(seed)
-            lat_shape = (1, f_lat, h, w, cfg.out_channels)
-            t_denoise = t_decode = t_compile = 0.0
-            frames = np.zeros((n_frames, height, width, 3), np.uint8)
-            latents_out = []
-            clip_bar = tqdm(total=len(plan.clips), desc="clips", unit="clip", disable=not progress,
-                            dynamic_ncols=True)
-            try:
-                if strategy == "overlap":
-                    t_compile, t_denoise, t_decode = self._run_overlap(
-                        plan, portrait.frame, key, full, null, feats, first, ref_latent, arrays, weights, g, sampler_obj, sc.steps,
-                        progress, frames, latents_out, clip_bar)
-                else:
-                    t_compile, t_denoise, t_decode = self._run_clips(
-                        plan, portrait.frame, strategy, key, lat_shape, full, null, feats, first, ref_latent, arrays, weights, g,
-                        sampler_obj, sc.steps, progress, frames, latents_out, clip_bar)
-            finally:
-                clip_bar.close()
+        t_encode = time.perf_counter() - t0
+        log.info("%s", plan.describe())
+        log.info("%s; sampler %s, %d steps, shift %g; %dx%d at %g fps, %d frames (%.2f s)", g.describe(sc.steps),
+                 sc.sampler, sc.steps, sc.shift, width, height, fps, n_frames, n_frames / fps)
+        key = jax.random.key(seed)
+        lat_shape = (1, f_lat, h, w, cfg.out_channels)
+        t_denoise = t_decode = t_compile = 0.0
+        frames = np.zeros((n_frames, height, width, 3), np.uint8)
+        latents_out = []
+        clip_bar = tqdm(total=len(plan.clips), desc="clips", unit="clip", disable=not progress,
+                        dynamic_ncols=True)
+        try:
+            if strategy == "overlap":
+                t_compile, t_denoise, t_decode = self._run_overlap(
+                    plan, portrait.frame, key, full, null, feats, first, ref_latent, arrays, weights, g, sampler_obj, sc.steps,
+                    progress, frames, latents_out, clip_bar)
+            else:
+                t_compile, t_denoise, t_decode = self._run_clips(
+                    plan, portrait.frame, strategy, key, lat_shape, full, null, feats, first, ref_latent, arrays, weights, g,
+                    sampler_obj, sc.steps, progress, frames, latents_out, clip_bar)
+        finally:
+            clip_bar.close()
         total = time.perf_counter() - t_start
         video_s = n_frames / fps
         timings = {"encode_s": t_encode, "compile_s": t_compile, "denoise_s": t_denoise, "decode_s": t_decode,
@@ -754,9 +764,20 @@ class Pipeline:
                  "(%.2f s per second)", t_encode, t_compile, t_denoise, t_decode, total, video_s, total / video_s)
         return Result(frames, wave, rate, fps, plan, settings, timings, warnings, portrait, latents_out)
 
+    def _on_mesh(self):
+        """The model's mesh and rules, for the model's programs only (codecs and encoders run on their own
+        devices, outside it)."""
+        import contextlib
+
+        stack = contextlib.ExitStack()
+        stack.enter_context(jax.set_mesh(self.mesh))
+        stack.enter_context(use_rules(self.rules))
+        return stack
+
     def _compiled(self, fn, *args):
         t0 = time.perf_counter()
-        compiled = fn.lower(*args).compile()
+        with self._on_mesh():
+            compiled = fn.lower(*args).compile()
         return compiled, time.perf_counter() - t0
 
     def _encode_frames(self, frames_uint8: np.ndarray) -> np.ndarray:
@@ -799,7 +820,8 @@ class Pipeline:
                              disable=not progress, dynamic_ncols=True)
             try:
                 t0 = time.perf_counter()
-                lat = jax.block_until_ready(compiled(*args))
+                with self._on_mesh():
+                    lat = jax.block_until_ready(compiled(*args))
                 t_denoise += time.perf_counter() - t0
             finally:
                 self._bar.close()
@@ -845,7 +867,8 @@ class Pipeline:
                          disable=not progress, dynamic_ncols=True)
         try:
             t0 = time.perf_counter()
-            lat = np.asarray(jax.block_until_ready(compiled(*args)))
+            with self._on_mesh():
+                lat = np.asarray(jax.block_until_ready(compiled(*args)))
             t_denoise = time.perf_counter() - t0
         finally:
             self._bar.close()
@@ -938,9 +961,8 @@ def run(args, overrides=()) -> int:
         raise ValueError(f"--out {out}: the output is an mp4 file (name it .mp4)")
     if out.is_dir():
         raise ValueError(f"--out {out} is a directory")
-    for flag, path in (("--image", args.image), ("--audio", args.audio)):
-        if not Path(path).is_file():
-            raise MediaError(f"{flag} {path}: no such file")
+    read_image(args.image)  # unreadable inputs fail before a large model is loaded
+    read_audio(args.audio)
     pipe = Pipeline.load(args.checkpoint, step=args.step, weights=args.weights, codec=args.codec,
                          audio_features=args.audio_features, text_encoder=args.text_encoder, tokenizer=args.tokenizer,
                          fps=args.fps, height=args.height, width=args.width, overrides=overrides)
