@@ -12,9 +12,12 @@ arg = PRESET[,size=SIZE][,mesh=MESH][,dtype=DTYPE][,remat=POLICY]. PRESET is one
 or STYLES (portrait-animation presets on a backbone of SIZE: tiny or 1.3b); MESH one of MESHES.
 """
 
+import dataclasses
+
 import ml_collections
 
 from hallojax.dit import DiTConfig
+from hallojax.generate import SampleConfig
 from hallojax.sharding import DEFAULT_RULES
 
 # Only what differs from DiTConfig's defaults (Wan2.1-T2V-1.3B) is written here.
@@ -41,6 +44,9 @@ STYLES = {
     # symbiotic reference fusion + direct audio fusion
     "letstalk-style": dict(symbiotic=True, audio="cross_attn", audio_align="conv"),
 }
+# the guidance each system samples with (text terms drop out when no prompt is given)
+STYLE_GUIDANCE = {"hallo3-style": "hallo3", "hyavatar-style": "hyavatar", "echomimic-style": "echomimic",
+                  "letstalk-style": "audio=3"}
 AUDIO_TINY = dict(audio_in_layers=2, audio_in_dim=8, audio_hidden=16, audio_tokens=2, audio_dim=16)
 SIZES = {"tiny": "tiny", "1.3b": "wan2.1-t2v-1.3b"}
 
@@ -114,6 +120,11 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     if name == "echomimic-style":  # masked multi-task training
         config.train.mask_tasks = [["t2v", 0.2], ["i2v", 0.5], ["continuation", 0.2], ["first_last", 0.1]]
     config.checkpoint = ml_collections.ConfigDict(dict(every=50, keep=3, keep_every=0, async_save=True))
+    # sampling defaults of `hallojax generate` for checkpoints of this preset (flags override); the style
+    # presets guide as their system does (hallojax.sample.guidance.PRESETS); models trained without
+    # condition dropout (the backbones, the demo) have no null branches to guide with
+    sample = SampleConfig(guidance=STYLE_GUIDANCE.get(name, "none"))
+    config.sample = ml_collections.ConfigDict(dataclasses.asdict(sample))
     # demo data: "random" (a fixed synthetic batch, for tests) or "synthetic" (talking faces through the
     # data pipeline into workdir)
     config.data = ml_collections.ConfigDict(dict(

@@ -1,5 +1,13 @@
 """Benchmarks that print their figures and the command that produced them (never timed tests).
 
+    hallojax bench sample [--config configs/wan.py:tiny] [--frames 3 --height 8 --width 8 --text-len 16]
+                          [--sampler unipc --steps 10 --shift 3 --guidance text=5 --repeats 2] [--no-torch]
+
+One clip's whole denoising loop as `hallojax generate` runs it (one jitted program, every guidance branch
+of a step in one batched model call) beside diffusers' eager loop (WanTransformer3DModel + the same
+scheduler, steps and guidance passes, one call per branch as WanPipeline does): seconds per clip,
+denoise steps/s and the ratio.
+
     hallojax bench vae [--height 480 --width 832 --frames 17 --batch 1 --dtype bfloat16 --tile 0]
 
 Random weights at the published Wan2.1 VAE size (throughput does not depend on the values); reports
@@ -141,9 +149,9 @@ def _gib(n: int | None) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
-def _command_line(argv) -> str:
+def _command_line(argv, bench: str = "train") -> str:
     """The command as typed (sys.argv, with the environment variables that decide the devices)."""
-    tail = ["bench", "train", *argv]
+    tail = ["bench", bench, *argv]
     if sys.argv[1:] == tail:
         prog = os.path.basename(sys.argv[0])
         words = ["python", "-m", "hallojax.cli"] if prog in ("cli.py", "__main__.py") else [prog]
@@ -454,7 +462,230 @@ def bench_train_cli(argv) -> dict:
                        torch=args.torch, command=command)
 
 
-BENCHES = {"vae": bench_vae, "train": bench_train_cli}
+# --- bench sample --------------------------------------------------------------------------------
+def _sample_inputs(cfg, frames, height, width, text_len, seed):
+    """Model inputs of one clip ([1, ...]) and their null versions, from the trainer's example batch."""
+    from hallojax.train import example_batch
+
+    batch = example_batch(cfg, 1, frames, height, width, text_len=text_len, seed=seed)
+    full = {"context": batch["context"]}
+    for k in ("reference", "audio", "face_mask"):
+        if k in batch and not (k == "reference" and cfg.reference_net and not (
+                cfg.identity_tokens or cfg.identity_additive or cfg.symbiotic)):
+            full[k] = batch[k]
+    if cfg.motion_frames:
+        full["motion"] = np.zeros((1, cfg.motion_frames, height, width, cfg.out_channels), np.float32)
+    null = {k: (v if k in ("face_mask", "motion") else np.zeros_like(v)) for k, v in full.items()}
+    return full, null, batch.get("reference")
+
+
+def _run_ours_sample(cfg, config, mesh, rules, shape, sampler_name, steps, shift, guidance, repeats) -> dict:
+    from hallojax.dit import WanDiT, param_count
+    from hallojax.generate import SamplingEngine
+    from hallojax.sample import flow_schedule, get_sampler, parse_guidance, schedule_arrays
+    from hallojax.sharding import create_sharded
+
+    frames, height, width, text_len = shape
+    model = create_sharded(lambda: WanDiT(cfg, rngs=nnx.Rngs(config.seed)), mesh, rules)
+    engine = SamplingEngine(model, mesh, rules)
+    g = parse_guidance(guidance)
+    sampler = get_sampler(sampler_name)
+    arrays = schedule_arrays(sampler, flow_schedule(sampler_name, steps, shift))
+    weights = jax.numpy.asarray(g.weights(steps), jax.numpy.float32)
+    full, null, reference = _sample_inputs(cfg, frames, height, width, text_len, config.seed)
+    if cfg.reference_net:
+        with engine.on_mesh():
+            full["reference_cache"], null["reference_cache"] = engine.reference_caches(reference, True)
+    lat_shape = (1, frames, height, width, cfg.out_channels)
+    x = np.random.default_rng(config.seed).standard_normal(lat_shape).astype(np.float32)
+    known = (np.zeros(lat_shape, np.float32), np.zeros((1, frames, 1, 1, 1), bool), np.zeros(lat_shape, np.float32))
+    fn = engine.program("clip", sampler, g, steps, progress=False)
+    args = (engine.state, x, full, null, known, arrays, weights)
+    compiled, compile_s = engine.compile(fn, *args)
+    engine.run(compiled, args, steps=steps, desc="", progress=False)  # warm-up
+    times = [engine.run(compiled, args, steps=steps, desc="", progress=False)[1] for _ in range(repeats)]
+    memory = compiled.memory_analysis()
+    return dict(params=param_count(model), compile_s=compile_s, clip_s=statistics.median(times),
+                branches=max(len(live) for _, _, live in g.phases(steps)), guidance=g,
+                xla_bytes=None if memory is None else int(memory.argument_size_in_bytes + memory.output_size_in_bytes
+                                                          + memory.temp_size_in_bytes),
+                peak_bytes=max([p for p in (_peak(d) for d in mesh.devices.flat) if p is not None], default=None))
+
+
+def diffusers_scheduler(name: str, shift: float):
+    """diffusers' scheduler for our sampler `name` (the configuration our schedules reproduce)."""
+    from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+
+    if name == "euler":
+        return FlowMatchEulerDiscreteScheduler(shift=shift)
+    if name == "unipc":
+        return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=shift)
+    return DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=shift)
+
+
+def _run_torch_sample(cfg, shape, sampler_name, steps, shift, guidance, repeats, seed, device) -> dict:
+    """The Wan pipeline's denoising loop in eager PyTorch: diffusers' transformer and scheduler, one
+    transformer call per guidance branch per step (WanPipeline calls cond and uncond separately),
+    combined with the same weights, then `scheduler.step`."""
+    import diffusers
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(seed)
+    cuda = device == "cuda"
+    dev = torch.device(device)
+    amp = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.dtype) if cuda else None
+    model = WanTransformer3DModel(**diffusers_kwargs(cfg)).to(dev).eval()
+    if amp is not None:
+        model = model.to(amp)
+    frames, height, width, text_len = shape
+    rng = np.random.default_rng(seed)
+    x0 = torch.from_numpy(rng.standard_normal((1, cfg.out_channels, frames, height, width)).astype(np.float32)).to(dev)
+    ctx = torch.from_numpy(rng.standard_normal((1, text_len, cfg.text_dim)).astype(np.float32)).to(dev)
+    null = torch.zeros_like(ctx)
+    weights = guidance.weights(steps)
+    drops = guidance.branches()
+    dtype = amp or torch.float32
+
+    def clip():
+        sched = diffusers_scheduler(sampler_name, shift)
+        sched.set_timesteps(steps, device=dev)
+        x = x0.clone()
+        for i, t in enumerate(sched.timesteps):
+            out = 0
+            for b in np.flatnonzero(weights[i]):
+                c = null if "text" in drops[b] else ctx
+                v = model(x.to(dtype), t.expand(1), c.to(dtype), return_dict=False)[0].float()
+                out = out + float(weights[i, b]) * v
+            x = sched.step(out, t, x, return_dict=False)[0]
+        if cuda:
+            torch.cuda.synchronize(dev)
+        return x
+
+    with torch.no_grad():
+        clip()  # warm-up
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            clip()
+            times.append(time.perf_counter() - t0)
+    return dict(name=f"diffusers {diffusers.__version__} (torch {torch.__version__})",
+                device=torch.cuda.get_device_name(dev) if cuda else "cpu",
+                dtype=str(dtype).removeprefix("torch."), threads=torch.get_num_threads(),
+                clip_s=statistics.median(times), peak_bytes=torch.cuda.max_memory_allocated(dev) if cuda else None)
+
+
+def bench_sample(config, *, frames: int = 3, height: int = 8, width: int = 8, text_len: int = 16,
+                 sampler: str = "unipc", steps: int = 10, shift: float = 3.0, guidance: str = "text=5",
+                 repeats: int = 2, torch: bool = True, command: str | None = None) -> dict:
+    """Time one clip's whole denoising loop (our jitted program, every guidance branch of a step in one
+    batched call) and diffusers' eager loop on the same transformer sizes, scheduler, steps and guidance
+    passes; print denoise steps/s, seconds per clip and the ratio. Sizes are latent-grid sizes."""
+    from hallojax.dit import DiTConfig
+    from hallojax.sample import parse_guidance
+    from hallojax.sample.solvers import SAMPLERS
+    from hallojax.sharding import normalize_rules
+
+    cfg = DiTConfig.from_dict(config.model)
+    rules = normalize_rules(config.rules)
+    mesh = bench_mesh(config.mesh)
+    _check_shape(cfg, batch=1, frames=frames, height=height, width=width, text_len=text_len, image_len=257,
+                 steps=steps, warmup=0)
+    if sampler not in SAMPLERS:
+        raise ValueError(f"--sampler {sampler!r}: expected one of {sorted(SAMPLERS)}")
+    if cfg.in_channels not in (cfg.out_channels, 2 * cfg.out_channels + 4) or cfg.image_dim is not None:
+        raise ValueError("bench sample takes T2V / masked-input DiTs (no I2V image tokens)")
+    if repeats < 1:
+        raise ValueError(f"--repeats {repeats}: must be >= 1")
+    g = parse_guidance(guidance)
+    available = {"text"} | ({"audio"} if cfg.audio != "none" else set()) | (
+        {"ref"} if cfg.identity_tokens or cfg.identity_additive or cfg.symbiotic or cfg.reference_net else set())
+    g.check(available)
+    shape = (frames, height, width, text_len)
+    tokens = frames * height * width // cfg.patch_volume
+    n_dev = mesh.size
+    kind = mesh.devices.flat[0].device_kind
+    command = command or f"python: hallojax.bench.bench_sample({config.get('preset')!r}, ...)"
+    print(f"command: {command}")
+    print(f"devices: {n_dev} x {kind}; mesh {dict(mesh.shape)}; dtype {cfg.dtype}, params {cfg.param_dtype}; "
+          f"attention {cfg.attention}; jax {jax.__version__}")
+    print(f"model {config.get('preset', '?')}: latents {[1, frames, height, width, cfg.out_channels]}, text "
+          f"{text_len} tokens; {tokens:,} video tokens; sampler {sampler}, {steps} steps, shift {shift:g}; "
+          f"{g.describe(steps)}")
+    skipped = "PyTorch side skipped: --no-torch" if not torch else None
+    skipped = skipped or torch_skip_reason(cfg) or _torch_import_error()
+    if skipped is None and cfg.in_channels != cfg.out_channels:
+        skipped = "PyTorch side skipped: masked-input model (diffusers' loop would need the mask channels)"
+    if skipped is None and not g.guided <= {"text"}:
+        skipped = "PyTorch side skipped: diffusers' Wan has no audio/reference conditions to guide"
+    device = None
+    if skipped is None:
+        device, skipped = _torch_device(mesh.devices.flat[0].platform)
+    theirs = None
+    if device == "cuda":
+        theirs = _run_torch_sample(cfg, shape, sampler, steps, shift, g, repeats, config.seed, device)
+    ours = _run_ours_sample(cfg, config, mesh, rules, shape, sampler, steps, shift, guidance, repeats)
+    if device == "cpu":
+        theirs = _run_torch_sample(cfg, shape, sampler, steps, shift, g, repeats, config.seed, device)
+    result = dict(command=command, preset=config.get("preset"), n_devices=n_dev, device_kind=kind, steps=steps,
+                  sampler=sampler, guidance=g.spec, shape=dict(frames=frames, height=height, width=width,
+                                                               text_len=text_len),
+                  clip_s=ours["clip_s"], steps_per_s=steps / ours["clip_s"], compile_s=ours["compile_s"],
+                  branches=ours["branches"], params=ours["params"], torch=theirs, torch_skipped=skipped, ratio=None)
+    rows = [("hallojax (JAX)", f"{n_dev} x {kind}, {cfg.dtype}", ours["clip_s"],
+             f"{ours['branches']} branches in 1 call", _gib(ours["peak_bytes"] or ours["xla_bytes"]),
+             f"{ours['compile_s']:.2f}")]
+    if theirs is not None:
+        result["ratio"] = theirs["clip_s"] / ours["clip_s"]
+        rows.append((theirs["name"], f"{theirs['device']}, {theirs['dtype']}, {theirs['threads']} threads",
+                     theirs["clip_s"], f"{ours['branches']} calls", _gib(theirs["peak_bytes"]), "eager"))
+    header = ("implementation", "devices, dtype", "s per clip", "denoise steps/s", "model calls per step",
+              "memory", "compile s")
+    lines = [header] + [(n, w, f"{c:.3f}", f"{steps / c:.2f}", b, m, comp) for n, w, c, b, m, comp in rows]
+    widths = [max(len(r[i]) for r in lines) for i in range(len(header))]
+    fmt = lambda row: "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"  # noqa: E731
+    print(fmt(lines[0]))
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in lines[1:]:
+        print(fmt(row))
+    if theirs is not None:
+        print(f"ratio: diffusers seconds per clip / ours = {result['ratio']:.2f} (>1: hallojax is faster)")
+    else:
+        print(skipped)
+    return result
+
+
+def bench_sample_cli(argv) -> dict:
+    from hallojax.config import load_config
+
+    p = argparse.ArgumentParser(prog="hallojax bench sample", allow_abbrev=False,
+                                description="One clip's denoising loop: ours beside diffusers'. Sizes are latent-grid "
+                                "sizes; extra --config.key=value overrides apply.")
+    p.add_argument("--config", default="configs/wan.py:tiny", help="FILE.py[:ARG], or a preset name")
+    p.add_argument("--frames", type=int, default=3, help="latent frames")
+    p.add_argument("--height", type=int, default=8, help="latent height")
+    p.add_argument("--width", type=int, default=8, help="latent width")
+    p.add_argument("--text-len", type=int, default=16, help="text tokens (Wan: 512)")
+    p.add_argument("--sampler", default="unipc", choices=["euler", "unipc", "dpm++"])
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--shift", type=float, default=3.0)
+    p.add_argument("--guidance", default="text=5", help="guidance spec (branches per step), e.g. none, text=5")
+    p.add_argument("--repeats", type=int, default=2, help="timed clips after a warm-up clip")
+    p.add_argument("--torch", action=argparse.BooleanOptionalAction, default=True)
+    args, rest = p.parse_known_args(argv)
+    overrides = [a for a in rest if a.startswith("--config.")]
+    if len(overrides) != len(rest):
+        p.error(f"unrecognized arguments: {' '.join(a for a in rest if a not in overrides)}")
+    command = _command_line(argv, "sample")
+    if args.torch:
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    return bench_sample(load_config(args.config, overrides), frames=args.frames, height=args.height, width=args.width,
+                        text_len=args.text_len, sampler=args.sampler, steps=args.steps, shift=args.shift,
+                        guidance=args.guidance, repeats=args.repeats, torch=args.torch, command=command)
+
+
+BENCHES = {"vae": bench_vae, "train": bench_train_cli, "sample": bench_sample_cli}
 
 
 def main(argv) -> int:

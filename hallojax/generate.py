@@ -31,7 +31,6 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -365,6 +364,177 @@ class Result:
 COND_OF = {"context": "text", "audio": "audio", "reference": "ref", "reference_cache": "ref"}
 
 
+class SamplingEngine:
+    """The model's side of generation: its sharded weights, the jitted sampling programs (one per kind,
+    sampler, guidance and step count; jit caches shapes) and the reference-network cache. Pipelines and
+    `hallojax bench sample` drive it; nothing here touches media."""
+
+    def __init__(self, model: WanDiT, mesh, rules):
+        self.model, self.cfg, self.mesh, self.rules = model, model.cfg, mesh, rules
+        self.graphdef, self.state = nnx.split(model)
+        self.masked_input = self.cfg.in_channels == 2 * self.cfg.out_channels + 4
+        self._programs: dict = {}
+        self._bar = None
+
+    def _tick(self):
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def guided(self, state, x, t, i, full: dict, null: dict, live_drops, weights_live, masked=None):
+        """One batched model call over the live branches, combined with their weights: [B, ...] float32.
+        The model is merged here, inside the loops that call it (an NNX module must be built at the trace
+        level of the transform that uses it)."""
+        model = nnx.merge(self.graphdef, jax.tree.map(lambda a: a, state))  # fresh variables at this level
+        nb, b = len(live_drops), x.shape[0]
+        xin = x
+        if masked is not None:
+            from hallojax.conditioning import inpainting_input
+
+            xin = inpainting_input(x, *masked)
+        xb = jnp.concatenate([xin] * nb, axis=0)
+        kw = {}
+        for k, v in full.items():
+            cond = COND_OF.get(k)
+            parts = [null[k] if cond in drops else v for drops in live_drops]
+            if k == "reference_cache":
+                kw[k] = ReferenceCache(jnp.concatenate(parts, axis=1))
+            else:
+                kw[k] = jnp.concatenate(parts, axis=0)
+        ctx = kw.pop("context")
+        out = model(xb, jnp.full((nb * b,), t, jnp.float32), ctx, **kw).astype(jnp.float32)
+        out = out.reshape(nb, b, *out.shape[1:])
+        return jnp.tensordot(weights_live[i], out, axes=1)
+
+    def program(self, kind: str, sampler, guidance, steps: int, progress: bool):
+        key = (kind, sampler.name, guidance.spec, steps, progress)
+        if key in self._programs:
+            return self._programs[key]
+        phases = guidance.phases(steps)
+        drops = guidance.branches()
+        on_step = self._tick if progress else None
+        masked_model = self.masked_input
+
+        def weights_for(weights, live):
+            return weights[:, jnp.array(live)]
+
+        if kind == "clip":
+            def program(state, x, full, null, known, arrays, weights):
+                known = Known(*known)
+                masked = None
+                if masked_model:
+                    m = known.mask.astype(jnp.float32)
+                    masked = (jnp.broadcast_to(m, (*x.shape[:4], 4)), known.latents * m)
+                dens = [lambda x, t, i, live=live: self.guided(state, x, t, i, full, null, [drops[k] for k in live],
+                                                              weights_for(weights, live), masked)
+                        for _, _, live in phases]
+                return sample(dens, x, arrays, sampler, phases=[(a, b) for a, b, _ in phases], known=known,
+                              on_step=on_step)
+        else:  # overlap windows over the whole sequence
+            def program(state, x, full, null, known, arrays, weights, window):
+                known = Known(*known)
+                starts, audio_w, blend = window["starts"], window.get("audio"), window["blend"]
+                f = blend.shape[1]
+
+                def make(live):
+                    def denoise(x, t, i):
+                        def one(acc, w):
+                            a, wt = w["start"], w["blend"]
+                            xw = jax.lax.dynamic_slice_in_dim(x, a, f, axis=1)
+                            fw = dict(full)
+                            if audio_w is not None:
+                                fw["audio"] = w["audio"]
+                            masked = None
+                            if masked_model:
+                                m = jax.lax.dynamic_slice_in_dim(known.mask, a, f, axis=1).astype(jnp.float32)
+                                lat = jax.lax.dynamic_slice_in_dim(known.latents, a, f, axis=1)
+                                masked = (jnp.broadcast_to(m, (*xw.shape[:4], 4)), lat * m)
+                            out = self.guided(state, xw, t, i, fw, null, [drops[k] for k in live],
+                                               weights_for(weights, live), masked)
+                            cur = jax.lax.dynamic_slice_in_dim(acc, a, f, axis=1)
+                            acc = jax.lax.dynamic_update_slice_in_dim(acc, cur + wt[None, :, None, None, None] * out,
+                                                                      a, axis=1)
+                            return acc, None
+
+                        xs = {"start": starts, "blend": blend}
+                        if audio_w is not None:
+                            xs["audio"] = audio_w
+                        acc, _ = jax.lax.scan(one, jnp.zeros(x.shape, jnp.float32), xs)
+                        return acc
+                    return denoise
+
+                dens = [make(live) for _, _, live in phases]
+                return sample(dens, x, arrays, sampler, phases=[(a, b) for a, b, _ in phases], known=known,
+                              on_step=on_step)
+
+        fn = jax.jit(program)
+        self._programs[key] = fn
+        return fn
+
+    def reference_caches(self, ref_latent, need_null: bool):
+        """Hallo3's reference network, once per video: the portrait's cache and (if a branch drops the
+        reference) the null reference's."""
+        encode = self._programs.get("encode_reference")
+        if encode is None:
+            graphdef = self.graphdef
+            encode = self._programs["encode_reference"] = jax.jit(
+                lambda state, r: nnx.merge(graphdef, state).encode_reference(r).features)
+        full = encode(self.state, ref_latent)
+        return full, (encode(self.state, jnp.zeros_like(ref_latent)) if need_null else jnp.zeros_like(full))
+
+    def on_mesh(self):
+        """The model's mesh and rules, for the model's programs only (codecs and encoders run on their own
+        devices, outside it)."""
+        import contextlib
+
+        stack = contextlib.ExitStack()
+        stack.enter_context(jax.set_mesh(self.mesh))
+        stack.enter_context(use_rules(self.rules))
+        return stack
+
+    def compile(self, fn, *args):
+        t0 = time.perf_counter()
+        with self.on_mesh():
+            compiled = fn.lower(*args).compile()
+        return compiled, time.perf_counter() - t0
+
+    def run(self, compiled, args, *, steps: int, desc: str, progress: bool):
+        """Execute a compiled program on the mesh with a step progress bar: (result, seconds)."""
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=steps, desc=desc, unit="step", leave=False, disable=not progress, dynamic_ncols=True)
+        try:
+            t0 = time.perf_counter()
+            with self.on_mesh():
+                out = jax.block_until_ready(compiled(*args))
+            return out, time.perf_counter() - t0
+        finally:
+            self._bar.close()
+            self._bar = None
+
+
+@dataclasses.dataclass
+class _Job:
+    """One `generate` call's prepared inputs, for the clip loop of its strategy."""
+
+    plan: long_video.Plan
+    portrait: np.ndarray  # uint8 [H, W, 3]
+    key: jax.Array
+    lat_shape: tuple  # one clip's latents [1, F, h, w, C]
+    full: dict  # model inputs with every condition
+    null: dict  # the same inputs with the conditions dropped (zeros / the negative prompt)
+    feats: np.ndarray | None  # audio features [1, frames, L, D] from video frame `first` on
+    first: int
+    arrays: dict  # the schedule's per-step arrays
+    weights: jax.Array  # guidance weights [steps, branches]
+    guidance: guidance_lib.Guidance
+    sampler: object
+    steps: int
+    progress: bool
+    frames: np.ndarray  # the output video, filled clip by clip
+    latents: list
+    bar: object
+
+
 class Pipeline:
     """A loaded model with its codec, audio features and (optional) text encoder; `generate` makes videos."""
 
@@ -378,9 +548,7 @@ class Pipeline:
         self.text = text  # (T5Encoder, tokenizer) or None
         self.sample_defaults = SampleConfig(**{k: v for k, v in dict(loaded.config.get("sample", {})).items()
                                                if k in {f.name for f in dataclasses.fields(SampleConfig)}})
-        self._graphdef, self._state = nnx.split(self.model)
-        self._programs: dict = {}
-        self._bar = None
+        self.engine = SamplingEngine(self.model, self.mesh, self.rules)
         self._check_model()
 
     # ---- loading ----
@@ -430,7 +598,7 @@ class Pipeline:
 
     @property
     def masked_input(self) -> bool:
-        return self.cfg.in_channels == 2 * self.cfg.out_channels + 4
+        return self.engine.masked_input
 
     @property
     def has_ref(self) -> bool:
@@ -524,111 +692,6 @@ class Pipeline:
         return ctx, null
 
     # ---- programs ----
-    def _tick(self):
-        if self._bar is not None:
-            self._bar.update(1)
-
-    def _guided(self, state, x, t, i, full: dict, null: dict, live_drops, weights_live, masked=None):
-        """One batched model call over the live branches, combined with their weights: [B, ...] float32.
-        The model is merged here, inside the loops that call it (an NNX module must be built at the trace
-        level of the transform that uses it)."""
-        model = nnx.merge(self._graphdef, jax.tree.map(lambda a: a, state))  # fresh variables at this level
-        nb, b = len(live_drops), x.shape[0]
-        xin = x
-        if masked is not None:
-            from hallojax.conditioning import inpainting_input
-
-            xin = inpainting_input(x, *masked)
-        xb = jnp.concatenate([xin] * nb, axis=0)
-        kw = {}
-        for k, v in full.items():
-            cond = COND_OF.get(k)
-            parts = [null[k] if cond in drops else v for drops in live_drops]
-            if k == "reference_cache":
-                kw[k] = ReferenceCache(jnp.concatenate(parts, axis=1))
-            else:
-                kw[k] = jnp.concatenate(parts, axis=0)
-        ctx = kw.pop("context")
-        out = model(xb, jnp.full((nb * b,), t, jnp.float32), ctx, **kw).astype(jnp.float32)
-        out = out.reshape(nb, b, *out.shape[1:])
-        return jnp.tensordot(weights_live[i], out, axes=1)
-
-    def _program(self, kind: str, sampler, guidance, steps: int, progress: bool):
-        key = (kind, sampler.name, guidance.spec, steps, progress)
-        if key in self._programs:
-            return self._programs[key]
-        phases = guidance.phases(steps)
-        drops = guidance.branches()
-        on_step = self._tick if progress else None
-        masked_model = self.masked_input
-
-        def weights_for(weights, live):
-            return weights[:, jnp.array(live)]
-
-        if kind == "clip":
-            def program(state, x, full, null, known, arrays, weights):
-                known = Known(*known)
-                masked = None
-                if masked_model:
-                    m = known.mask.astype(jnp.float32)
-                    masked = (jnp.broadcast_to(m, (*x.shape[:4], 4)), known.latents * m)
-                dens = [lambda x, t, i, live=live: self._guided(state, x, t, i, full, null, [drops[k] for k in live],
-                                                              weights_for(weights, live), masked)
-                        for _, _, live in phases]
-                return sample(dens, x, arrays, sampler, phases=[(a, b) for a, b, _ in phases], known=known,
-                              on_step=on_step)
-        else:  # overlap windows over the whole sequence
-            def program(state, x, full, null, known, arrays, weights, window):
-                known = Known(*known)
-                starts, audio_w, blend = window["starts"], window.get("audio"), window["blend"]
-                f = blend.shape[1]
-
-                def make(live):
-                    def denoise(x, t, i):
-                        def one(acc, w):
-                            a, wt = w["start"], w["blend"]
-                            xw = jax.lax.dynamic_slice_in_dim(x, a, f, axis=1)
-                            fw = dict(full)
-                            if audio_w is not None:
-                                fw["audio"] = w["audio"]
-                            masked = None
-                            if masked_model:
-                                m = jax.lax.dynamic_slice_in_dim(known.mask, a, f, axis=1).astype(jnp.float32)
-                                lat = jax.lax.dynamic_slice_in_dim(known.latents, a, f, axis=1)
-                                masked = (jnp.broadcast_to(m, (*xw.shape[:4], 4)), lat * m)
-                            out = self._guided(state, xw, t, i, fw, null, [drops[k] for k in live],
-                                               weights_for(weights, live), masked)
-                            cur = jax.lax.dynamic_slice_in_dim(acc, a, f, axis=1)
-                            acc = jax.lax.dynamic_update_slice_in_dim(acc, cur + wt[None, :, None, None, None] * out,
-                                                                      a, axis=1)
-                            return acc, None
-
-                        xs = {"start": starts, "blend": blend}
-                        if audio_w is not None:
-                            xs["audio"] = audio_w
-                        acc, _ = jax.lax.scan(one, jnp.zeros(x.shape, jnp.float32), xs)
-                        return acc
-                    return denoise
-
-                dens = [make(live) for _, _, live in phases]
-                return sample(dens, x, arrays, sampler, phases=[(a, b) for a, b, _ in phases], known=known,
-                              on_step=on_step)
-
-        fn = jax.jit(program)
-        self._programs[key] = fn
-        return fn
-
-    def _reference_caches(self, ref_latent, need_null: bool):
-        """Hallo3's reference network, once per video: the portrait's cache and (if a branch drops the
-        reference) the null reference's."""
-        encode = self._programs.get("encode_reference")
-        if encode is None:
-            graphdef = self._graphdef
-            encode = self._programs["encode_reference"] = jax.jit(
-                lambda state, r: nnx.merge(graphdef, state).encode_reference(r).features)
-        full = encode(self._state, ref_latent)
-        return full, (encode(self._state, jnp.zeros_like(ref_latent)) if need_null else jnp.zeros_like(full))
-
     # ---- generate ----
     def generate(self, image, audio, *, prompt: str | None = None, negative_prompt: str | None = None,
                  sampler: str | None = None, steps: int | None = None, shift: float | None = None,
@@ -645,7 +708,8 @@ class Pipeline:
         sc = SampleConfig(sampler=sampler or d.sampler, steps=d.steps if steps is None else steps,
                           shift=d.shift if shift is None else shift,
                           guidance=d.guidance if guidance is None else guidance,
-                          long_video=long_video_strategy or d.long_video, overlap=d.overlap if overlap is None else overlap,
+                          long_video=long_video_strategy or d.long_video,
+                          overlap=d.overlap if overlap is None else overlap,
                           clip_frames=d.clip_frames if clip_frames is None else clip_frames)
         sc.validate()
         cfg, codec, spec = self.cfg, self.codec, self.spec
@@ -722,9 +786,9 @@ class Pipeline:
         weights = jnp.asarray(g.weights(sc.steps), jnp.float32)
         if cfg.reference_net:
             need_null = any("ref" in d for d in g.branches())
-            with self._on_mesh():
-                full["reference_cache"], null["reference_cache"] = self._reference_caches(jnp.asarray(ref_latent),
-                                                                                          need_null)
+            with self.engine.on_mesh():
+                full["reference_cache"], null["reference_cache"] = self.engine.reference_caches(
+                    jnp.asarray(ref_latent), need_null)
         t_encode = time.perf_counter() - t0
         log.info("%s", plan.describe())
         log.info("%s; sampler %s, %d steps, shift %g; %dx%d at %g fps, %d frames (%.2f s)", g.describe(sc.steps),
@@ -736,15 +800,11 @@ class Pipeline:
         latents_out = []
         clip_bar = tqdm(total=len(plan.clips), desc="clips", unit="clip", disable=not progress,
                         dynamic_ncols=True)
+        job = _Job(plan, portrait.frame, key, lat_shape, full, null, feats, first, arrays, weights, g, sampler_obj,
+                   sc.steps, progress, frames, latents_out, clip_bar)
         try:
-            if strategy == "overlap":
-                t_compile, t_denoise, t_decode = self._run_overlap(
-                    plan, portrait.frame, key, full, null, feats, first, ref_latent, arrays, weights, g, sampler_obj, sc.steps,
-                    progress, frames, latents_out, clip_bar)
-            else:
-                t_compile, t_denoise, t_decode = self._run_clips(
-                    plan, portrait.frame, strategy, key, lat_shape, full, null, feats, first, ref_latent, arrays, weights, g,
-                    sampler_obj, sc.steps, progress, frames, latents_out, clip_bar)
+            run = self._run_overlap if strategy == "overlap" else self._run_clips
+            t_compile, t_denoise, t_decode = run(job)
         finally:
             clip_bar.close()
         total = time.perf_counter() - t_start
@@ -764,36 +824,19 @@ class Pipeline:
                  "(%.2f s per second)", t_encode, t_compile, t_denoise, t_decode, total, video_s, total / video_s)
         return Result(frames, wave, rate, fps, plan, settings, timings, warnings, portrait, latents_out)
 
-    def _on_mesh(self):
-        """The model's mesh and rules, for the model's programs only (codecs and encoders run on their own
-        devices, outside it)."""
-        import contextlib
-
-        stack = contextlib.ExitStack()
-        stack.enter_context(jax.set_mesh(self.mesh))
-        stack.enter_context(use_rules(self.rules))
-        return stack
-
-    def _compiled(self, fn, *args):
-        t0 = time.perf_counter()
-        with self._on_mesh():
-            compiled = fn.lower(*args).compile()
-        return compiled, time.perf_counter() - t0
-
     def _encode_frames(self, frames_uint8: np.ndarray) -> np.ndarray:
         return np.asarray(self.codec.encode(to_model_range(frames_uint8)[None]), np.float32)
 
-    def _run_clips(self, plan, portrait_frame, strategy, key, lat_shape, full, null, feats, first, ref_latent, arrays, weights, g,
-                   sampler_obj, steps, progress, frames, latents_out, clip_bar):
-        from tqdm import tqdm
-
+    def _run_clips(self, job: "_Job"):
+        """motion / continue: clip after clip, each from the previous clip's last frames (one compiled program)."""
+        plan, lat_shape, steps = job.plan, job.lat_shape, job.steps
         s = plan.stride
-        fn = self._program("clip", sampler_obj, g, steps, progress)
+        fn = self.engine.program("clip", job.sampler, job.guidance, steps, job.progress)
         compiled, t_compile = None, 0.0
         t_denoise = t_decode = 0.0
         prev_frames = None  # uint8 video frames of the previous clip
         for k, clip in enumerate(plan.clips):
-            kx, kn = jax.random.split(jax.random.fold_in(key, k))
+            kx, kn = jax.random.split(jax.random.fold_in(job.key, k))
             x = jax.random.normal(kx, lat_shape, jnp.float32)
             known_noise = jax.random.normal(kn, lat_shape, jnp.float32)
             known_lat = np.zeros(lat_shape, np.float32)
@@ -801,84 +844,68 @@ class Pipeline:
             if clip.known:
                 # motion: clip 0's motion frames are the portrait repeated; continue: clip 0 knows the portrait
                 # as its frame 0; every later clip knows the previous clip's last frames
-                src = (np.repeat(portrait_frame[None], clip.known, axis=0) if prev_frames is None
+                src = (np.repeat(job.portrait[None], clip.known, axis=0) if prev_frames is None
                        else prev_frames[-clip.known:])
                 known_lat[:, :n_known] = self._encode_frames(src)
             mask = np.zeros((1, lat_shape[1], 1, 1, 1), bool)
             mask[:, :n_known] = True
-            cf, cn = dict(full), dict(null)
-            if feats is not None:
-                a = clip.start - first
-                cf["audio"] = feats[:, a:a + plan.clip_frames]
+            cf, cn = dict(job.full), dict(job.null)
+            if job.feats is not None:
+                a = clip.start - job.first
+                cf["audio"] = job.feats[:, a:a + plan.clip_frames]
                 cn["audio"] = np.zeros_like(cf["audio"])
             if self.cfg.motion_frames:
                 cf["motion"] = cn["motion"] = known_lat[:, :self.cfg.motion_frames]
-            args = (self._state, x, cf, cn, (known_lat, mask, known_noise), arrays, weights)
+            args = (self.engine.state, x, cf, cn, (known_lat, mask, known_noise), job.arrays, job.weights)
             if compiled is None:
-                compiled, t_compile = self._compiled(fn, *args)
-            self._bar = tqdm(total=steps, desc=f"clip {k + 1}/{len(plan.clips)}", unit="step", leave=False,
-                             disable=not progress, dynamic_ncols=True)
-            try:
-                t0 = time.perf_counter()
-                with self._on_mesh():
-                    lat = jax.block_until_ready(compiled(*args))
-                t_denoise += time.perf_counter() - t0
-            finally:
-                self._bar.close()
-                self._bar = None
+                compiled, t_compile = self.engine.compile(fn, *args)
+            lat, dt = self.engine.run(compiled, args, steps=steps, desc=f"clip {k + 1}/{len(plan.clips)}",
+                                      progress=job.progress)
+            t_denoise += dt
             t0 = time.perf_counter()
             lat = np.asarray(lat)
-            latents_out.append(lat)
+            job.latents.append(lat)
             video = to_uint8(self.codec.decode(lat))[0]  # [T, H, W, 3]
             a, b = clip.emit
-            frames[a:b] = video[a - clip.start:b - clip.start]
+            job.frames[a:b] = video[a - clip.start:b - clip.start]
             prev_frames = video
             t_decode += time.perf_counter() - t0
-            clip_bar.update(1)
+            job.bar.update(1)
         return t_compile, t_denoise, t_decode
 
-    def _run_overlap(self, plan, portrait_frame, key, full, null, feats, first, ref_latent, arrays, weights, g, sampler_obj, steps,
-                     progress, frames, latents_out, clip_bar):
-        from tqdm import tqdm
-
+    def _run_overlap(self, job: "_Job"):
+        """overlap: every window at every step, blended, in one program over the whole latent sequence."""
+        plan, steps = job.plan, job.steps
         total = plan.total_latent
-        h, w, c = ref_latent.shape[2:]
-        kx, kn = jax.random.split(key)
-        shape = (1, total, h, w, self.cfg.out_channels)
+        kx, kn = jax.random.split(job.key)
+        shape = (1, total, *job.lat_shape[2:])
         x = jax.random.normal(kx, shape, jnp.float32)
         known_lat = np.zeros(shape, np.float32)
         mask = np.zeros((1, total, 1, 1, 1), bool)
         if self.masked_input:  # image-to-video: frame 0 is the portrait
-            known_lat[:, :1] = self._encode_frames(portrait_frame[None])
+            known_lat[:, :1] = self._encode_frames(job.portrait[None])
             mask[:, :1] = True
         window = {"starts": np.array([c.start // plan.stride for c in plan.clips], np.int32),
                   "blend": long_video.window_weights(plan)}
-        cf, cn = dict(full), dict(null)
-        if feats is not None:
-            window["audio"] = np.stack([feats[:, c.start - first:c.start - first + plan.clip_frames]
+        cf, cn = dict(job.full), dict(job.null)
+        if job.feats is not None:
+            window["audio"] = np.stack([job.feats[:, c.start - job.first:c.start - job.first + plan.clip_frames]
                                         for c in plan.clips])
             cn["audio"] = np.zeros_like(window["audio"][0])
             cf["audio"] = cn["audio"]  # placeholder: each window's own audio replaces it
-        fn = self._program("overlap", sampler_obj, g, steps, progress)
-        args = (self._state, x, cf, cn, (known_lat, mask, jax.random.normal(kn, shape, jnp.float32)), arrays,
-                weights, window)
-        compiled, t_compile = self._compiled(fn, *args)
-        self._bar = tqdm(total=steps, desc=f"{len(plan.clips)} windows", unit="step", leave=False,
-                         disable=not progress, dynamic_ncols=True)
-        try:
-            t0 = time.perf_counter()
-            with self._on_mesh():
-                lat = np.asarray(jax.block_until_ready(compiled(*args)))
-            t_denoise = time.perf_counter() - t0
-        finally:
-            self._bar.close()
-            self._bar = None
+        fn = self.engine.program("overlap", job.sampler, job.guidance, steps, job.progress)
+        args = (self.engine.state, x, cf, cn, (known_lat, mask, jax.random.normal(kn, shape, jnp.float32)), job.arrays,
+                job.weights, window)
+        compiled, t_compile = self.engine.compile(fn, *args)
+        lat, t_denoise = self.engine.run(compiled, args, steps=steps, desc=f"{len(plan.clips)} windows",
+                                         progress=job.progress)
+        lat = np.asarray(lat)
         t0 = time.perf_counter()
-        latents_out.append(lat)
+        job.latents.append(lat)
         video = to_uint8(self.codec.decode(lat))[0]
-        n = min(len(frames), len(video))
-        frames[:n] = video[:n]
-        clip_bar.update(len(plan.clips))
+        n = min(len(job.frames), len(video))
+        job.frames[:n] = video[:n]
+        job.bar.update(len(plan.clips))
         return t_compile, t_denoise, time.perf_counter() - t0
 
     # ---- output ----

@@ -1,4 +1,5 @@
-"""`hallojax bench train`: figures of our training step (8 devices and 1) and of diffusers' beside it.
+"""`hallojax bench train` / `bench sample`: figures of our training step (8 devices and 1) and of our
+sampling loop, and of diffusers' beside them.
 
 Tiny shapes and two timed steps: this checks the figures' bookkeeping (FLOPs from `train_flops`, tokens/s
 from the median step), the PyTorch row and its skip for styles, input errors, and the CLI end to end,
@@ -97,3 +98,24 @@ def test_bench_train_cli_end_to_end(devices):
     table = [line for line in lines if line.startswith("| ")]
     assert table[0].startswith("| implementation") and table[1].startswith("| hallojax (JAX)")
     assert len(table) == (3 if HAVE_DIFFUSERS else 2)
+
+
+def test_bench_sample_figures_and_diffusers_row(capsys):
+    from hallojax.bench import bench_sample
+
+    config = load_config("configs/wan.py:tiny,mesh=single,dtype=float32")
+    r = bench_sample(config, steps=3, repeats=1, guidance="text=5", **SHAPE)
+    assert r["steps_per_s"] == pytest.approx(3 / r["clip_s"]) and r["clip_s"] > 0 and r["compile_s"] > 0
+    assert r["branches"] == 2 and r["guidance"] == "text=5"
+    out = capsys.readouterr().out
+    assert out.startswith("command: ") and "| hallojax (JAX)" in out and "2 branches in 1 call" in out
+    if HAVE_DIFFUSERS:
+        assert r["torch_skipped"] is None and r["torch"]["clip_s"] > 0
+        assert r["ratio"] == pytest.approx(r["torch"]["clip_s"] / r["clip_s"])
+        assert "ratio: diffusers seconds per clip / ours" in out
+    # a style preset has no diffusers twin: our row only, and the reason
+    style = load_config("configs/wan.py:hyavatar-style,mesh=single,dtype=float32")
+    r = bench_sample(style, steps=2, repeats=1, guidance="audio=3", frames=2, height=8, width=8, text_len=4)
+    assert r["torch"] is None and "diffusers has no such model" in r["torch_skipped"] and r["branches"] == 2
+    with pytest.raises(ValueError, match="no audio condition"):
+        bench_sample(config, steps=2, guidance="audio=3", **SHAPE)

@@ -29,12 +29,16 @@ def test_demo_shards_matches_single_device_and_learns(mesh, devices, tmp_path):
 def test_demo_on_synthetic_talking_faces_through_the_pipeline(tmp_path, devices):
     config = load_config("configs/wan.py:demo,dtype=float32", [
         f"--config.data.workdir={tmp_path}", "--config.data.num_videos=2", "--config.train.steps=12",
-        "--config.train.log_every=4"])
+        "--config.train.log_every=4", "--config.sample.steps=2"])
     result = run(config)
     assert result["clips"] >= 8  # 2 videos of 2-4 s at 25 fps in 9-frame clips
     assert (tmp_path / "prepared" / "manifest.json").exists() and list((tmp_path / "videos").glob("*.mp4"))
     assert result["forward_max_abs"] > 0.1 and result["forward_max_diff"] <= 1e-5 * result["forward_max_abs"]
     assert result["loss_tail"] < 0.9 * result["loss_head"], result["losses"]
+    # the demo ends with a video of an unseen portrait and speech, scored for lip sync
+    video = tmp_path / "talk.mp4"
+    assert result["video"] == str(video) and video.exists() and video.with_suffix(".json").exists()
+    assert -1.0 <= result["lipsync_r"] <= 1.0 and result["lipsync_r"] != 0.0
 
 
 def test_info_reports_the_sharded_size(capsys):

@@ -14,7 +14,7 @@ from data_pipeline import synthetic
 from hallojax import cli
 from hallojax.config import load_config
 from hallojax.dit import DiTConfig
-from hallojax.generate import Pipeline, to_model_range
+from hallojax.generate import Pipeline
 from hallojax.train import checkpoint_manager, init_state, save
 
 FPS = 25
