@@ -80,7 +80,8 @@ def read_audio(path) -> tuple[np.ndarray, int]:
                 if rate is None:
                     rate = frame.sample_rate
                 elif frame.sample_rate != rate:
-                    raise MediaError(f"audio {path}: the sample rate changes mid-stream ({rate} -> {frame.sample_rate})")
+                    raise MediaError(f"audio {path}: the sample rate changes mid-stream "
+                                     f"({rate} -> {frame.sample_rate})")
                 for f in resampler.resample(frame):
                     chunks.append(f.to_ndarray())  # [C, n] float32 planar
             for f in resampler.resample(None) if rate is not None else ():

@@ -90,7 +90,8 @@ class _LinearMultistep:
                                schedule.sigmas.astype(np.float64), n)
         bad = [k for k, v in c.items() if not np.all(np.isfinite(v))]
         if bad:
-            raise ValueError(f"{self.name}: non-finite solver coefficients {bad} (a repeated or zero σ before the end?)")
+            raise ValueError(f"{self.name}: non-finite solver coefficients {bad} "
+                             "(a repeated or zero σ before the end?)")
         return {k: v.astype(np.float32) for k, v in c.items()}
 
     def init(self, x: jax.Array) -> dict:
