@@ -135,7 +135,8 @@ def crop_region(src_w: int, src_h: int, out_w: int, out_h: int, box=None, box_sc
 
 
 def _stable_hash(text: str) -> int:
-    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little")
+    # the name's own bytes: a file name that is not UTF-8 arrives surrogate-escaped (os.fsdecode)
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8", "surrogateescape")).digest()[:8], "little")
 
 
 def reference_index(seed: int, source: str, clip_index: int, start: int, num_frames: int, total: int) -> int:

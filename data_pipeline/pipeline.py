@@ -14,6 +14,11 @@ Output directory:
     manifest.json                           written once every shard is done: counts, shards, videos, schema
     report.json                             skipped inputs with their reasons, and warnings
 
+Sources are file names as Python holds them: a name that is not valid UTF-8 (POSIX names are bytes) is
+surrogate-escaped (`os.fsdecode`), so no input is lost for its name. Records keep the name's own bytes
+(schema.py); the JSON files here are ASCII and write such a byte 0xXX as the escape `\\udcXX`, which
+`json.loads` turns back into the same name (`os.fsencode` gives the bytes).
+
 Every file is written under a temporary name and renamed; a shard's .json is renamed last, so a shard is
 done exactly when its .json exists (and its file has the size it records). A rerun skips done shards and
 redoes the others from scratch, so a run killed at any point and rerun gives the same bytes as a run
@@ -200,6 +205,11 @@ class Preparer:
 
     def _prepare_out_dir(self, overwrite, inputs):
         out = self.out
+        try:  # input names may be any bytes; the output's path is opened by grain, which takes only UTF-8
+            str(out.absolute()).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"output directory {out}: its path is not valid UTF-8, which the shard reader (grain) "
+                             "cannot open; choose another directory") from None
         for src in inputs:
             src = Path(src).resolve()
             if src == out.resolve() or out.resolve() in src.parents or src in out.resolve().parents:

@@ -11,7 +11,8 @@
     hallojax synthetic OUT_DIR [--num-videos N --seed S]      synthetic talking faces (mp4 + sidecars)
     hallojax prepare VIDEO_DIR -o OUT_DIR [--frames 49 --size 256 --codec pixel:8|wan-vae:DIR]
 
-Errors in user input (files, keys, shapes) print one clear message and exit with status 2.
+Errors in user input (arguments, files, keys, shapes) print one clear message, `hallojax CMD: error: ...`,
+and exit with status 2; argparse's own errors too (no usage block: `--help` prints it).
 """
 
 from __future__ import annotations
@@ -20,9 +21,31 @@ import argparse
 import logging
 import sys
 
-# every hallojax error class (ConfigError, ConversionError, CheckpointError, SafetensorsError) is a
-# ValueError; OSError covers unreadable or unwritable paths
+# every hallojax error class (ConfigError, ConversionError, CheckpointError, SafetensorsError, UsageError)
+# is a ValueError; OSError covers unreadable or unwritable paths
 USER_ERRORS = (ValueError, OSError)
+
+
+class UsageError(ValueError):
+    """Bad command-line arguments, from `ArgumentParser.error`; `prog` is the command they were given to."""
+
+    def __init__(self, prog: str, message: str):
+        super().__init__(message)
+        self.prog = prog
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors raise `UsageError` instead of printing the usage block and exiting, so a bad
+    argument ends like every other user error: one line, status 2 (and `main` returns instead of exiting)."""
+
+    def error(self, message):
+        raise UsageError(self.prog, f"{message} (usage: {self.prog} --help)")
+
+
+def print_error(prog: str, error: BaseException) -> None:
+    """`PROG: error: MESSAGE` on stderr. A path that is not UTF-8 is shown escaped instead of failing to print."""
+    text = f"{getattr(error, 'prog', prog)}: error: {error}"
+    print(text.encode("utf-8", "backslashreplace").decode("utf-8"), file=sys.stderr)
 
 
 def _convert(args):
@@ -97,8 +120,7 @@ def _info(args, overrides):
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="hallojax", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="hallojax", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     from hallojax.convert import FORMATS
@@ -152,13 +174,17 @@ def main(argv=None) -> int:
     p.add_argument("bench_args", nargs=argparse.REMAINDER)
     p.set_defaults(fn=lambda a: __import__("hallojax.bench", fromlist=["main"]).main(a.bench_args))
 
-    args, rest = parser.parse_known_args(argv)
+    try:
+        args, rest = parser.parse_known_args(argv)
+        overrides = [a for a in rest if a.startswith("--config.")]
+        if len(overrides) != len(rest):
+            parser.error(f"unrecognized arguments: {' '.join(a for a in rest if a not in overrides)}")
+        if overrides and not getattr(args, "takes_overrides", False):
+            parser.error(f"{args.command} takes no --config.* overrides")
+    except UsageError as e:
+        print_error("hallojax", e)
+        return 2
     args.argv = argv
-    overrides = [a for a in rest if a.startswith("--config.")]
-    if len(overrides) != len(rest):
-        parser.error(f"unrecognized arguments: {' '.join(a for a in rest if a not in overrides)}")
-    if overrides and not getattr(args, "takes_overrides", False):
-        parser.error(f"{args.command} takes no --config.* overrides")
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         force=True)
@@ -170,7 +196,7 @@ def main(argv=None) -> int:
         result = args.fn(args)
         return result if isinstance(result, int) else 0
     except USER_ERRORS as e:
-        print(f"hallojax {args.command}: error: {e}", file=sys.stderr)
+        print_error(f"hallojax {args.command}", e)
         return 2
 
 

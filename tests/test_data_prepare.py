@@ -89,6 +89,7 @@ def nearest(times_s, k):
     return int(np.flatnonzero(d <= d.min() + 1e-9)[0])
 
 
+LATIN1 = os.fsdecode(b"caf\xe9.mp4")  # "caf\udce9.mp4"
 VFR_MS = np.concatenate([[0], np.cumsum(np.tile([20, 70, 30], 18))])  # 55 frames, mean 40 ms, 2.2 s
 
 
@@ -126,6 +127,9 @@ def media(tmp_path_factory):
     good["clip.webm"] = 2
     write_media(d / "short_audio.mp4", np.full((50, 64, 64, 3), 100, np.uint8), audio=tone(1.0))
     good["short_audio.mp4"] = 1  # only the first clip has sound
+    # POSIX file names are bytes: this one is Latin-1 (0xE9), not UTF-8; Python carries it surrogate-escaped
+    write_media(d / LATIN1, np.full((50, 64, 64, 3), 80, np.uint8), audio=tone(2.0))
+    good[LATIN1] = 2
 
     (d / "corrupt.mp4").write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
     bad["corrupt.mp4"] = "unreadable container"
@@ -191,6 +195,23 @@ def test_counts_every_good_clip_once_and_every_bad_input_reported(media, prepare
     assert all(r["path"].endswith(r["source"]) for r in report["skipped"])
     warned = {w["source"]: w["warning"] for w in report["warnings"]}
     assert "audio shorter than video" in warned["short_audio.mp4"] and "1 of 2 clips dropped" in warned["short_audio.mp4"]
+
+
+def test_a_file_name_that_is_not_utf8_keeps_its_clips_and_its_bytes(media, prepared):
+    d, _, _ = media
+    out, _ = prepared
+    name = b"caf\xe9.mp4"
+    assert name in os.listdir(os.fsencode(d))  # the file really has the Latin-1 byte in its name
+    records = [r for r in records_by_key(out) if r["source"] == LATIN1]
+    assert [int(r["start_frame"]) for r in records] == [0, T]
+    assert all(os.fsencode(r["source"]) == name for r in records)  # the record holds the file's bytes
+    # JSON files carry it as the escape \udce9 (byte 0xE9 under Python's surrogateescape); json reads it back
+    text = (out / "manifest.json").read_text(encoding="ascii")
+    assert '"caf\\udce9.mp4"' in text
+    assert {"source": LATIN1, "clips": 2} in [{k: v[k] for k in ("source", "clips")} for v in json.loads(text)["videos"]]
+    report = json.loads((out / "report.json").read_text())
+    assert LATIN1 not in [r["source"] for r in report["skipped"]] + [w["source"] for w in report["warnings"]]
+    assert LATIN1 in json.loads((out / "plan.json").read_text())["sources"]
 
 
 def _clip(records, source, start=0):
@@ -416,10 +437,11 @@ def test_grain_and_tfds_read_the_same_records(prepared, tmp_path):
     build_tfds(out, tmp_path / "tfds")
     source = tfds.data_source("hallojax_clips/audio_features", data_dir=str(tmp_path / "tfds"))["train"]
     assert len(source) == len(ds)
+    # TFDS text is bytes: the file name's own bytes, also for a name that is not UTF-8
+    assert [source[i]["source"] for i in range(len(ds))] == [os.fsencode(ds[i]["source"]) for i in range(len(ds))]
     for i in (0, len(ds) // 2, len(ds) - 1):
         a, b = ds[i], source[i]
-        assert set(a) == set(b)
-        assert b["source"].decode() == a["source"] and int(b["start_frame"]) == int(a["start_frame"])
+        assert set(a) == set(b) and int(b["start_frame"]) == int(a["start_frame"])
         for k in ("latents", "ref_latent", "ref_frame", "audio", "audio_features", "face_mask", "face_box"):
             assert b[k].dtype == a[k].dtype and np.array_equal(b[k], a[k]), k
 
@@ -436,6 +458,7 @@ def test_cli_errors_are_one_clear_line(media, prepared, tmp_path, capsys):
         ([str(d), "-o", str(out), "--frames", "25"], "config.clip.num_frames: 17 -> 25"),
         ([str(d), "-o", str(d / "synth")], "overlap"),
         ([str(d), "-o", str(tmp_path / "taken")], "not a prepare output directory"),
+        ([str(d), "-o", str(tmp_path / os.fsdecode(b"o\xe9"))], "not valid UTF-8"),
     ]
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "precious.txt").write_text("not ours")
