@@ -9,7 +9,10 @@ mixed to mono, resampled to 16 kHz with soxr and cut to each clip on the same ti
 Anything a file can do wrong ends in `SkipVideo(reason)`; the caller records the reason and moves on.
 
 Face-box sidecar: `<video stem>.face.json` beside the video, `{"box": [x0, y0, x1, y1]}` in pixels of the
-displayed (rotated) frame, one box for the whole video.
+displayed (rotated) frame, one box for the whole video. A box of which less than half lies inside the
+frame skips the video ("face box ... lies outside the frame"): such a sidecar belongs to another video
+or another resolution, and its clips would carry a face mask of zeros (no audio signal for the face-mask
+presets). The sidecar is the problem to fix, so the video is not quietly given a centre crop instead.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import soxr
 from data_pipeline.schema import SAMPLE_RATE
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm")
+MIN_BOX_INSIDE = 0.5  # at least this fraction of the sidecar's face box must lie inside the frame
 
 
 class SkipVideo(Exception):
@@ -114,6 +118,18 @@ def read_face_box(video: Path) -> list[float] | None:
         raise SkipVideo(f"unreadable face sidecar {path.name}: 'box' must be [x0, y0, x1, y1] "
                         f"with x1 > x0 and y1 > y0, got {box}")
     return box
+
+
+def check_box_in_frame(box, w: int, h: int) -> None:
+    """SkipVideo unless at least MIN_BOX_INSIDE of the face box's area lies inside the w x h frame."""
+    inside = max(0.0, min(box[2], w) - max(box[0], 0)) * max(0.0, min(box[3], h) - max(box[1], 0))
+    fraction = inside / ((box[2] - box[0]) * (box[3] - box[1]))
+    shown = [round(v, 2) if v % 1 else int(v) for v in box]
+    if fraction == 0:
+        raise SkipVideo(f"face box {shown} lies outside the {w}x{h} frame (sidecar for another video or size?)")
+    if fraction < MIN_BOX_INSIDE:
+        raise SkipVideo(f"only {fraction:.0%} of face box {shown} lies inside the {w}x{h} frame (at least "
+                        f"{MIN_BOX_INSIDE:.0%} must)")
 
 
 def crop_region(src_w: int, src_h: int, out_w: int, out_h: int, box=None, box_scale: float = 1.6):
@@ -215,6 +231,8 @@ class _FrameSampler:
         w, h = (frame.height, frame.width) if quarter % 2 else (frame.width, frame.height)
         key = (frame.width, frame.height, quarter)
         if self.geometry is None:
+            if self.box is not None:
+                check_box_in_frame(self.box, w, h)
             x0, y0, cw, ch = crop_region(w, h, cfg.width, cfg.height, self.box, cfg.box_scale)
             if min(cw, ch) < cfg.min_side:
                 raise SkipVideo(f"tiny resolution: {w}x{h} source, {cw}x{ch} crop region is below "

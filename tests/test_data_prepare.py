@@ -144,6 +144,12 @@ def media(tmp_path_factory):
     write_media(d / "bad_sidecar.mp4", np.full((50, 64, 64, 3), 100, np.uint8), audio=tone(2.0))
     (d / "bad_sidecar.face.json").write_text('{"box": [10, 10, 5')
     bad["bad_sidecar.mp4"] = "unreadable face sidecar bad_sidecar.face.json"
+    # face boxes that miss the 64x64 frame (the crop would hold no face, the face mask would be all zeros)
+    for name, box, reason in (("off_frame", [500, 400, 560, 470], "lies outside the 64x64 frame"),
+                              ("edge_box", [40, 40, 120, 120], "only 9% of face box [40, 40, 120, 120]")):
+        (d / f"{name}.mp4").write_bytes((d / "bad_sidecar.mp4").read_bytes())
+        (d / f"{name}.face.json").write_text(json.dumps({"box": box}))
+        bad[f"{name}.mp4"] = reason
     write_media(d / "no_cover.mp4", np.full((50, 64, 64, 3), 100, np.uint8), audio=tone(0.3))
     bad["no_cover.mp4"] = "audio shorter than video"
     write_media(d / "too_short.mp4", np.full((10, 64, 64, 3), 100, np.uint8), audio=tone(0.4))
