@@ -18,9 +18,12 @@ presets). The sidecar is the problem to fix, so the video is not quietly given a
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import math
+import os
+import stat
 from pathlib import Path
 
 import av
@@ -288,10 +291,37 @@ class _AudioCollector:
         return np.asarray(mono, dtype=np.float32)
 
 
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def check_file(path: Path) -> None:
+    """SkipVideo unless `path` is (or links to) a readable, non-empty regular file; never opens anything else
+    (a FIFO would block)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise SkipVideo(f"broken symbolic link: its target {os.readlink(path)} does not exist") from None
+        raise SkipVideo("the file disappeared after it was listed") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise SkipVideo("symbolic link loop (too many levels of symbolic links)") from None
+        raise SkipVideo(f"cannot read the file: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((name for test, name in _KINDS if test(st.st_mode)), "an unknown kind")
+        raise SkipVideo(f"not a regular file ({kind})")
+    if st.st_size == 0:
+        raise SkipVideo("empty file (0 bytes)")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise SkipVideo(f"cannot read the file: {e.strerror}") from None
+
+
 def _decode(path: Path, cfg: ClipConfig, box):
     """(sampler with the output frames, audio collector, 16 kHz mono audio)."""
-    if path.stat().st_size == 0:
-        raise SkipVideo("empty file (0 bytes)")
     try:
         container = av.open(str(path), metadata_errors="ignore")
     except av.error.FFmpegError as e:
@@ -327,6 +357,7 @@ def _decode(path: Path, cfg: ClipConfig, box):
 def extract_clips(path: str | Path, source: str, cfg: ClipConfig) -> VideoClips:
     """Stage 1 for one video; raises SkipVideo with the reason when it gives no clip."""
     path = Path(path)
+    check_file(path)
     box = read_face_box(path) if cfg.crop == "auto" else None
     sampler, audio, wave = _decode(path, cfg, box)
     frames = np.stack(sampler.frames)  # [N, H, W, 3]

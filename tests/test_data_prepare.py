@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import soxr
 
-from data_pipeline import pipeline, prepare, synthetic
+from data_pipeline import clips, pipeline, prepare, synthetic
 from data_pipeline.clips import ClipConfig
 from data_pipeline.pipeline import PrepareConfig
 from data_pipeline.reader import clip_dataset, load_manifest
@@ -218,6 +218,57 @@ def test_a_file_name_that_is_not_utf8_keeps_its_clips_and_its_bytes(media, prepa
     report = json.loads((out / "report.json").read_text())
     assert LATIN1 not in [r["source"] for r in report["skipped"]] + [w["source"] for w in report["warnings"]]
     assert LATIN1 in json.loads((out / "plan.json").read_text())["sources"]
+
+
+@pytest.fixture
+def take_read_permission(monkeypatch):
+    """chmod 000 on a path; as root (who reads everything anyway) the OS calls that read it fail the same way."""
+    taken = []
+
+    def take(path: Path):
+        path.chmod(0)
+        taken.append(path)
+        if os.geteuid() == 0:
+            def denied(p):
+                if os.fspath(p) in map(str, taken):
+                    raise PermissionError(13, "Permission denied", os.fspath(p))
+            real_scandir, real_open = os.scandir, open
+            monkeypatch.setattr(os, "scandir", lambda p=".": denied(p) or real_scandir(p))  # os.walk lists with it
+            monkeypatch.setattr(clips, "open", lambda p, *a, **k: denied(p) or real_open(p, *a, **k), raising=False)
+
+    yield take
+    for path in taken:
+        path.chmod(0o755)
+
+
+def test_links_fifos_and_unreadable_paths_are_reported(media, tmp_path, take_read_permission):
+    d, _, _ = media
+    videos = tmp_path / "videos"
+    (videos / "closed").mkdir(parents=True)
+    good = (d / "vfr.mp4").read_bytes()
+    for name in ("good.mp4", "locked.mp4", "closed/inside.mp4"):
+        (videos / name).write_bytes(good)
+    (videos / "link.mp4").symlink_to("good.mp4")  # a working link is an input like any other
+    (videos / "dangling.mp4").symlink_to("gone.mp4")
+    (videos / "loop.mp4").symlink_to("loop.mp4")
+    os.mkfifo(videos / "pipe.mp4")  # opening it would wait forever for a writer
+    take_read_permission(videos / "locked.mp4")
+    take_read_permission(videos / "closed")
+    out = tmp_path / "out"
+    summary = pipeline.prepare([videos], out, PrepareConfig(), progress=False)
+    assert summary["videos_ok"] == 2 and summary["clips"] == 6
+    assert [v["source"] for v in load_manifest(out)["videos"]] == ["good.mp4", "link.mp4"]
+    report = json.loads((out / "report.json").read_text())
+    reasons = {r["source"]: (r["path"], r["reason"]) for r in report["skipped"]}
+    assert {s: r for s, (_, r) in reasons.items()} == {
+        "dangling.mp4": "broken symbolic link: its target gone.mp4 does not exist",
+        "locked.mp4": "cannot read the file: Permission denied",
+        "loop.mp4": "symbolic link loop (too many levels of symbolic links)",
+        "pipe.mp4": "not a regular file (a FIFO)"}
+    assert all(path == str(videos / s) for s, (path, _) in reasons.items())
+    assert report["unlisted_directories"] == [{
+        "source": "closed", "path": str(videos / "closed"),
+        "reason": "cannot list the directory (Permission denied): videos in it, if any, are not prepared"}]
 
 
 def _clip(records, source, start=0):
