@@ -80,6 +80,10 @@ class ClipConfig:
             bad(f"box_scale must be >= 1, got {self.box_scale}")
         if self.max_seconds is not None and not self.max_seconds > 0:
             bad(f"max_seconds must be positive, got {self.max_seconds}")
+        if self.min_side < 1:
+            bad(f"min_side must be >= 1, got {self.min_side}")
+        if self.seed < 0:
+            bad(f"seed must be >= 0, got {self.seed}")
 
     @property
     def samples_per_clip(self) -> int:

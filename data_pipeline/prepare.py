@@ -56,7 +56,7 @@ def config_from_args(args):
     from data_pipeline.clips import ClipConfig
     from data_pipeline.pipeline import PrepareConfig
 
-    height, width = (args.size, args.size) if args.size else (args.height, args.width)
+    height, width = (args.size, args.size) if args.size is not None else (args.height, args.width)
     clip = ClipConfig(fps=args.fps, num_frames=args.frames, stride=args.stride, height=height, width=width,
                       crop=args.crop, box_scale=args.box_scale, min_side=args.min_side,
                       max_seconds=args.max_seconds, seed=args.seed)
