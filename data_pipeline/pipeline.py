@@ -238,6 +238,8 @@ class Preparer:
             if src == out.resolve() or out.resolve() in src.parents or src in out.resolve().parents:
                 raise ValueError(f"output {out} and input {src} overlap; choose another output directory")
         plan_path = out / "plan.json"
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"output {out} exists and is not a directory")
         if overwrite and out.exists():
             if self.count > 1:
                 raise ValueError("overwrite with several processes would race; clear the directory first")

@@ -58,6 +58,8 @@ def _convert(args):
 def _export(args):
     from hallojax.convert import converter
 
+    if not args.max_shard_gb > 0:
+        raise ValueError(f"--max-shard-gb {args.max_shard_gb}: must be positive")
     out = converter(args.format, "export")(args.ckpt, args.out, overwrite=args.overwrite,
                                            max_shard_bytes=int(args.max_shard_gb * 2**30))
     print(f"wrote {out}")
@@ -75,8 +77,13 @@ def _train(args, overrides):
     from hallojax.config import load_config
     from hallojax.train import initialize_distributed, run
 
+    config = load_config(args.config, overrides)
+    if config.data.get("prepared"):  # a wrong directory is found before the model is built
+        from data_pipeline.reader import load_manifest
+
+        load_manifest(config.data.prepared)
     initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-    result = run(load_config(args.config, overrides), args.workdir)
+    result = run(config, args.workdir)
     print(f"trained to step {result['step']}" + (" (preempted, saved)" if result["preempted"] else ""))
 
 
@@ -104,6 +111,8 @@ def _info(args, overrides):
     from hallojax.dit import DiTConfig, abstract_model, param_count
     from hallojax.sharding import logical_to_spec, normalize_rules, resolve_mesh_shape, shard_shape
 
+    if args.devices is not None and args.devices < 1:
+        raise ValueError(f"--devices {args.devices}: must be >= 1 (default: the devices present)")
     config = load_config(args.config, overrides)
     cfg = DiTConfig.from_dict(config.model)
     rules = normalize_rules(config.rules)
@@ -118,10 +127,19 @@ def _info(args, overrides):
     print(f"mesh {mesh_shape}: {per_device / 2**30:.3f} GiB of parameters per device")
 
 
-def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def _bench(args):
+    from hallojax.bench import BENCHES, main
+
+    if args.bench_args and args.bench_args[0] in BENCHES:
+        args.command = f"bench {args.bench_args[0]}"  # its errors read "hallojax bench vae: error: ..."
+    return main(args.bench_args)
+
+
+def build_parser() -> ArgumentParser:
+    """The `hallojax` parser: one subparser per command; `--config.*` overrides are left for `main`."""
     parser = ArgumentParser(prog="hallojax", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    parser.subcommands = sub.choices
 
     from hallojax.convert import FORMATS
 
@@ -147,7 +165,7 @@ def main(argv=None) -> int:
         p = sub.add_parser(name, help=(fn.__doc__ or "").split("\n")[0] or "the embedded default job")
         p.add_argument("--config", default=default, help="FILE.py[:ARG], or a preset name")
         if name == "info":
-            p.add_argument("--devices", type=int, default=0, help="device count for -1 mesh axes")
+            p.add_argument("--devices", type=int, help="device count for -1 mesh axes (default: those present)")
         if name == "compile":
             p.add_argument("--topology", required=True, help="TPU slice: v5p:2x2x2 (chip grid) or v5p-16")
             p.add_argument("--batch", type=int, default=8, help="global batch")
@@ -172,15 +190,21 @@ def main(argv=None) -> int:
 
     p = sub.add_parser("bench", help="benchmarks that print figures and their command (bench vae, bench train)")
     p.add_argument("bench_args", nargs=argparse.REMAINDER)
-    p.set_defaults(fn=lambda a: __import__("hallojax.bench", fromlist=["main"]).main(a.bench_args))
+    p.set_defaults(fn=_bench)
+    return parser
 
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
     try:
         args, rest = parser.parse_known_args(argv)
         overrides = [a for a in rest if a.startswith("--config.")]
+        command_parser = parser.subcommands[args.command]  # its errors name it: hallojax convert: error: ...
         if len(overrides) != len(rest):
-            parser.error(f"unrecognized arguments: {' '.join(a for a in rest if a not in overrides)}")
+            command_parser.error(f"unrecognized arguments: {' '.join(a for a in rest if a not in overrides)}")
         if overrides and not getattr(args, "takes_overrides", False):
-            parser.error(f"{args.command} takes no --config.* overrides")
+            command_parser.error("takes no --config.* overrides")
     except UsageError as e:
         print_error("hallojax", e)
         return 2
