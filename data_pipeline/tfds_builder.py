@@ -12,7 +12,8 @@ for reading (only `tfds.data_source`: `as_dataset` needs TensorFlow).
 
 Two configs: `raw_audio` (the default) and `audio_features` (runs prepared with --audio-features);
 `build_tfds` picks the one that matches the manifest. Fields and dtypes are those of schema.py, with
-`source` as bytes (TFDS text: the file name's own bytes, see schema.py); the record order is the manifest's (shuffling is disabled).
+`source` as bytes (TFDS text: the file name's own bytes, see schema.py); the record order is the
+manifest's (shuffling is disabled).
 """
 
 from __future__ import annotations

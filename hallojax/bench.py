@@ -1,8 +1,9 @@
 """Benchmarks that print their figures and the command that produced them (never timed tests).
 
-    hallojax bench vae [--height 480 --width 832 --frames 17 --batch 1 --dtype bfloat16 --tile 0]
+    hallojax bench vae [--height 480 --width 832 --frames 17 --batch 1 --dtype bfloat16 --tile 0] [--vae DIR]
 
-Random weights at the published Wan2.1 VAE size (throughput does not depend on the values); reports
+Random weights at the published Wan2.1 VAE size (throughput does not depend on the values), or the VAE
+of a `hallojax convert wan-vae` directory (`--vae DIR`, its own architecture); reports
 encode and decode frames/s after one warm-up call, and peak memory: the device's own counter where
 it has one (GPU/TPU), otherwise XLA's compiled estimate (arguments + outputs + temporaries).
 
@@ -70,6 +71,8 @@ def bench_vae(argv) -> dict:
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     p.add_argument("--tile", type=int, default=0, help="spatial decode tile in pixels (0: untiled)")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--vae", default=None, help="a `hallojax convert wan-vae` directory (default: random weights "
+                   "at the published size)")
     args = p.parse_args(argv)
     for name in ("height", "width"):
         if getattr(args, name) < 8 or getattr(args, name) % 8:
@@ -80,7 +83,14 @@ def bench_vae(argv) -> dict:
         if getattr(args, name) < low:
             raise ValueError(f"--{name} {getattr(args, name)}: must be an integer >= {low}")
 
-    vae = WanVAE(VAEConfig(dtype=args.dtype), rngs=nnx.Rngs(0))
+    if args.vae:
+        from hallojax.checkpoint import load_pretrained
+
+        vae, _ = load_pretrained(args.vae, dtype=args.dtype)
+        if not isinstance(vae, WanVAE):
+            raise ValueError(f"--vae {args.vae}: holds a {type(vae).__name__}, not a Wan VAE")
+    else:
+        vae = WanVAE(VAEConfig(dtype=args.dtype), rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(vae)
     video = np.random.default_rng(0).uniform(-1, 1, (args.batch, args.frames, args.height, args.width, 3))
     video = video.astype(np.float32)

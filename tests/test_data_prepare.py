@@ -214,7 +214,8 @@ def test_a_file_name_that_is_not_utf8_keeps_its_clips_and_its_bytes(media, prepa
     # JSON files carry it as the escape \udce9 (byte 0xE9 under Python's surrogateescape); json reads it back
     text = (out / "manifest.json").read_text(encoding="ascii")
     assert '"caf\\udce9.mp4"' in text
-    assert {"source": LATIN1, "clips": 2} in [{k: v[k] for k in ("source", "clips")} for v in json.loads(text)["videos"]]
+    videos = json.loads(text)["videos"]
+    assert {"source": LATIN1, "clips": 2} in [{k: v[k] for k in ("source", "clips")} for v in videos]
     report = json.loads((out / "report.json").read_text())
     assert LATIN1 not in [r["source"] for r in report["skipped"]] + [w["source"] for w in report["warnings"]]
     assert LATIN1 in json.loads((out / "plan.json").read_text())["sources"]
