@@ -6,7 +6,7 @@
     hallojax train   --config configs/wan.py:demo --workdir DIR [--config.train.steps=200 ...]
     hallojax info    [--config configs/wan.py:wan2.1-t2v-14b,mesh=fsdp] [--devices 64]
     hallojax compile --config PRESET --topology v5p:2x2x2 [--batch 32 --frames 21 --height 60 --width 104]
-    hallojax bench   vae [--height 480 --width 832 --frames 17]
+    hallojax bench   vae [--height 480 --width 832 --frames 17] [--vae DIR]
     hallojax bench   train [--config configs/wan.py:tiny --batch N --frames 3 --height 8 --width 8 --steps 5]
     hallojax synthetic OUT_DIR [--num-videos N --seed S]      synthetic talking faces (mp4 + sidecars)
     hallojax prepare VIDEO_DIR -o OUT_DIR [--frames 49 --size 256 --codec pixel:8|wan-vae:DIR]
