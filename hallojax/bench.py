@@ -36,7 +36,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from hallojax.aot import check_step_shape
+from hallojax.aot import check_step_shape as _check_shape  # shared with `hallojax compile`
 from hallojax.cli import ArgumentParser, UsageError
 
 
@@ -314,8 +314,8 @@ def bench_train(config, *, batch: int | None = None, frames: int = 3, height: in
         batch = -(-n_dev // split) * split
     if image_len is None:
         image_len = cfg.pos_embed_seq_len or 257
-    check_step_shape(cfg, batch=batch, frames=frames, height=height, width=width, text_len=text_len,
-                     image_len=image_len, steps=steps, warmup=warmup)
+    _check_shape(cfg, batch=batch, frames=frames, height=height, width=width, text_len=text_len,
+                 image_len=image_len, steps=steps, warmup=warmup)
     if batch % split:
         raise ValueError(f"--batch {batch}: must be a multiple of {split}, the devices of the mesh's batch axes "
                          f"{batch_axes} (mesh {dict(mesh.shape)}) x train.accum_steps={t.accum_steps}")

@@ -1,28 +1,10 @@
-"""Shared helpers of the encoder tests: weight perturbation of tiny transformers models, the parity
-bound, and a tiny T5 config with a tokenizer built in code (also used by tests/test_readme.py)."""
+"""Shared helpers of the encoder parity tests: weight perturbation of tiny transformers models and the
+parity bound."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-
-TINY_T5 = dict(vocab_size=40, d_model=32, d_kv=8, num_heads=4, d_ff=48, num_layers=2,
-               relative_attention_num_buckets=16, relative_attention_max_distance=24)
-WORDS = ("a cat dog sits on the mat in sun red blue big small runs jumps over under tree house green "
-         "old young man woman walks slowly fast by river").split()
-
-
-def make_tokenizer():
-    """A word-level tokenizer built in code: <pad>=0, </s>=1 (appended), <unk>=2, as T5's ids."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                                   padding_side="right")
 
 
 def assert_parity(ours, ref, note: str = "") -> float:

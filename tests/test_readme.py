@@ -192,16 +192,16 @@ def _torch_model(kind: str):
         from transformers import Wav2Vec2Config, Wav2Vec2Model
 
         return Wav2Vec2Model(Wav2Vec2Config(**TINY_WAV2VEC2))
-    from encoder_reference import TINY_T5
+    from test_t5 import TINY
     from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
     if kind == "umt5":
-        return UMT5EncoderModel(UMT5Config(**TINY_T5, feed_forward_proj="gated-gelu"))
-    return T5EncoderModel(T5Config(**TINY_T5, feed_forward_proj="relu"))
+        return UMT5EncoderModel(UMT5Config(**TINY, feed_forward_proj="gated-gelu"))
+    return T5EncoderModel(T5Config(**TINY, feed_forward_proj="relu"))
 
 
 def _save_tokenizer(path: Path) -> None:
-    from encoder_reference import make_tokenizer
+    from test_t5 import make_tokenizer
 
     make_tokenizer().save_pretrained(path)
 

@@ -15,12 +15,13 @@ import pytest
 import safetensors.numpy
 import torch
 from flax import nnx
-from transformers import T5Config, T5EncoderModel, T5ForConditionalGeneration, UMT5Config
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel, T5ForConditionalGeneration, UMT5Config
 from transformers import UMT5EncoderModel
 from transformers.models.t5.modeling_t5 import T5Attention
 from transformers.models.umt5.modeling_umt5 import UMT5Attention
 
-from encoder_reference import TINY_T5, assert_parity, make_tokenizer, param_count_torch, perturb_
+from encoder_reference import assert_parity, param_count_torch, perturb_
 from hallojax import load_pretrained
 from hallojax.checkpoint import load_params_numpy
 from hallojax.convert.safetensors_io import TensorStore
@@ -29,12 +30,26 @@ from hallojax.convert.table import ConversionError
 from hallojax.encoders.t5 import T5Encoder, T5EncoderConfig, encode_text, load_tokenizer, relative_position_buckets
 from hallojax.sharding import DEFAULT_RULES, batch_sharding, make_mesh, use_rules
 
+TINY = dict(vocab_size=40, d_model=32, d_kv=8, num_heads=4, d_ff=48, num_layers=2,
+            relative_attention_num_buckets=16, relative_attention_max_distance=24)
 VARIANTS = {
-    "umt5": (UMT5EncoderModel, UMT5Config, dict(TINY_T5, feed_forward_proj="gated-gelu")),
-    "t5": (T5EncoderModel, T5Config, dict(TINY_T5, feed_forward_proj="relu")),
+    "umt5": (UMT5EncoderModel, UMT5Config, dict(TINY, feed_forward_proj="gated-gelu")),
+    "t5": (T5EncoderModel, T5Config, dict(TINY, feed_forward_proj="relu")),
 }
+WORDS = ("a cat dog sits on the mat in sun red blue big small runs jumps over under tree house green "
+         "old young man woman walks slowly fast by river").split()
 PROMPTS = ["a cat sits on the mat",
            "a big red dog runs over the small blue house under the old tree in the sun by the river fast"]
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer built in code: <pad>=0, </s>=1 (appended), <unk>=2, as T5's ids."""
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                   padding_side="right")
 
 
 _BUILT: dict = {}
@@ -188,7 +203,7 @@ def test_full_t5_checkpoint_and_bf16_bin(tmp_path):
     """A whole T5ForConditionalGeneration saved as a bf16 pytorch_model.bin: the decoder and LM head are
     ignored, the encoder converts bit for bit in bf16 and exports back bit for bit."""
     torch.manual_seed(0)
-    full = perturb_(T5ForConditionalGeneration(T5Config(**dict(TINY_T5, feed_forward_proj="gated-gelu"))), seed=3)
+    full = perturb_(T5ForConditionalGeneration(T5Config(**dict(TINY, feed_forward_proj="gated-gelu"))), seed=3)
     full = full.to(torch.bfloat16)
     src = tmp_path / "src"
     src.mkdir()
