@@ -9,15 +9,21 @@ mixed to mono, resampled to 16 kHz with soxr and cut to each clip on the same ti
 Anything a file can do wrong ends in `SkipVideo(reason)`; the caller records the reason and moves on.
 
 Face-box sidecar: `<video stem>.face.json` beside the video, `{"box": [x0, y0, x1, y1]}` in pixels of the
-displayed (rotated) frame, one box for the whole video.
+displayed (rotated) frame, one box for the whole video. A box of which less than half lies inside the
+frame skips the video ("face box ... lies outside the frame"): such a sidecar belongs to another video
+or another resolution, and its clips would carry a face mask of zeros (no audio signal for the face-mask
+presets). The sidecar is the problem to fix, so the video is not quietly given a centre crop instead.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import math
+import os
+import stat
 from pathlib import Path
 
 import av
@@ -27,6 +33,7 @@ import soxr
 from data_pipeline.schema import SAMPLE_RATE
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm")
+MIN_BOX_INSIDE = 0.5  # at least this fraction of the sidecar's face box must lie inside the frame
 
 
 class SkipVideo(Exception):
@@ -73,6 +80,10 @@ class ClipConfig:
             bad(f"box_scale must be >= 1, got {self.box_scale}")
         if self.max_seconds is not None and not self.max_seconds > 0:
             bad(f"max_seconds must be positive, got {self.max_seconds}")
+        if self.min_side < 1:
+            bad(f"min_side must be >= 1, got {self.min_side}")
+        if self.seed < 0:
+            bad(f"seed must be >= 0, got {self.seed}")
 
     @property
     def samples_per_clip(self) -> int:
@@ -116,6 +127,18 @@ def read_face_box(video: Path) -> list[float] | None:
     return box
 
 
+def check_box_in_frame(box, w: int, h: int) -> None:
+    """SkipVideo unless at least MIN_BOX_INSIDE of the face box's area lies inside the w x h frame."""
+    inside = max(0.0, min(box[2], w) - max(box[0], 0)) * max(0.0, min(box[3], h) - max(box[1], 0))
+    fraction = inside / ((box[2] - box[0]) * (box[3] - box[1]))
+    shown = [round(v, 2) if v % 1 else int(v) for v in box]
+    if fraction == 0:
+        raise SkipVideo(f"face box {shown} lies outside the {w}x{h} frame (sidecar for another video or size?)")
+    if fraction < MIN_BOX_INSIDE:
+        raise SkipVideo(f"only {fraction:.0%} of face box {shown} lies inside the {w}x{h} frame (at least "
+                        f"{MIN_BOX_INSIDE:.0%} must)")
+
+
 def crop_region(src_w: int, src_h: int, out_w: int, out_h: int, box=None, box_scale: float = 1.6):
     """Integer crop (x0, y0, w, h) of the source with the output's aspect ratio: the largest centred one,
     or the smallest that holds the enlarged face box, moved (and if need be shrunk) to lie in the frame."""
@@ -148,7 +171,8 @@ def crop_resize(img: np.ndarray, region, width: int, height: int) -> np.ndarray:
 
 
 def _stable_hash(text: str) -> int:
-    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little")
+    # the name's own bytes: a file name that is not UTF-8 arrives surrogate-escaped (os.fsdecode)
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8", "surrogateescape")).digest()[:8], "little")
 
 
 def reference_index(seed: int, source: str, clip_index: int, start: int, num_frames: int, total: int) -> int:
@@ -227,6 +251,8 @@ class _FrameSampler:
         w, h = (frame.height, frame.width) if quarter % 2 else (frame.width, frame.height)
         key = (frame.width, frame.height, quarter)
         if self.geometry is None:
+            if self.box is not None:
+                check_box_in_frame(self.box, w, h)
             x0, y0, cw, ch = crop_region(w, h, cfg.width, cfg.height, self.box, cfg.box_scale)
             if min(cw, ch) < cfg.min_side:
                 raise SkipVideo(f"tiny resolution: {w}x{h} source, {cw}x{ch} crop region is below "
@@ -275,10 +301,37 @@ class _AudioCollector:
         return np.asarray(mono, dtype=np.float32)
 
 
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def check_file(path: Path) -> None:
+    """SkipVideo unless `path` is (or links to) a readable, non-empty regular file; never opens anything else
+    (a FIFO would block)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise SkipVideo(f"broken symbolic link: its target {os.readlink(path)} does not exist") from None
+        raise SkipVideo("the file disappeared after it was listed") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise SkipVideo("symbolic link loop (too many levels of symbolic links)") from None
+        raise SkipVideo(f"cannot read the file: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((name for test, name in _KINDS if test(st.st_mode)), "an unknown kind")
+        raise SkipVideo(f"not a regular file ({kind})")
+    if st.st_size == 0:
+        raise SkipVideo("empty file (0 bytes)")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise SkipVideo(f"cannot read the file: {e.strerror}") from None
+
+
 def _decode(path: Path, cfg: ClipConfig, box):
     """(sampler with the output frames, audio collector, 16 kHz mono audio)."""
-    if path.stat().st_size == 0:
-        raise SkipVideo("empty file (0 bytes)")
     try:
         container = av.open(str(path), metadata_errors="ignore")
     except av.error.FFmpegError as e:
@@ -314,6 +367,7 @@ def _decode(path: Path, cfg: ClipConfig, box):
 def extract_clips(path: str | Path, source: str, cfg: ClipConfig) -> VideoClips:
     """Stage 1 for one video; raises SkipVideo with the reason when it gives no clip."""
     path = Path(path)
+    check_file(path)
     box = read_face_box(path) if cfg.crop == "auto" else None
     sampler, audio, wave = _decode(path, cfg, box)
     frames = np.stack(sampler.frames)  # [N, H, W, 3]

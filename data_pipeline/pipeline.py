@@ -12,7 +12,12 @@ Output directory:
     shard-00000-of-00004.array_record       records (schema.py), clips of the shard's videos in input order
     shard-00000-of-00004.json               the shard's completion marker: counts, sha256, per-video outcome
     manifest.json                           written once every shard is done: counts, shards, videos, schema
-    report.json                             skipped inputs with their reasons, and warnings
+    report.json                             skipped inputs with their reasons, warnings, unlisted directories
+
+Sources are file names as Python holds them: a name that is not valid UTF-8 (POSIX names are bytes) is
+surrogate-escaped (`os.fsdecode`), so no input is lost for its name. Records keep the name's own bytes
+(schema.py); the JSON files here are ASCII and write such a byte 0xXX as the escape `\\udcXX`, which
+`json.loads` turns back into the same name (`os.fsencode` gives the bytes).
 
 Every file is written under a temporary name and renamed; a shard's .json is renamed last, so a shard is
 done exactly when its .json exists (and its file has the size it records). A rerun skips done shards and
@@ -75,17 +80,38 @@ class Input:
     path: Path
 
 
-def discover(inputs) -> list[Input]:
-    """Video files under the given directories (by extension, recursively; hidden files ignored) and the
-    files given directly, sorted by source. Missing inputs and clashing sources are errors."""
+def _walk(root: Path, unlisted: list[dict]) -> list[tuple[str, Path]]:
+    """(source, path) of every name under `root` with a video extension that is not a directory (hidden
+    names ignored, links to directories not followed): regular files, but also broken links, link loops,
+    FIFOs, ..., which stage 1 then skips with the reason. Subdirectories that cannot be listed are added
+    to `unlisted`; an unlistable `root` is an error."""
+    def onerror(e: OSError):
+        if Path(e.filename) == root:
+            raise ValueError(f"input {root}: cannot list the directory ({e.strerror})")
+        unlisted.append({"source": Path(e.filename).relative_to(root).as_posix(), "path": e.filename,
+                         "reason": f"cannot list the directory ({e.strerror}): videos in it, if any, are not prepared"})
+
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root, onerror=onerror):
+        dirnames[:] = [n for n in dirnames if not n.startswith(".")]
+        for name in filenames:
+            if not name.startswith(".") and Path(name).suffix.lower() in VIDEO_EXTENSIONS:
+                path = Path(dirpath, name)
+                found.append((path.relative_to(root).as_posix(), path))
+    return found
+
+
+def discover(inputs) -> tuple[list[Input], list[dict]]:
+    """(inputs, unlisted directories): every name with a video extension under the given directories
+    (recursively; hidden names ignored) and the files given directly, sorted by source, so that each ends
+    in the manifest or in the report; and the subdirectories that could not be listed, with the reason.
+    Missing inputs and clashing sources are errors."""
     found: dict[str, Path] = {}
-    clashes = []
+    clashes, unlisted = [], []
     for arg in inputs:
         root = Path(arg)
         if root.is_dir():
-            files = [(p.relative_to(root).as_posix(), p) for p in root.rglob("*")
-                     if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS
-                     and not any(part.startswith(".") for part in p.relative_to(root).parts)]
+            files = _walk(root, unlisted)
         elif root.is_file():
             files = [(root.name, root)]
         else:
@@ -97,7 +123,9 @@ def discover(inputs) -> list[Input]:
     if clashes:
         raise ValueError(f"inputs give the same source name twice: {'; '.join(clashes[:5])}; pass their parent "
                          "directory instead, so sources keep their relative paths")
-    return [Input(s, found[s]) for s in sorted(found)]
+    for u in unlisted:
+        log.warning("%s: %s", u["path"], u["reason"])
+    return [Input(s, found[s]) for s in sorted(found)], sorted(unlisted, key=lambda u: u["path"])
 
 
 def process_slot(process_index: int | None = None, process_count: int | None = None) -> tuple[int, int]:
@@ -179,7 +207,7 @@ class Preparer:
             raise ValueError(f"output size {clip.width}x{clip.height} must be a multiple of codec {self.codec.name!r}"
                              f" spatial stride {s}")
         self.audio_fn = get_audio_features(config.audio_features)
-        self.inputs = discover(inputs)
+        self.inputs, self.unlisted = discover(inputs)
         if not self.inputs:
             raise ValueError(f"no video files ({', '.join(VIDEO_EXTENSIONS)}) found in {list(map(str, inputs))}")
         self.out = Path(out_dir)
@@ -200,11 +228,18 @@ class Preparer:
 
     def _prepare_out_dir(self, overwrite, inputs):
         out = self.out
+        try:  # input names may be any bytes; the output's path is opened by grain, which takes only UTF-8
+            str(out.absolute()).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"output directory {out}: its path is not valid UTF-8, which the shard reader (grain) "
+                             "cannot open; choose another directory") from None
         for src in inputs:
             src = Path(src).resolve()
             if src == out.resolve() or out.resolve() in src.parents or src in out.resolve().parents:
                 raise ValueError(f"output {out} and input {src} overlap; choose another output directory")
         plan_path = out / "plan.json"
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"output {out} exists and is not a directory")
         if overwrite and out.exists():
             if self.count > 1:
                 raise ValueError("overwrite with several processes would race; clear the directory first")
@@ -385,6 +420,7 @@ class Preparer:
             "skipped": [{"source": v["source"], "path": paths.get(v["source"]), "reason": v["skipped"]}
                         for v in videos if v["skipped"] is not None],
             "warnings": [{"source": v["source"], "warning": w} for v in videos for w in v["warnings"]],
+            "unlisted_directories": self.unlisted,
         }
         write_json_atomic(self.out / "report.json", report)
         write_json_atomic(self.out / "manifest.json", manifest)  # last: its presence means complete

@@ -56,7 +56,7 @@ def config_from_args(args):
     from data_pipeline.clips import ClipConfig
     from data_pipeline.pipeline import PrepareConfig
 
-    height, width = (args.size, args.size) if args.size else (args.height, args.width)
+    height, width = (args.size, args.size) if args.size is not None else (args.height, args.width)
     clip = ClipConfig(fps=args.fps, num_frames=args.frames, stride=args.stride, height=height, width=width,
                       crop=args.crop, box_scale=args.box_scale, min_side=args.min_side,
                       max_seconds=args.max_seconds, seed=args.seed)
@@ -85,15 +85,16 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m data_pipeline.prepare", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from hallojax.cli import ArgumentParser, print_error
+
+    p = ArgumentParser(prog="python -m data_pipeline.prepare", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
-    args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
-        run(args)
+        run(p.parse_args(argv))
     except (ValueError, OSError) as e:
-        print(f"prepare: error: {e}", file=sys.stderr)
+        print_error("prepare", e)
         return 2
     return 0
 

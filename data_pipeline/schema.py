@@ -33,7 +33,10 @@ Byte layout of one record (all integers little-endian):
     ... payload: each array's C-order little-endian bytes at `offset` from the start of the record,
                   every offset a multiple of 64 (zero padding), so arrays decode as zero-copy views.
 
-Strings are stored as UTF-8 bytes with dtype "str". Encoding is a pure function of the arrays, so equal
+Strings are stored as UTF-8 bytes with dtype "str"; a `source` whose file name is not valid UTF-8 (POSIX
+names are bytes) is stored as the name's own bytes: Python carries such a name surrogate-escaped
+(`os.fsdecode`), and encode/decode use UTF-8 with "surrogateescape", so `os.fsencode(record["source"])`
+gives the file's name back byte for byte. Encoding is a pure function of the arrays, so equal
 inputs give byte-identical records (and shards). Readers refuse other magics and versions.
 """
 
@@ -49,6 +52,7 @@ SCHEMA_VERSION = 1
 MAGIC = b"HJXR"
 ALIGN = 64
 SAMPLE_RATE = 16000
+STR_ERRORS = "surrogateescape"  # str fields: file names that are not UTF-8 keep their bytes
 
 _DTYPES = ("float32", "float16", "bfloat16", "uint8", "int32", "int64", "bool", "str")
 
@@ -144,7 +148,7 @@ def encode_record(record: dict) -> bytes:
     for name in sorted(record):
         value = record[name]
         if FIELDS[name].dtype == "str":
-            data, dtype, shape = value.encode("utf-8"), "str", []
+            data, dtype, shape = value.encode("utf-8", STR_ERRORS), "str", []
         else:
             a = np.asarray(record[name], dtype=_np_dtype(FIELDS[name].dtype), order="C")  # keeps 0-d as 0-d
             data, dtype, shape = a.tobytes(), FIELDS[name].dtype, list(a.shape)
@@ -197,7 +201,7 @@ def decode_record(blob: bytes) -> dict:
             raise RecordError(f"record truncated or corrupt: field {name!r} claims bytes {start}..{start + n}, "
                               f"record has {len(buf)}")
         if dtype_name == "str":
-            out[name] = bytes(buf[start:start + n]).decode("utf-8")
+            out[name] = bytes(buf[start:start + n]).decode("utf-8", STR_ERRORS)
             continue
         dtype = _np_dtype(dtype_name)
         if n != int(np.prod(shape)) * dtype.itemsize:

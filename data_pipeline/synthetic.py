@@ -264,8 +264,9 @@ def generate(out_dir, num_videos: int, seed: int = 0, cfg: SyntheticConfig = Syn
              progress: bool = False) -> list[Path]:
     """Write videos 0..num_videos-1; ones already there (from an earlier, maybe interrupted run) are kept."""
     cfg.validate()
-    if num_videos < 0:
-        raise ValueError(f"num_videos must be >= 0, got {num_videos}")
+    if num_videos < 0 or seed < 0:
+        raise ValueError(f"num_videos and seed must be >= 0, got {num_videos}, {seed}")
+    Path(out_dir).mkdir(parents=True, exist_ok=True)  # a bad OUT_DIR fails before the progress bar
     from tqdm import tqdm
 
     paths = []
@@ -297,14 +298,15 @@ def run(args) -> list[Path]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m data_pipeline.synthetic", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from hallojax.cli import ArgumentParser, print_error
+
+    p = ArgumentParser(prog="python -m data_pipeline.synthetic", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
-    args = p.parse_args(argv)
     try:
-        run(args)
+        run(p.parse_args(argv))
     except (ValueError, OSError) as e:
-        print(f"synthetic: error: {e}", file=sys.stderr)
+        print_error("synthetic", e)
         return 2
     return 0
 

@@ -12,7 +12,8 @@ for reading (only `tfds.data_source`: `as_dataset` needs TensorFlow).
 
 Two configs: `raw_audio` (the default) and `audio_features` (runs prepared with --audio-features);
 `build_tfds` picks the one that matches the manifest. Fields and dtypes are those of schema.py, with
-`source` as bytes (TFDS text); the record order is the manifest's (shuffling is disabled).
+`source` as bytes (TFDS text: the file name's own bytes, see schema.py); the record order is the
+manifest's (shuffling is disabled).
 """
 
 from __future__ import annotations
@@ -87,8 +88,9 @@ class HallojaxClips(tfds.core.GeneratorBasedBuilder):
 
         source = array_record_source(self._prepared_dir)
         for i in range(len(source)):
-            r = schema.decode_record(source[i])
-            yield f"{r['source']}#{int(r['clip_index'])}", r
+            r = dict(schema.decode_record(source[i]))
+            r["source"] = r["source"].encode("utf-8", schema.STR_ERRORS)  # the name's bytes, UTF-8 or not
+            yield r["source"] + f"#{int(r['clip_index'])}".encode(), r
 
 
 def build_tfds(prepared_dir, data_dir) -> tfds.core.DatasetBuilder:

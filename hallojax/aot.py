@@ -117,6 +117,28 @@ def fit_hints(cfg) -> tuple[str, ...]:
     return tuple(hints)
 
 
+def check_step_shape(cfg, *, batch, frames, height, width, text_len, image_len=None, steps=1,
+                     warmup=0) -> None:
+    """The sizes of a training step given on the command line (latent grid, text tokens, step counts):
+    ValueError naming the flag unless they fit the model (`hallojax compile`, `hallojax bench train`)."""
+    image_len = (cfg.pos_embed_seq_len or 257) if image_len is None else image_len
+    for name, value, low in (("--batch", batch, 1), ("--frames", frames, 1), ("--height", height, 1),
+                             ("--width", width, 1), ("--text-len", text_len, 1), ("--steps", steps, 1),
+                             ("--warmup", warmup, 0)):
+        if not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} {value}: must be an integer >= {low}")
+    for name, value, p in zip(("--frames", "--height", "--width"), (frames, height, width), cfg.patch_size):
+        if value % p:
+            raise ValueError(f"{name} {value}: must be a multiple of the patch size {p} "
+                             f"(model.patch_size={tuple(cfg.patch_size)}; latent-grid sizes)")
+    if cfg.motion_frames >= frames:
+        raise ValueError(f"--frames {frames}: must exceed model.motion_frames={cfg.motion_frames}")
+    if cfg.image_dim is not None and (image_len < 1 or (cfg.pos_embed_seq_len is not None
+                                                        and image_len != cfg.pos_embed_seq_len)):
+        raise ValueError(f"--image-len {image_len}: this I2V model takes "
+                         f"{cfg.pos_embed_seq_len or '>= 1'} image tokens")
+
+
 def compile_train_step(config, topology: str, *, batch: int, frames: int, height: int, width: int,
                        text_len: int = 512) -> FitReport:
     """Lower and compile `hallojax train`'s step for `topology`; returns the fit report."""
@@ -129,6 +151,8 @@ def compile_train_step(config, topology: str, *, batch: int, frames: int, height
     from hallojax.sharding import batch_sharding, make_mesh, normalize_rules, use_rules
     from hallojax.train import example_batch, jit_train_step, state_layout
 
+    cfg = DiTConfig.from_dict(config.model)
+    check_step_shape(cfg, batch=batch, frames=frames, height=height, width=width, text_len=text_len)
     name, chips = parse_topology(topology)
     try:
         topo = topologies.get_topology_desc(name, "tpu")
@@ -136,7 +160,6 @@ def compile_train_step(config, topology: str, *, batch: int, frames: int, height
         raise ValueError(f"cannot describe TPU topology {name!r} ({type(e).__name__}: {e}); the TPU compiler "
                          "comes with the tpu extra: pip install -e .[tpu]") from e
     devices = list(topo.devices)
-    cfg = DiTConfig.from_dict(config.model)
     t = config.train
     rules = normalize_rules(config.rules)
     mesh = make_mesh(dict(config.mesh), devices)

@@ -8,9 +8,10 @@ of a step in one batched model call) beside diffusers' eager loop (WanTransforme
 scheduler, steps and guidance passes, one call per branch as WanPipeline does): seconds per clip,
 denoise steps/s and the ratio.
 
-    hallojax bench vae [--height 480 --width 832 --frames 17 --batch 1 --dtype bfloat16 --tile 0]
+    hallojax bench vae [--height 480 --width 832 --frames 17 --batch 1 --dtype bfloat16 --tile 0] [--vae DIR]
 
-Random weights at the published Wan2.1 VAE size (throughput does not depend on the values); reports
+Random weights at the published Wan2.1 VAE size (throughput does not depend on the values), or the VAE
+of a `hallojax convert wan-vae` directory (`--vae DIR`, its own architecture); reports
 encode and decode frames/s after one warm-up call, and peak memory: the device's own counter where
 it has one (GPU/TPU), otherwise XLA's compiled estimate (arguments + outputs + temporaries).
 
@@ -43,6 +44,9 @@ import jax
 import numpy as np
 from flax import nnx
 
+from hallojax.aot import check_step_shape as _check_shape  # shared with `hallojax compile`
+from hallojax.cli import ArgumentParser, UsageError
+
 
 def _timed(fn, *args, repeats: int):
     out = jax.block_until_ready(fn(*args))  # compile + warm up
@@ -67,7 +71,7 @@ def _peak(device) -> int | None:
 def bench_vae(argv) -> dict:
     from hallojax.vae import VAEConfig, WanVAE
 
-    p = argparse.ArgumentParser(prog="hallojax bench vae")
+    p = ArgumentParser(prog="hallojax bench vae")
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--width", type=int, default=832)
     p.add_argument("--frames", type=int, default=17, help="1 + 4k video frames")
@@ -75,9 +79,26 @@ def bench_vae(argv) -> dict:
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     p.add_argument("--tile", type=int, default=0, help="spatial decode tile in pixels (0: untiled)")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--vae", default=None, help="a `hallojax convert wan-vae` directory (default: random weights "
+                   "at the published size)")
     args = p.parse_args(argv)
+    for name in ("height", "width"):
+        if getattr(args, name) < 8 or getattr(args, name) % 8:
+            raise ValueError(f"--{name} {getattr(args, name)}: must be a positive multiple of 8 (the VAE's stride)")
+    if args.frames < 1 or (args.frames - 1) % 4:
+        raise ValueError(f"--frames {args.frames}: must be 1 + 4k (the VAE's temporal stride is 4)")
+    for name, low in (("batch", 1), ("repeats", 1), ("tile", 0)):
+        if getattr(args, name) < low:
+            raise ValueError(f"--{name} {getattr(args, name)}: must be an integer >= {low}")
 
-    vae = WanVAE(VAEConfig(dtype=args.dtype), rngs=nnx.Rngs(0))
+    if args.vae:
+        from hallojax.checkpoint import load_pretrained
+
+        vae, _ = load_pretrained(args.vae, dtype=args.dtype)
+        if not isinstance(vae, WanVAE):
+            raise ValueError(f"--vae {args.vae}: holds a {type(vae).__name__}, not a Wan VAE")
+    else:
+        vae = WanVAE(VAEConfig(dtype=args.dtype), rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(vae)
     video = np.random.default_rng(0).uniform(-1, 1, (args.batch, args.frames, args.height, args.width, 3))
     video = video.astype(np.float32)
@@ -413,30 +434,12 @@ def _torch_device(platform: str) -> tuple[str | None, str | None]:
                  f"{torch.cuda.is_available()}); pass --no-torch to silence"
 
 
-def _check_shape(cfg, *, batch, frames, height, width, text_len, image_len, steps, warmup) -> None:
-    for name, value, low in (("--batch", batch, 1), ("--frames", frames, 1), ("--height", height, 1),
-                             ("--width", width, 1), ("--text-len", text_len, 1), ("--steps", steps, 1),
-                             ("--warmup", warmup, 0)):
-        if not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} {value}: must be an integer >= {low}")
-    for name, value, p in zip(("--frames", "--height", "--width"), (frames, height, width), cfg.patch_size):
-        if value % p:
-            raise ValueError(f"{name} {value}: must be a multiple of the patch size {p} "
-                             f"(model.patch_size={tuple(cfg.patch_size)}; latent-grid sizes)")
-    if cfg.motion_frames >= frames:
-        raise ValueError(f"--frames {frames}: must exceed model.motion_frames={cfg.motion_frames}")
-    if cfg.image_dim is not None and (image_len < 1 or (cfg.pos_embed_seq_len is not None
-                                                        and image_len != cfg.pos_embed_seq_len)):
-        raise ValueError(f"--image-len {image_len}: this I2V model takes "
-                         f"{cfg.pos_embed_seq_len or '>= 1'} image tokens")
-
-
 def bench_train_cli(argv) -> dict:
     from hallojax.config import load_config
 
-    p = argparse.ArgumentParser(prog="hallojax bench train", allow_abbrev=False,
-                                description="Training-step throughput of the DiT (and diffusers' beside it). "
-                                "Sizes are latent-grid sizes; extra --config.key=value overrides apply.")
+    p = ArgumentParser(prog="hallojax bench train", allow_abbrev=False,
+                       description="Training-step throughput of the DiT (and diffusers' beside it). "
+                       "Sizes are latent-grid sizes; extra --config.key=value overrides apply.")
     p.add_argument("--config", default="configs/wan.py:tiny", help="FILE.py[:ARG], or a preset name")
     p.add_argument("--batch", type=int, default=None,
                    help="default: the mesh's device count (a multiple of its batch axes)")
@@ -659,9 +662,9 @@ def bench_sample(config, *, frames: int = 3, height: int = 8, width: int = 8, te
 def bench_sample_cli(argv) -> dict:
     from hallojax.config import load_config
 
-    p = argparse.ArgumentParser(prog="hallojax bench sample", allow_abbrev=False,
-                                description="One clip's denoising loop: ours beside diffusers'. Sizes are latent-grid "
-                                "sizes; extra --config.key=value overrides apply.")
+    p = ArgumentParser(prog="hallojax bench sample", allow_abbrev=False,
+                       description="One clip's denoising loop: ours beside diffusers'. Sizes are latent-grid "
+                       "sizes; extra --config.key=value overrides apply.")
     p.add_argument("--config", default="configs/wan.py:tiny", help="FILE.py[:ARG], or a preset name")
     p.add_argument("--frames", type=int, default=3, help="latent frames")
     p.add_argument("--height", type=int, default=8, help="latent height")
@@ -690,7 +693,7 @@ BENCHES = {"vae": bench_vae, "train": bench_train_cli, "sample": bench_sample_cl
 
 def main(argv) -> int:
     if not argv or argv[0] not in BENCHES:
-        print(f"usage: hallojax bench {{{','.join(BENCHES)}}} [options]", file=sys.stderr)
-        return 2
+        raise UsageError("hallojax bench", f"expected a benchmark: {' or '.join(BENCHES)}"
+                         + (f", got {argv[0]!r}" if argv else "") + " (usage: hallojax bench NAME --help)")
     BENCHES[argv[0]](argv[1:])
     return 0

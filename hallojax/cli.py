@@ -9,12 +9,13 @@
                      [--long-video motion|overlap|continue] [--height H --width W] [--fps 25] [--seed S]
     hallojax info    [--config configs/wan.py:wan2.1-t2v-14b,mesh=fsdp] [--devices 64]
     hallojax compile --config PRESET --topology v5p:2x2x2 [--batch 32 --frames 21 --height 60 --width 104]
-    hallojax bench   vae [--height 480 --width 832 --frames 17]
+    hallojax bench   vae [--height 480 --width 832 --frames 17] [--vae DIR]
     hallojax bench   train [--config configs/wan.py:tiny --batch N --frames 3 --height 8 --width 8 --steps 5]
     hallojax synthetic OUT_DIR [--num-videos N --seed S]      synthetic talking faces (mp4 + sidecars)
     hallojax prepare VIDEO_DIR -o OUT_DIR [--frames 49 --size 256 --codec pixel:8|wan-vae:DIR]
 
-Errors in user input (files, keys, shapes) print one clear message and exit with status 2.
+Errors in user input (arguments, files, keys, shapes) print one clear message, `hallojax CMD: error: ...`,
+and exit with status 2; argparse's own errors too (no usage block: `--help` prints it).
 """
 
 from __future__ import annotations
@@ -23,9 +24,31 @@ import argparse
 import logging
 import sys
 
-# every hallojax error class (ConfigError, ConversionError, CheckpointError, SafetensorsError) is a
-# ValueError; OSError covers unreadable or unwritable paths
+# every hallojax error class (ConfigError, ConversionError, CheckpointError, SafetensorsError, UsageError)
+# is a ValueError; OSError covers unreadable or unwritable paths
 USER_ERRORS = (ValueError, OSError)
+
+
+class UsageError(ValueError):
+    """Bad command-line arguments, from `ArgumentParser.error`; `prog` is the command they were given to."""
+
+    def __init__(self, prog: str, message: str):
+        super().__init__(message)
+        self.prog = prog
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors raise `UsageError` instead of printing the usage block and exiting, so a bad
+    argument ends like every other user error: one line, status 2 (and `main` returns instead of exiting)."""
+
+    def error(self, message):
+        raise UsageError(self.prog, f"{message} (usage: {self.prog} --help)")
+
+
+def print_error(prog: str, error: BaseException) -> None:
+    """`PROG: error: MESSAGE` on stderr. A path that is not UTF-8 is shown escaped instead of failing to print."""
+    text = f"{getattr(error, 'prog', prog)}: error: {error}"
+    print(text.encode("utf-8", "backslashreplace").decode("utf-8"), file=sys.stderr)
 
 
 def _convert(args):
@@ -38,6 +61,8 @@ def _convert(args):
 def _export(args):
     from hallojax.convert import converter
 
+    if not args.max_shard_gb > 0:
+        raise ValueError(f"--max-shard-gb {args.max_shard_gb}: must be positive")
     out = converter(args.format, "export")(args.ckpt, args.out, overwrite=args.overwrite,
                                            max_shard_bytes=int(args.max_shard_gb * 2**30))
     print(f"wrote {out}")
@@ -55,8 +80,13 @@ def _train(args, overrides):
     from hallojax.config import load_config
     from hallojax.train import initialize_distributed, run
 
+    config = load_config(args.config, overrides)
+    if config.data.get("prepared"):  # a wrong directory is found before the model is built
+        from data_pipeline.reader import load_manifest
+
+        load_manifest(config.data.prepared)
     initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-    result = run(load_config(args.config, overrides), args.workdir)
+    result = run(config, args.workdir)
     print(f"trained to step {result['step']}" + (" (preempted, saved)" if result["preempted"] else ""))
 
 
@@ -84,6 +114,8 @@ def _info(args, overrides):
     from hallojax.dit import DiTConfig, abstract_model, param_count
     from hallojax.sharding import logical_to_spec, normalize_rules, resolve_mesh_shape, shard_shape
 
+    if args.devices is not None and args.devices < 1:
+        raise ValueError(f"--devices {args.devices}: must be >= 1 (default: the devices present)")
     config = load_config(args.config, overrides)
     cfg = DiTConfig.from_dict(config.model)
     rules = normalize_rules(config.rules)
@@ -98,11 +130,19 @@ def _info(args, overrides):
     print(f"mesh {mesh_shape}: {per_device / 2**30:.3f} GiB of parameters per device")
 
 
-def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="hallojax", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def _bench(args):
+    from hallojax.bench import BENCHES, main
+
+    if args.bench_args and args.bench_args[0] in BENCHES:
+        args.command = f"bench {args.bench_args[0]}"  # its errors read "hallojax bench vae: error: ..."
+    return main(args.bench_args)
+
+
+def build_parser() -> ArgumentParser:
+    """The `hallojax` parser: one subparser per command; `--config.*` overrides are left for `main`."""
+    parser = ArgumentParser(prog="hallojax", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    parser.subcommands = sub.choices
 
     from hallojax.convert import FORMATS
 
@@ -128,7 +168,7 @@ def main(argv=None) -> int:
         p = sub.add_parser(name, help=(fn.__doc__ or "").split("\n")[0] or "the embedded default job")
         p.add_argument("--config", default=default, help="FILE.py[:ARG], or a preset name")
         if name == "info":
-            p.add_argument("--devices", type=int, default=0, help="device count for -1 mesh axes")
+            p.add_argument("--devices", type=int, help="device count for -1 mesh axes (default: those present)")
         if name == "compile":
             p.add_argument("--topology", required=True, help="TPU slice: v5p:2x2x2 (chip grid) or v5p-16")
             p.add_argument("--batch", type=int, default=8, help="global batch")
@@ -159,15 +199,25 @@ def main(argv=None) -> int:
 
     p = sub.add_parser("bench", help="benchmarks that print figures and their command (bench vae, train, sample)")
     p.add_argument("bench_args", nargs=argparse.REMAINDER)
-    p.set_defaults(fn=lambda a: __import__("hallojax.bench", fromlist=["main"]).main(a.bench_args))
+    p.set_defaults(fn=_bench)
+    return parser
 
-    args, rest = parser.parse_known_args(argv)
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        args, rest = parser.parse_known_args(argv)
+        overrides = [a for a in rest if a.startswith("--config.")]
+        command_parser = parser.subcommands[args.command]  # its errors name it: hallojax convert: error: ...
+        if len(overrides) != len(rest):
+            command_parser.error(f"unrecognized arguments: {' '.join(a for a in rest if a not in overrides)}")
+        if overrides and not getattr(args, "takes_overrides", False):
+            command_parser.error("takes no --config.* overrides")
+    except UsageError as e:
+        print_error("hallojax", e)
+        return 2
     args.argv = argv
-    overrides = [a for a in rest if a.startswith("--config.")]
-    if len(overrides) != len(rest):
-        parser.error(f"unrecognized arguments: {' '.join(a for a in rest if a not in overrides)}")
-    if overrides and not getattr(args, "takes_overrides", False):
-        parser.error(f"{args.command} takes no --config.* overrides")
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         force=True)
@@ -179,7 +229,7 @@ def main(argv=None) -> int:
         result = args.fn(args)
         return result if isinstance(result, int) else 0
     except USER_ERRORS as e:
-        print(f"hallojax {args.command}: error: {e}", file=sys.stderr)
+        print_error(f"hallojax {args.command}", e)
         return 2
 
 

@@ -2,7 +2,8 @@
 
 ``load_config("configs/wan.py:tiny,mesh=fsdp", ["--config.model.remat=full"])``: the part after the
 first ':' is passed to `get_config`; overrides use the ml_collections flag syntax and keep types.
-A bare preset name (``tiny``) means ``configs/wan.py:tiny``.
+A bare preset name (``tiny``) means ``configs/wan.py:tiny``. Numbers a run cannot use (zero steps, a
+negative learning rate, ...) are refused by `check_ranges` as soon as the config is loaded.
 """
 
 from __future__ import annotations
@@ -21,6 +22,18 @@ DEFAULT_FILE = REPO_CONFIGS / "wan.py"
 
 class ConfigError(ValueError):
     """A config file, preset or override that cannot be used."""
+
+
+# key -> (lowest, highest) allowed value, None: unbounded; keys a config file lacks are not checked
+RANGES = {
+    "train.steps": (1, None), "train.batch_size": (1, None), "train.accum_steps": (1, None),
+    "train.log_every": (1, None), "train.frames": (1, None), "train.height": (1, None), "train.width": (1, None),
+    "train.text_len": (1, None), "train.learning_rate": (0, None), "train.warmup_steps": (0, None),
+    "train.weight_decay": (0, None), "train.grad_clip": (0, None), "train.eps": (0, None),
+    "train.b1": (0, 1), "train.b2": (0, 1), "train.ema_decay": (0, 1),
+    "checkpoint.every": (1, None), "checkpoint.keep": (1, None), "checkpoint.keep_every": (0, None),
+    "data.num_videos": (1, None), "data.frames": (1, None), "data.size": (8, None), "data.face_scale": (0, None),
+}
 
 
 def _load_module(path: Path):
@@ -44,7 +57,20 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     module = _load_module(path)
     config = module.get_config(arg) if arg else module.get_config()
     apply_overrides(config, overrides)
+    check_ranges(config)
     return config
+
+
+def check_ranges(config: ml_collections.ConfigDict) -> None:
+    """ConfigError naming the key for a number outside `RANGES`."""
+    for key, (low, high) in RANGES.items():
+        node = config
+        for part in key.split("."):
+            node = node.get(part) if hasattr(node, "get") else None
+        if isinstance(node, (int, float)) and not isinstance(node, bool):
+            if low is not None and node < low or high is not None and node > high:
+                bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+                raise ConfigError(f"{key}={node}: must be {bound}")
 
 
 def _parse_value(text: str, current):

@@ -104,6 +104,11 @@ class DiTConfig(ModelConfig):
 
     def __post_init__(self):
         object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
+        small = [f"model.{k}={getattr(self, k)}" for k in ("num_layers", "num_heads", "ffn_dim", "in_channels",
+                                                          "out_channels", "text_dim", "freq_dim")
+                 if getattr(self, k) < 1]
+        if small:
+            raise ValueError(f"{', '.join(small)}: must be >= 1")
         if len(self.patch_size) != 3 or min(self.patch_size) < 1:
             raise ValueError(f"model.patch_size={self.patch_size}: expected three positive ints (t, h, w)")
         if self.remat not in REMAT_POLICIES:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import soxr
 
-from data_pipeline import pipeline, prepare, synthetic
+from data_pipeline import clips, pipeline, prepare, synthetic
 from data_pipeline.clips import ClipConfig
 from data_pipeline.pipeline import PrepareConfig
 from data_pipeline.reader import clip_dataset, load_manifest
@@ -89,6 +89,7 @@ def nearest(times_s, k):
     return int(np.flatnonzero(d <= d.min() + 1e-9)[0])
 
 
+LATIN1 = os.fsdecode(b"caf\xe9.mp4")  # "caf\udce9.mp4"
 VFR_MS = np.concatenate([[0], np.cumsum(np.tile([20, 70, 30], 18))])  # 55 frames, mean 40 ms, 2.2 s
 
 
@@ -126,6 +127,9 @@ def media(tmp_path_factory):
     good["clip.webm"] = 2
     write_media(d / "short_audio.mp4", np.full((50, 64, 64, 3), 100, np.uint8), audio=tone(1.0))
     good["short_audio.mp4"] = 1  # only the first clip has sound
+    # POSIX file names are bytes: this one is Latin-1 (0xE9), not UTF-8; Python carries it surrogate-escaped
+    write_media(d / LATIN1, np.full((50, 64, 64, 3), 80, np.uint8), audio=tone(2.0))
+    good[LATIN1] = 2
 
     (d / "corrupt.mp4").write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
     bad["corrupt.mp4"] = "unreadable container"
@@ -140,6 +144,12 @@ def media(tmp_path_factory):
     write_media(d / "bad_sidecar.mp4", np.full((50, 64, 64, 3), 100, np.uint8), audio=tone(2.0))
     (d / "bad_sidecar.face.json").write_text('{"box": [10, 10, 5')
     bad["bad_sidecar.mp4"] = "unreadable face sidecar bad_sidecar.face.json"
+    # face boxes that miss the 64x64 frame (the crop would hold no face, the face mask would be all zeros)
+    for name, box, reason in (("off_frame", [500, 400, 560, 470], "lies outside the 64x64 frame"),
+                              ("edge_box", [40, 40, 120, 120], "only 9% of face box [40, 40, 120, 120]")):
+        (d / f"{name}.mp4").write_bytes((d / "bad_sidecar.mp4").read_bytes())
+        (d / f"{name}.face.json").write_text(json.dumps({"box": box}))
+        bad[f"{name}.mp4"] = reason
     write_media(d / "no_cover.mp4", np.full((50, 64, 64, 3), 100, np.uint8), audio=tone(0.3))
     bad["no_cover.mp4"] = "audio shorter than video"
     write_media(d / "too_short.mp4", np.full((10, 64, 64, 3), 100, np.uint8), audio=tone(0.4))
@@ -191,6 +201,75 @@ def test_counts_every_good_clip_once_and_every_bad_input_reported(media, prepare
     assert all(r["path"].endswith(r["source"]) for r in report["skipped"])
     warned = {w["source"]: w["warning"] for w in report["warnings"]}
     assert "audio shorter than video" in warned["short_audio.mp4"] and "1 of 2 clips dropped" in warned["short_audio.mp4"]
+
+
+def test_a_file_name_that_is_not_utf8_keeps_its_clips_and_its_bytes(media, prepared):
+    d, _, _ = media
+    out, _ = prepared
+    name = b"caf\xe9.mp4"
+    assert name in os.listdir(os.fsencode(d))  # the file really has the Latin-1 byte in its name
+    records = [r for r in records_by_key(out) if r["source"] == LATIN1]
+    assert [int(r["start_frame"]) for r in records] == [0, T]
+    assert all(os.fsencode(r["source"]) == name for r in records)  # the record holds the file's bytes
+    # JSON files carry it as the escape \udce9 (byte 0xE9 under Python's surrogateescape); json reads it back
+    text = (out / "manifest.json").read_text(encoding="ascii")
+    assert '"caf\\udce9.mp4"' in text
+    videos = json.loads(text)["videos"]
+    assert {"source": LATIN1, "clips": 2} in [{k: v[k] for k in ("source", "clips")} for v in videos]
+    report = json.loads((out / "report.json").read_text())
+    assert LATIN1 not in [r["source"] for r in report["skipped"]] + [w["source"] for w in report["warnings"]]
+    assert LATIN1 in json.loads((out / "plan.json").read_text())["sources"]
+
+
+@pytest.fixture
+def take_read_permission(monkeypatch):
+    """chmod 000 on a path; as root (who reads everything anyway) the OS calls that read it fail the same way."""
+    taken = []
+
+    def take(path: Path):
+        path.chmod(0)
+        taken.append(path)
+        if os.geteuid() == 0:
+            def denied(p):
+                if os.fspath(p) in map(str, taken):
+                    raise PermissionError(13, "Permission denied", os.fspath(p))
+            real_scandir, real_open = os.scandir, open
+            monkeypatch.setattr(os, "scandir", lambda p=".": denied(p) or real_scandir(p))  # os.walk lists with it
+            monkeypatch.setattr(clips, "open", lambda p, *a, **k: denied(p) or real_open(p, *a, **k), raising=False)
+
+    yield take
+    for path in taken:
+        path.chmod(0o755)
+
+
+def test_links_fifos_and_unreadable_paths_are_reported(media, tmp_path, take_read_permission):
+    d, _, _ = media
+    videos = tmp_path / "videos"
+    (videos / "closed").mkdir(parents=True)
+    good = (d / "vfr.mp4").read_bytes()
+    for name in ("good.mp4", "locked.mp4", "closed/inside.mp4"):
+        (videos / name).write_bytes(good)
+    (videos / "link.mp4").symlink_to("good.mp4")  # a working link is an input like any other
+    (videos / "dangling.mp4").symlink_to("gone.mp4")
+    (videos / "loop.mp4").symlink_to("loop.mp4")
+    os.mkfifo(videos / "pipe.mp4")  # opening it would wait forever for a writer
+    take_read_permission(videos / "locked.mp4")
+    take_read_permission(videos / "closed")
+    out = tmp_path / "out"
+    summary = pipeline.prepare([videos], out, PrepareConfig(), progress=False)
+    assert summary["videos_ok"] == 2 and summary["clips"] == 6
+    assert [v["source"] for v in load_manifest(out)["videos"]] == ["good.mp4", "link.mp4"]
+    report = json.loads((out / "report.json").read_text())
+    reasons = {r["source"]: (r["path"], r["reason"]) for r in report["skipped"]}
+    assert {s: r for s, (_, r) in reasons.items()} == {
+        "dangling.mp4": "broken symbolic link: its target gone.mp4 does not exist",
+        "locked.mp4": "cannot read the file: Permission denied",
+        "loop.mp4": "symbolic link loop (too many levels of symbolic links)",
+        "pipe.mp4": "not a regular file (a FIFO)"}
+    assert all(path == str(videos / s) for s, (path, _) in reasons.items())
+    assert report["unlisted_directories"] == [{
+        "source": "closed", "path": str(videos / "closed"),
+        "reason": "cannot list the directory (Permission denied): videos in it, if any, are not prepared"}]
 
 
 def _clip(records, source, start=0):
@@ -416,10 +495,11 @@ def test_grain_and_tfds_read_the_same_records(prepared, tmp_path):
     build_tfds(out, tmp_path / "tfds")
     source = tfds.data_source("hallojax_clips/audio_features", data_dir=str(tmp_path / "tfds"))["train"]
     assert len(source) == len(ds)
+    # TFDS text is bytes: the file name's own bytes, also for a name that is not UTF-8
+    assert [source[i]["source"] for i in range(len(ds))] == [os.fsencode(ds[i]["source"]) for i in range(len(ds))]
     for i in (0, len(ds) // 2, len(ds) - 1):
         a, b = ds[i], source[i]
-        assert set(a) == set(b)
-        assert b["source"].decode() == a["source"] and int(b["start_frame"]) == int(a["start_frame"])
+        assert set(a) == set(b) and int(b["start_frame"]) == int(a["start_frame"])
         for k in ("latents", "ref_latent", "ref_frame", "audio", "audio_features", "face_mask", "face_box"):
             assert b[k].dtype == a[k].dtype and np.array_equal(b[k], a[k]), k
 
@@ -430,12 +510,26 @@ def test_cli_errors_are_one_clear_line(media, prepared, tmp_path, capsys):
     cases = [
         ([str(tmp_path / "nope"), "-o", str(tmp_path / "o1")], "does not exist"),
         ([str(d), "-o", str(tmp_path / "o2"), "--frames", "16"], "num_frames must be 1 + 4k"),
+        # zero or negative sizes, frames, rates and strides are errors (--size 0 used to mean "not given")
+        ([str(d), "-o", str(tmp_path / "o2"), "--size", "0"], "output size must be at least 8x8, got 0x0"),
+        ([str(d), "-o", str(tmp_path / "o2"), "--size", "-64"], "output size must be at least 8x8, got -64x-64"),
+        ([str(d), "-o", str(tmp_path / "o2"), "--width", "0"], "output size must be at least 8x8, got 0x64"),
+        ([str(d), "-o", str(tmp_path / "o2"), "--frames", "0"], "num_frames must be 1 + 4k"),
+        ([str(d), "-o", str(tmp_path / "o2"), "--frames", "-3"], "num_frames must be 1 + 4k"),
+        ([str(d), "-o", str(tmp_path / "o2"), "--fps", "0"], "fps must be positive, got 0.0"),
+        ([str(d), "-o", str(tmp_path / "o2"), "--fps", "-25"], "fps must be positive, got -25.0"),
+        ([str(d), "-o", str(tmp_path / "o2"), "--stride", "0"], "stride must be >= 1, got 0"),
+        ([str(d), "-o", str(tmp_path / "o2"), "--min-side", "0"], "min_side must be >= 1, got 0"),
+        ([str(d), "-o", str(tmp_path / "o2"), "--max-seconds", "-1"], "max_seconds must be positive"),
+        ([str(d), "-o", str(tmp_path / "o2"), "--seed", "-1"], "seed must be >= 0, got -1"),
+        ([str(d), "-o", str(tmp_path / "o2"), "--videos-per-shard", "0"], "videos_per_shard and encode_batch"),
         ([str(d), "-o", str(tmp_path / "o3"), "--codec", "vae"], "unknown codec 'vae'"),
         ([str(d), "-o", str(tmp_path / "o4"), "--codec", "pixel:3"], "multiple of codec 'pixel:3'"),
         ([str(d), "-o", str(tmp_path / "o5"), "--audio-features", "nope"], "unknown audio features"),
         ([str(d), "-o", str(out), "--frames", "25"], "config.clip.num_frames: 17 -> 25"),
         ([str(d), "-o", str(d / "synth")], "overlap"),
         ([str(d), "-o", str(tmp_path / "taken")], "not a prepare output directory"),
+        ([str(d), "-o", str(tmp_path / os.fsdecode(b"o\xe9"))], "not valid UTF-8"),
     ]
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "precious.txt").write_text("not ours")

@@ -21,7 +21,7 @@ from transformers import Wav2Vec2Config as HFConfig
 from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC, Wav2Vec2Model
 
 from encoder_reference import assert_parity, param_count_torch, perturb_
-from hallojax import load_pretrained
+from hallojax import cli, load_pretrained
 from hallojax.checkpoint import load_params_numpy
 from hallojax.convert.safetensors_io import TensorStore
 from hallojax.convert.table import ConversionError
@@ -271,13 +271,41 @@ def test_converter_errors_are_listed_together(large, tmp_path):
         convert_wav2vec2(tmp_path, tmp_path / "out", progress=False)
 
 
-def test_pickled_checkpoint_converts_like_safetensors(base, tmp_path):
+def _pickled(base, tmp_path, zipfile: bool, extra=None):
+    """The base checkpoint as pytorch_model.bin, in torch's zip container or the legacy plain pickle."""
     src = base["tmp"] / "hf"
     pt = tmp_path / "pt"
     pt.mkdir()
     (pt / "config.json").write_text((src / "config.json").read_text())
     store = TensorStore(src, "model")
-    torch.save({k: torch.from_numpy(np.array(store.get(k))) for k in store.keys()}, pt / "pytorch_model.bin")
-    convert_wav2vec2(pt, tmp_path / "ours", progress=False)
+    sd = {k: torch.from_numpy(np.array(store.get(k))) for k in store.keys()}
+    torch.save({**sd, **(extra or {})}, pt / "pytorch_model.bin", _use_new_zipfile_serialization=zipfile)
+    return pt
+
+
+class _CodePayload:
+    """Pickles to a call of Path.touch(marker): what loading it would run, were it allowed to."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (type(self.marker).touch, (self.marker,))
+
+
+@pytest.mark.parametrize("zipfile", [True, False], ids=["zip", "legacy"])
+def test_pickled_checkpoint_converts_like_safetensors(base, tmp_path, zipfile):
+    pt = _pickled(base, tmp_path, zipfile)
+    assert cli.main(["convert", "wav2vec2", str(pt), str(tmp_path / "ours")]) == 0
     a, b = load_params_numpy(tmp_path / "ours"), load_params_numpy(base["tmp"] / "ours")
     assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("zipfile", [True, False], ids=["zip", "legacy"])
+def test_pickled_checkpoint_with_code_is_refused(base, tmp_path, zipfile):
+    marker = tmp_path / "payload-ran"
+    pt = _pickled(base, tmp_path, zipfile, extra={"evil": _CodePayload(marker)})
+    with pytest.raises(ConversionError, match="Weights only load failed") as err:
+        convert_wav2vec2(pt, tmp_path / "ours", progress=False)
+    assert "pytorch_model.bin" in str(err.value)
+    assert not marker.exists() and not (tmp_path / "ours").exists()

@@ -2,8 +2,9 @@
 
 A transformers directory holds ``config.json`` and the weights as ``model.safetensors``, an
 index-sharded ``model-0000i-of-0000n.safetensors`` set, or (older uploads) ``pytorch_model.bin`` /
-``pytorch_model.bin.index.json`` / a single ``*.pt``. The pickled formats are read only when torch is
-importable, always with ``torch.load(..., weights_only=True)``.
+``pytorch_model.bin.index.json`` / a single ``*.pt``. The pickled formats (torch's zip container, and the
+legacy plain pickle of torch < 1.6) are read only when torch is importable, always with
+``torch.load(..., weights_only=True)``, so a checkpoint carrying code is refused.
 """
 
 from __future__ import annotations
@@ -61,8 +62,12 @@ def _torch_load(path: Path) -> dict:
     except ImportError as e:
         raise ConversionError(f"{path}: reading a pickled PyTorch checkpoint needs torch; install it or convert "
                               "the weights to safetensors") from e
+    import zipfile
+
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        # memory-mapped when it can be: only torch's zip container (torch >= 1.6) maps; older checkpoints are
+        # a plain pickle, read whole. weights_only either way: a pickle that would run code is refused
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:  # torch raises many kinds (UnpicklingError, RuntimeError, ...)
         raise ConversionError(f"{path}: not a loadable PyTorch state dict ({type(e).__name__}: {e})") from e
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
