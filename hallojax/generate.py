@@ -132,7 +132,7 @@ class _quiet_absl:
 def load_checkpoint(path, *, step: int | None = None, weights: str = "auto", overrides=(),
                     devices=None) -> Loaded:
     """A DiT from a `hallojax train` workdir (or one of its step directories) or a converted directory."""
-    path = Path(path)
+    path = Path(path).absolute()  # Orbax takes absolute paths
     if weights not in ("auto", "ema", "params"):
         raise ValueError(f"--weights {weights!r}: expected auto, ema or params")
     if not path.is_dir():

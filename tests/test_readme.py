@@ -16,6 +16,7 @@ Markers: an HTML comment right before a fence (invisible on the rendered page; i
                           FORMAT        that directory converted by `hallojax convert` (wan-diffusers,
                                         wan-vae, wav2vec2, umt5, t5)
                           tokenizer     a T5-style tokenizer directory
+                          portrait      a synthetic person's image (+ face sidecar); speech: their speech
         --flag VALUE    set a flag (or --flag=VALUE, --config.key=value, a bare --switch): its value is
                         replaced where a command has the flag, else the flag is appended
         'WORDS:'        the flag items after it apply only to the commands `hallojax WORDS ...` (e.g.
@@ -206,9 +207,51 @@ def _save_tokenizer(path: Path) -> None:
     make_tokenizer().save_pretrained(path)
 
 
+@functools.lru_cache(maxsize=None)
+def _person(root: str):
+    """One synthetic person talking (a video of the data pipeline's synthetic set, made once)."""
+    from data_pipeline import synthetic
+
+    return synthetic.make_video(Path(root) / ".person", 0, seed=11,
+                                cfg=synthetic.SyntheticConfig(min_seconds=1.0, max_seconds=1.0))
+
+
+def _save_portrait(path: Path) -> None:
+    """The person's first frame as an image (any format by its suffix) with its face-box sidecar."""
+    import av
+    from PIL import Image
+
+    video = _person(str(path.parent.absolute()))
+    with av.open(str(video)) as c:
+        Image.fromarray(next(c.decode(video=0)).to_ndarray(format="rgb24")).save(path)
+    path.with_name(path.stem + ".face.json").write_text(video.with_name(video.stem + ".face.json").read_text())
+
+
+def _save_speech(path: Path) -> None:
+    """The person's speech as wav / flac (soundfile) or m4a (AAC, PyAV)."""
+    import av
+    import soundfile as sf
+
+    from hallojax.media import read_audio
+
+    wave, rate = read_audio(_person(str(path.parent.absolute())))
+    if path.suffix in (".wav", ".flac"):
+        sf.write(path, wave, rate)
+        return
+    with av.open(str(path), "w", format="mp4") as out:
+        stream = out.add_stream("aac", rate=rate, layout="mono")
+        planar = np.ascontiguousarray(wave[:, :1].T)
+        for i in range(0, planar.shape[1], 1024):
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(planar[:, i:i + 1024]), format="fltp",
+                                               layout="mono")
+            frame.sample_rate, frame.pts = rate, i
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+
+
 FORMATS = ("wan-diffusers", "wan-vae", "wav2vec2", "umt5", "t5")
 KINDS = {**{f"torch:{f}": functools.partial(lambda f, path: _torch_model(f).save_pretrained(path), f)
-            for f in FORMATS}, "tokenizer": _save_tokenizer}
+            for f in FORMATS}, "tokenizer": _save_tokenizer, "portrait": _save_portrait, "speech": _save_speech}
 
 
 def make_fixture(path: Path, kind: str) -> None:
