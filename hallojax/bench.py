@@ -272,10 +272,11 @@ def bench_train(config, *, batch: int | None = None, frames: int = 3, height: in
     "torch" diffusers' row (None with the reason in "torch_skipped"), "ratio" = its step time / ours.
     On a GPU, start Python with XLA_PYTHON_CLIENT_PREALLOCATE=false (the CLI does) so both sides fit."""
     from hallojax.config import load_config
+    from hallojax.data import example_batch
     from hallojax.dit import DiTConfig
     from hallojax.flops import format_flops, mfu, train_flops
     from hallojax.sharding import normalize_rules
-    from hallojax.train import check_channels, example_batch
+    from hallojax.train import check_channels
 
     spec = config if isinstance(config, str) else None
     if spec is not None:

@@ -2,7 +2,9 @@
 
 ``load_config("configs/wan.py:tiny,mesh=fsdp", ["--config.model.remat=full"])``: the part after the
 first ':' is passed to `get_config`; overrides use the ml_collections flag syntax and keep types.
-A bare preset name (``tiny``) means ``configs/wan.py:tiny``.
+A bare preset name (``tiny``) means ``configs/wan.py:tiny``. The keys set by overrides are listed in
+`config.overrides` (e.g. ``["model.remat"]``): values the data would otherwise set (`hallojax.data`)
+are checked against them, not replaced.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
         raise ConfigError(f"config file {path_str} not found (cwd {os.getcwd()})")
     module = _load_module(path)
     config = module.get_config(arg) if arg else module.get_config()
+    config.overrides = []
     apply_overrides(config, overrides)
     return config
 
@@ -79,3 +82,5 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
             node[leaf] = _parse_value(text, node[leaf])
         except TypeError as e:
             raise ConfigError(f"override {item!r}: {e}") from e
+        if "overrides" in config:
+            config.overrides = [*config.overrides, key]

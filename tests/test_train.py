@@ -13,7 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from hallojax.config import load_config
-from hallojax.demo import prepare_synthetic
+from hallojax.data import prepare_synthetic
 from hallojax.dit import DiTConfig
 from hallojax.train import init_state, make_train_step, run
 

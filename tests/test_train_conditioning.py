@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from hallojax.config import load_config
+from hallojax.data import example_batch, make_dataset
 from hallojax.dit import DiTConfig, WanDiT
 from hallojax.flow import loss_weight, masked_mse
 from hallojax.sharding import batch_sharding, make_mesh, normalize_rules, use_rules
-from hallojax.train import (create_state, example_batch, flow_loss, jit_train_step, known_frames, make_dataset,
-                            step_randomness)
+from hallojax.train import create_state, flow_loss, jit_train_step, known_frames, step_randomness
 
 STYLES = ["hallo3-style", "hyavatar-style", "echomimic-style", "letstalk-style"]
 
@@ -122,7 +122,7 @@ def test_style_train_steps_on_1_and_8_devices(style, devices):
 
 
 def test_records_give_face_masks_on_the_token_grid(tmp_path):
-    from hallojax.demo import prepare_synthetic
+    from hallojax.data import prepare_synthetic
 
     config = load_config("configs/wan.py:demo", ["--config.data.num_videos=1", f"--config.data.workdir={tmp_path}"])
     config.data.prepared = str(prepare_synthetic(config.data, 0))
