@@ -19,7 +19,7 @@ Sources (`config.data`):
 
 Data order, the same on any topology: the global batch at step s is positions [s·B, (s+1)·B) of a global
 order of record indices, a fresh permutation per epoch drawn from (seed, epoch) (Grain's index shuffle,
-O(1) per index). Process p loads only the rows of that global batch its devices hold (`local_rows`, read
+O(1) per index: `GlobalOrder`). Process p loads only the rows of that global batch its devices hold (`local_rows`, read
 from the batch sharding, so any device order works), and `global_batch` places each row on the devices
 that hold it. The iterator state is the global position (records consumed), so a checkpoint resumes on
 any number of processes, devices or even another batch size. Reading stays Grain's: a random-access
@@ -195,10 +195,34 @@ def load_clips(prepared) -> dict[str, np.ndarray]:
 
 
 # --- prepared: Grain over the ArrayRecord shards, in a topology-free global order ----------------------
+class GlobalOrder:
+    """Random-access source of one process's samples: sample j is row `rows[j % n]` of global batch j // n
+    counted from global position `start`; global position q holds record index_shuffle(q mod N) of epoch
+    q // N, shuffled with seed + epoch (Grain's shuffle, so the same order as `MapDataset.shuffle(seed)`)."""
+
+    def __init__(self, records, seed: int, batch_size: int, rows: Sequence[int], start: int):
+        self.records, self.seed, self.batch_size, self.rows, self.start = records, seed, batch_size, rows, start
+
+    def __len__(self) -> int:
+        return 2**62  # endless: epochs follow one another
+
+    def record(self, q: int) -> int:
+        """The record at global position q."""
+        from grain.experimental import index_shuffle
+
+        epoch, i = divmod(q, len(self.records))
+        return index_shuffle(i, max_index=len(self.records) - 1, seed=(self.seed + epoch) % 2**32, rounds=4)
+
+    def __getitem__(self, j: int) -> bytes:
+        n = len(self.rows)
+        return self.records[self.record(self.start + (j // n) * self.batch_size + self.rows[j % n])]
+
+
 class PreparedBatches:
     """This process's `rows` of every global batch of a prepared set, in the global order of the module
-    docstring; records -> the trainer's inputs (face_mask: the record's face box scaled by
-    `data.face_scale`, on the token grid of every frame; context: the null prompt, as records hold no text)."""
+    docstring (`GlobalOrder`), read by Grain's prefetch threads; records -> the trainer's inputs (face_mask:
+    the record's face box scaled by `data.face_scale`, on the token grid of every frame; context: the null
+    prompt, as records hold no text)."""
 
     def __init__(self, data, batch_size: int, seed: int, cfg: DiTConfig, rows: Sequence[int] | None = None,
                  read_options=None):
@@ -206,13 +230,11 @@ class PreparedBatches:
 
         from data_pipeline.reader import array_record_source
 
-        source = grain.MapDataset.source(array_record_source(data.prepared))
-        if len(source) < batch_size:
-            raise ValueError(f"{data.prepared}: {len(source)} clips, fewer than the batch size {batch_size}")
-        # index q >= N reads epoch q // N, shuffled with seed + epoch: a fresh permutation per epoch
-        self.order = source.shuffle(seed=seed)
-        self.num_records = len(source)
-        self.data, self.cfg, self.batch_size = data, cfg, batch_size
+        self.records = array_record_source(data.prepared)
+        if len(self.records) < batch_size:
+            raise ValueError(f"{data.prepared}: {len(self.records)} clips, fewer than the batch size {batch_size}")
+        self.num_records = len(self.records)
+        self.data, self.cfg, self.seed, self.batch_size = data, cfg, seed, batch_size
         self.rows = list(range(batch_size)) if rows is None else list(rows)
         self.read_options = read_options or grain.ReadOptions()
         self.set_state({"position": 0})
@@ -236,13 +258,7 @@ class PreparedBatches:
 
     def set_state(self, state: dict) -> None:
         """Start at a global position (records consumed by earlier steps, on whatever topology)."""
-        import grain
-
-        self.start, self.batches = int(state["position"]), 0
-        start, rows, b, n = self.start, self.rows, self.batch_size, len(self.rows)
-        # local sample j = row rows[j % n] of global batch j // n after `start`
-        local = grain.MapDataset.range(0, 2**62).map(lambda j: self.inputs(self.order[start + (j // n) * b + rows[j % n]]))
-        self._it = iter(local.to_iter_dataset(self.read_options).batch(n, drop_remainder=True))
+        self.start, self.batches, self._it = int(state["position"]), 0, None
 
     def get_state(self) -> dict:
         return {"position": self.start + self.batches * self.batch_size}
@@ -251,14 +267,22 @@ class PreparedBatches:
         return self
 
     def __next__(self) -> dict:
+        if self._it is None:  # built on first use: a restored position does not discard a prefetch
+            import grain
+
+            order = GlobalOrder(self.records, self.seed, self.batch_size, self.rows, self.start)
+            local = grain.MapDataset.source(order).map(self.inputs).batch(len(self.rows), drop_remainder=True)
+            self._it = iter(local.to_iter_dataset(self.read_options))
         batch = next(self._it)
         self.batches += 1
         return batch
 
 
-def make_dataset(data, batch_size: int, seed: int, cfg: DiTConfig, rows: Sequence[int] | None = None):
-    """The prepared source (`PreparedBatches`): `rows` of every global batch (default: all of it)."""
-    return PreparedBatches(data, batch_size, seed, cfg, rows)
+def make_dataset(data, batch_size: int, seed: int, cfg: DiTConfig, rows: Sequence[int] | None = None,
+                 read_options=None):
+    """The prepared source (`PreparedBatches`): `rows` of every global batch (default: all of it); Grain's
+    default read options (16 threads, 500 batches prefetched) unless `read_options` are given."""
+    return PreparedBatches(data, batch_size, seed, cfg, rows, read_options)
 
 
 def make_source(config, cfg: DiTConfig, rows: Sequence[int]):

@@ -25,7 +25,7 @@ import pytest
 from hallojax import cli
 from hallojax.checkpoint import restore_numpy
 from hallojax.config import load_config
-from hallojax.data import prepare_synthetic
+from hallojax.data import make_dataset, prepare_synthetic
 from hallojax.dit import DiTConfig
 from hallojax.train import init_state, make_train_step, run
 
@@ -280,6 +280,33 @@ def test_readme_prepared_set_command_on_one_and_two_processes(prepared, tmp_path
         assert "trained to step 3 (3 steps run, from step 0)" in out
     bound = assert_same_state(saved(tmp_path / "two", 3), saved(tmp_path / "one", 3), TOPOLOGY_RTOL)
     print("hallo3-style, 2 vs 1 process: max |difference| / max |value|", bound)
+
+
+def test_global_batches_depend_on_seed_and_step_only(prepared, capsys, restore_logging):
+    """The prepared source's global batch s is the same whichever process reads which rows, from a fresh
+    start or from a saved position; every epoch is a new permutation of the records."""
+    import grain
+
+    config = load_config(DEMO, [f"--config.data.prepared={prepared}"])
+    cfg = DiTConfig.from_dict(config.model)
+    source = lambda rows=None: make_dataset(config.data, 8, 0, cfg, rows, grain.ReadOptions(2, 2))  # noqa: E731
+    whole, later = source(), source([1, 5])
+    halves = [source([0, 1, 2, 3]), source([4, 5, 6, 7])]
+    n = whole.num_records
+    epochs = [[], []]
+    for step in range(2 * n // 8):
+        batch = next(whole)["latents"]
+        if step == 3:
+            later.set_state(whole.get_state())
+            assert whole.get_state() == {"position": 32}
+        if step > 3:
+            np.testing.assert_array_equal(next(later)["latents"], batch[[1, 5]])
+        np.testing.assert_array_equal(np.concatenate([next(h)["latents"] for h in halves]), batch)
+        epochs[step * 8 // n].extend(batch.reshape(8, -1).sum(axis=1).tolist())  # a fingerprint per clip
+    assert sorted(epochs[0]) == sorted(epochs[1]) and len(set(epochs[0])) == n  # each epoch: every clip once
+    assert epochs[0] != epochs[1]  # ... in a new order
+    assert cli.main(["bench", "input", "--prepared", prepared, "--batches", "4", "--processes", "2"]) == 0
+    assert "4 rows per batch here" in capsys.readouterr().out
 
 
 def _step_setup(**train_kw):
