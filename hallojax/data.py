@@ -19,11 +19,11 @@ Sources (`config.data`):
 
 Data order, the same on any topology: the global batch at step s is positions [s·B, (s+1)·B) of a global
 order of record indices, a fresh permutation per epoch drawn from (seed, epoch) (Grain's index shuffle,
-O(1) per index: `GlobalOrder`). Process p loads only the rows of that global batch its devices hold (`local_rows`, read
-from the batch sharding, so any device order works), and `global_batch` places each row on the devices
-that hold it. The iterator state is the global position (records consumed), so a checkpoint resumes on
-any number of processes, devices or even another batch size. Reading stays Grain's: a random-access
-MapDataset read by prefetch threads.
+O(1) per index: `GlobalOrder`). Process p loads only the rows of that global batch its devices hold
+(`local_rows`, read from the batch sharding, so any device order works), and `global_batch` places each
+row on the devices that hold it. The iterator state is the global position (records consumed), so a
+checkpoint resumes on any number of processes, devices or even another batch size. Reading stays Grain's:
+a random-access source, decoded and batched by prefetch threads.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from hallojax.dit import DiTConfig
@@ -117,8 +118,6 @@ def example_batch(cfg: DiTConfig, batch: int, frames: int, height: int, width: i
                   image_len: int = 257, audio_stride: int | None = None, seed: int | None = 0) -> dict:
     """A trainer batch for latents [batch, frames, height, width, C] (latent grid sizes): random numpy
     arrays, or `jax.ShapeDtypeStruct`s with seed=None (ahead-of-time compilation, benchmarks)."""
-    import jax.numpy as jnp
-
     pt, ph, pw = cfg.patch_size
     stride = audio_stride or cfg.audio_stride
     shapes = {"latents": (batch, frames, height, width, cfg.out_channels), "context": (batch, text_len, cfg.text_dim)}
