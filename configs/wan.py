@@ -114,13 +114,14 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     if name == "echomimic-style":  # masked multi-task training
         config.train.mask_tasks = [["t2v", 0.2], ["i2v", 0.5], ["continuation", 0.2], ["first_last", 0.1]]
     config.checkpoint = ml_collections.ConfigDict(dict(every=50, keep=3, keep_every=0, async_save=True))
-    # where batches come from (hallojax.data): "random" (a fixed random batch, for tests), "synthetic" (talking
-    # faces through the data pipeline into workdir) or "prepared" (a `hallojax prepare` directory:
-    # data.prepared=DIR alone selects it, and the model's input sizes follow its manifest.json)
+    # demo data: "random" (a fixed synthetic batch, for tests) or "synthetic" (talking faces through the
+    # data pipeline into workdir)
     config.data = ml_collections.ConfigDict(dict(
         source="synthetic" if name == "demo" else "random", workdir="runs/demo", num_videos=6, frames=9, size=32,
         codec="pixel:4", audio_features="rms", face_scale=3.0,  # face box scale for the face-aware audio mask
-        prepared=""))  # a prepared directory; empty with source=synthetic = prepare the demo set
+        prepared=""))  # hallojax train: a prepared directory; empty with source=synthetic = prepare the demo set
+    # (hallojax.data) source "prepared": a `hallojax prepare` directory; data.prepared=DIR alone selects it,
+    # and the model's input sizes follow its manifest.json
     config.overrides = []  # keys set on the command line (filled by hallojax.config.load_config)
     if name == "demo":
         config.train.steps = 200

@@ -125,10 +125,9 @@ def compile_train_step(config, topology: str, *, batch: int, frames: int, height
     from jax.experimental import topologies
 
     from hallojax.dit import DiTConfig
-    from hallojax.data import example_batch
     from hallojax.flops import device_spec, train_flops
     from hallojax.sharding import batch_sharding, make_mesh, normalize_rules, use_rules
-    from hallojax.train import jit_train_step, state_layout
+    from hallojax.train import example_batch, jit_train_step, state_layout
 
     name, chips = parse_topology(topology)
     try:

@@ -19,11 +19,6 @@ measurement is on accelerators, e.g.
 
     hallojax bench train --config configs/wan.py:wan2.1-t2v-1.3b --batch 8 --frames 21 --height 60 \
         --width 104 --text-len 512
-
-    hallojax bench input --prepared DIR [--config configs/wan.py:demo --batch 8 --batches 200 --processes 1]
-
-The trainer's input (`hallojax.data`: Grain over the prepared shards in the global order, decoded to the
-trainer's batch) as one of `--processes` processes: clips/s after one warm-up batch.
 """
 
 from __future__ import annotations
@@ -146,9 +141,9 @@ def _gib(n: int | None) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
-def _command_line(argv, bench: str = "train") -> str:
+def _command_line(argv) -> str:
     """The command as typed (sys.argv, with the environment variables that decide the devices)."""
-    tail = ["bench", bench, *argv]
+    tail = ["bench", "train", *argv]
     if sys.argv[1:] == tail:
         prog = os.path.basename(sys.argv[0])
         words = ["python", "-m", "hallojax.cli"] if prog in ("cli.py", "__main__.py") else [prog]
@@ -277,11 +272,10 @@ def bench_train(config, *, batch: int | None = None, frames: int = 3, height: in
     "torch" diffusers' row (None with the reason in "torch_skipped"), "ratio" = its step time / ours.
     On a GPU, start Python with XLA_PYTHON_CLIENT_PREALLOCATE=false (the CLI does) so both sides fit."""
     from hallojax.config import load_config
-    from hallojax.data import example_batch
     from hallojax.dit import DiTConfig
     from hallojax.flops import format_flops, mfu, train_flops
     from hallojax.sharding import normalize_rules
-    from hallojax.train import check_channels
+    from hallojax.train import check_channels, example_batch
 
     spec = config if isinstance(config, str) else None
     if spec is not None:
@@ -460,44 +454,7 @@ def bench_train_cli(argv) -> dict:
                        torch=args.torch, command=command)
 
 
-def bench_input(argv) -> dict:
-    """Training-input throughput: the trainer's source over a prepared set (`hallojax.data`), clips/s."""
-    from hallojax import data
-    from hallojax.config import load_config
-    from hallojax.dit import DiTConfig
-
-    p = argparse.ArgumentParser(prog="hallojax bench input", allow_abbrev=False,
-                                description="Clips/s of the trainer's input (Grain over a prepared set, decoded "
-                                "to the trainer's batch) as one of --processes processes: its rows of every "
-                                "global batch, after one warm-up batch.")
-    p.add_argument("--prepared", required=True, help="a `hallojax prepare` output directory")
-    p.add_argument("--config", default="configs/wan.py:demo", help="the model the batches are for")
-    p.add_argument("--batch", type=int, default=8, help="global batch")
-    p.add_argument("--batches", type=int, default=200, help="timed batches")
-    p.add_argument("--processes", type=int, default=1, help="process count: this process reads batch/processes rows")
-    args = p.parse_args(argv)
-    if args.batch % args.processes:
-        raise ValueError(f"--batch {args.batch} must divide by --processes {args.processes}")
-    config = load_config(args.config, [f"--config.data.prepared={args.prepared}",
-                                       f"--config.train.batch_size={args.batch}"])
-    data.configure(config)
-    rows = list(range(args.batch // args.processes))  # process 0's rows of a batch split over the processes
-    source = data.make_source(config, DiTConfig.from_dict(config.model), rows)
-    first = next(source)
-    t0 = time.perf_counter()
-    for _ in range(args.batches):
-        next(source)
-    seconds = time.perf_counter() - t0
-    clips = args.batches * len(rows)
-    print(f"command: {_command_line(argv, 'input')}")
-    print(f"set-up: {source.num_records} clips in {args.prepared}; global batch {args.batch} over {args.processes} "
-          f"process(es): {len(rows)} rows per batch here; latents {list(first['latents'].shape[1:])} float32")
-    print(f"training input: {clips / seconds:8.1f} clips/s ({args.batches / seconds:.1f} batches/s, {clips} clips "
-          f"in {seconds:.2f} s)")
-    return {"clips_per_s": clips / seconds}
-
-
-BENCHES = {"vae": bench_vae, "train": bench_train_cli, "input": bench_input}
+BENCHES = {"vae": bench_vae, "train": bench_train_cli}
 
 
 def main(argv) -> int:

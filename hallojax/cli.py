@@ -54,8 +54,7 @@ def _train(args, overrides):
 
     initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     result = run(load_config(args.config, overrides), args.workdir)
-    print(f"trained to step {result['step']} ({result['steps_run']} steps run, from step {result['start_step']})"
-          + (" (preempted, saved)" if result["preempted"] else ""))
+    print(f"trained to step {result['step']}" + (" (preempted, saved)" if result["preempted"] else ""))
 
 
 def _compile(args, overrides):

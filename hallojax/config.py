@@ -2,9 +2,7 @@
 
 ``load_config("configs/wan.py:tiny,mesh=fsdp", ["--config.model.remat=full"])``: the part after the
 first ':' is passed to `get_config`; overrides use the ml_collections flag syntax and keep types.
-A bare preset name (``tiny``) means ``configs/wan.py:tiny``. The keys set by overrides are listed in
-`config.overrides` (e.g. ``["model.remat"]``): values the data would otherwise set (`hallojax.data`)
-are checked against them, not replaced.
+A bare preset name (``tiny``) means ``configs/wan.py:tiny``.
 """
 
 from __future__ import annotations
@@ -45,7 +43,7 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
         raise ConfigError(f"config file {path_str} not found (cwd {os.getcwd()})")
     module = _load_module(path)
     config = module.get_config(arg) if arg else module.get_config()
-    config.overrides = []
+    config.overrides = []  # the keys set below: sizes the data implies are checked against them (hallojax.data)
     apply_overrides(config, overrides)
     return config
 

@@ -23,7 +23,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from hallojax.attention import ATTENTION_IMPLS, Attention
 from hallojax.audio import AudioCrossAttention, AudioProjector
-from hallojax.modelconfig import DTYPES, ModelConfig, check_numerics, with_precision
+from hallojax.modelconfig import DTYPES, ModelConfig, check_dtypes, with_precision
 from hallojax.layers import MLP, Dense, LayerNorm, gelu_erf, gelu_tanh, timestep_embedding
 from hallojax.rope import frame_coords, grid_coords, rope_cos_sin
 from hallojax.sharding import constrain
@@ -114,7 +114,7 @@ class DiTConfig(ModelConfig):
             raise ValueError(f"model.scan_unroll={self.scan_unroll}: expected >= 1 (layers per loop step)")
         if self.attention not in ATTENTION_IMPLS:
             raise ValueError(f"model.attention={self.attention!r}: expected one of {ATTENTION_IMPLS}")
-        check_numerics(self, "model")
+        check_dtypes(self, "model")
         if self.head_dim % 2 or self.head_dim < 6:
             raise ValueError(f"model.head_dim={self.head_dim}: must be even and >= 6 for 3D RoPE")
         if (self.image_dim is None) != (self.added_kv_proj_dim is None):

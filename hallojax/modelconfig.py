@@ -43,7 +43,8 @@ class ModelConfig:
         return dataclasses.replace(self, **kw)
 
 
-def check_numerics(cfg, where: str) -> None:
+def check_dtypes(cfg, where: str) -> None:
+    """The compute and parameter dtypes and the matmul precision name known values."""
     for name in ("param_dtype", "dtype"):
         if getattr(cfg, name) not in DTYPES:
             raise ValueError(f"{where}.{name}={getattr(cfg, name)!r}: expected one of {sorted(DTYPES)}")

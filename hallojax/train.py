@@ -35,6 +35,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from hallojax import data
+from hallojax.data import example_batch  # noqa: F401  (the trainer's batch; aot and bench take it from here)
 from hallojax.dit import DiTConfig, WanDiT, param_count
 from hallojax.flops import device_peak, format_flops, mfu, train_flops
 from hallojax.flow import sample_noise
@@ -397,5 +398,6 @@ def run(config, workdir: str | Path) -> dict:
         preempted.close()
         manager.close()
     step = int(jax.device_get(state["step"]))
+    log.info("ran %d steps, from step %d to step %d", len(history), start, step)
     return {"state": state, "losses": history, "step": step, "start_step": start, "steps_run": len(history),
             "preempted": preempted.flag}

@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from hallojax.layers import Dense
-from hallojax.modelconfig import DTYPES, ModelConfig, check_numerics, with_precision
+from hallojax.modelconfig import DTYPES, ModelConfig, check_dtypes, with_precision
 
 WAN21_LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
                       0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
@@ -65,7 +65,7 @@ class VAEConfig(ModelConfig):
                              f"expected len(dim_mult) - 1 = {len(self.dim_mult) - 1}")
         if len(self.latents_mean) != self.z_dim or len(self.latents_std) != self.z_dim:
             raise ValueError(f"vae.latents_mean/std need {self.z_dim} entries (z_dim)")
-        check_numerics(self, "vae")
+        check_dtypes(self, "vae")
 
     @property
     def temporal_stride(self) -> int:

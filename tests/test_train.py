@@ -22,6 +22,7 @@ import jax
 import numpy as np
 import pytest
 
+from data_pipeline import bench
 from hallojax import cli
 from hallojax.checkpoint import restore_numpy
 from hallojax.config import load_config
@@ -95,8 +96,8 @@ def copy_checkpoint(src, step, dst):
 def assert_resumed(out, start, end=STEPS):
     """The run resumed from exactly `start` and ran exactly the steps to `end`."""
     assert [int(s) for s in re.findall(r"resumed from step (\d+)", out)] == [start], out
-    done = re.findall(r"trained to step (\d+) \((\d+) steps run, from step (\d+)\)", out)
-    assert [tuple(map(int, d)) for d in done] == [(end, end - start, start)], out
+    done = re.findall(r"ran (\d+) steps, from step (\d+) to step (\d+)", out)
+    assert [tuple(map(int, d)) for d in done] == [(end - start, start, end)], out
 
 
 def read_scalars(logdir):
@@ -250,20 +251,16 @@ def restore_logging():
 
 
 def test_readme_prepared_set_command_on_one_and_two_processes(prepared, tmp_path, devices, capsys, restore_logging):
-    """The README's Hallo3-style command on a set the README's prepare command wrote: data.prepared alone
-    picks the source and the model's sizes (from the manifest); a conflicting size set by hand is refused in
-    one line; the style preset on 2 processes x 4 devices equals 1 process x 8."""
-    videos = Path(prepared).parent / "videos"
-    prep = _readme_command("hallojax prepare data/videos -o data/prepared --frames 9 ")
-    prep = [a.replace("data/videos", str(videos)).replace("data/prepared", prepared) for a in prep]
-    assert cli.main(prep + ["--no-progress"]) == 0  # the fixture's set: its arguments, so nothing left to do
-    assert "0 clips from 0 videos written" in capsys.readouterr().out
+    """The README's tiny Hallo3-style command on a set `hallojax prepare` wrote (--codec pixel:4
+    --audio-features rms): data.prepared alone picks the source and the model's sizes (from the manifest);
+    a conflicting size set by hand is refused in one line; the style preset on 2 processes x 4 devices
+    equals 1 process x 8."""
     argv = _readme_command("hallojax train --config configs/wan.py:hallo3-style,size=tiny ")
     assert "--config.data.prepared=data/prepared" in argv
-    argv = [a.replace("data/prepared", prepared).replace("runs/hallo3", str(tmp_path / "one")) for a in argv]
+    argv = [a.replace("data/prepared", prepared).replace("runs/hallo3-tiny", str(tmp_path / "one")) for a in argv]
     extra = ["--config.train.steps=3", "--config.model.dtype=float32"]
     assert cli.main(argv + extra) == 0
-    assert "trained to step 3 (3 steps run, from step 0)" in capsys.readouterr().out
+    assert "trained to step 3" in capsys.readouterr().out
     config = json.loads((tmp_path / "one" / "checkpoints" / "3" / "config" / "metadata").read_text())
     model = config["model"]
     assert config["data"]["source"] == "prepared"
@@ -277,12 +274,12 @@ def test_readme_prepared_set_command_on_one_and_two_processes(prepared, tmp_path
 
     two = [a.replace(str(tmp_path / "one"), str(tmp_path / "two")) for a in argv[1:]]
     for out in _launch_local(tmp_path / "two", two + extra):
-        assert "trained to step 3 (3 steps run, from step 0)" in out
+        assert "ran 3 steps, from step 0 to step 3" in out and "trained to step 3" in out
     bound = assert_same_state(saved(tmp_path / "two", 3), saved(tmp_path / "one", 3), TOPOLOGY_RTOL)
     print("hallo3-style, 2 vs 1 process: max |difference| / max |value|", bound)
 
 
-def test_global_batches_depend_on_seed_and_step_only(prepared, capsys, restore_logging):
+def test_global_batches_depend_on_seed_and_step_only(prepared, capsys):
     """The prepared source's global batch s is the same whichever process reads which rows, from a fresh
     start or from a saved position; every epoch is a new permutation of the records."""
     import grain
@@ -305,8 +302,8 @@ def test_global_batches_depend_on_seed_and_step_only(prepared, capsys, restore_l
         epochs[step * 8 // n].extend(batch.reshape(8, -1).sum(axis=1).tolist())  # a fingerprint per clip
     assert sorted(epochs[0]) == sorted(epochs[1]) and len(set(epochs[0])) == n  # each epoch: every clip once
     assert epochs[0] != epochs[1]  # ... in a new order
-    assert cli.main(["bench", "input", "--prepared", prepared, "--batches", "4", "--processes", "2"]) == 0
-    assert "4 rows per batch here" in capsys.readouterr().out
+    assert bench.main(["--train-input", prepared, "--batches", "4", "--processes", "2", "--no-pin"]) == 0
+    assert "over 2 process(es): 4 rows here" in capsys.readouterr().out
 
 
 def _step_setup(**train_kw):

@@ -20,7 +20,7 @@ from flax import nnx
 from transformers import Wav2Vec2Config as HFConfig
 from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC, Wav2Vec2Model
 
-from encoder_reference import assert_parity, hallo3_audio_features, param_count_torch, perturb_
+from encoder_reference import assert_parity, param_count_torch, perturb_
 from hallojax import load_pretrained
 from hallojax.checkpoint import load_params_numpy
 from hallojax.convert.safetensors_io import TensorStore
@@ -135,6 +135,8 @@ def test_encode_audio_matches_hallo3_resampling(converted):
     wav, fps = waveforms(samples=3500, seed=4), 25
     frames = math.ceil(3500 / 16000 * fps)
     values = extractor()(list(wav), sampling_rate=16000, return_tensors="pt").input_values
+
+    from encoder_reference import hallo3_audio_features
 
     ref = hallo3_audio_features(converted["model"], values, frames)  # [B, T, layers, D]
 

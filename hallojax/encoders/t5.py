@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from hallojax.encoders.common import activation, attention
-from hallojax.modelconfig import DTYPES, ModelConfig, check_numerics, with_precision
+from hallojax.modelconfig import DTYPES, ModelConfig, check_dtypes, with_precision
 from hallojax.layers import Dense, RMSNorm
 from hallojax.sharding import constrain
 
@@ -58,7 +58,7 @@ class T5EncoderConfig(ModelConfig):
 
     def __post_init__(self):
         activation(self.act)
-        check_numerics(self, "t5")
+        check_dtypes(self, "t5")
         for name in ("vocab_size", "dim", "head_dim", "num_heads", "ffn_dim", "num_layers", "num_buckets"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"t5 {name}={getattr(self, name)}: must be positive")

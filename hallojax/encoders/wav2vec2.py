@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from hallojax.encoders.common import activation, attention
-from hallojax.modelconfig import DTYPES, ModelConfig, check_numerics, with_precision
+from hallojax.modelconfig import DTYPES, ModelConfig, check_dtypes, with_precision
 from hallojax.layers import MLP, Dense, LayerNorm
 from hallojax.sharding import constrain
 
@@ -82,7 +82,7 @@ class Wav2Vec2Config(ModelConfig):
                              f"num_conv_pos_embedding_groups={self.num_conv_pos_embedding_groups}")
         activation(self.hidden_act)
         activation(self.feat_extract_activation)
-        check_numerics(self, "wav2vec2")
+        check_dtypes(self, "wav2vec2")
 
     @property
     def head_dim(self) -> int:
