@@ -55,13 +55,13 @@ def configure(config) -> dict | None:
         data.prepared = str(prepare_synthetic(data, config.seed))
     if not data.prepared:
         return None
+    from data_pipeline.reader import load_manifest
+
+    manifest = load_manifest(data.prepared)
     if data.source != "prepared":
         log.info("data: prepared clips in %s (data.source %r -> 'prepared': data.prepared is set)", data.prepared,
                  data.source)
         data.source = "prepared"
-    from data_pipeline.reader import load_manifest
-
-    manifest = load_manifest(data.prepared)
     adopt_prepared_sizes(config, manifest, set(config.overrides))
     return manifest
 

@@ -84,10 +84,11 @@ def run_synthetic(config) -> dict:
     checked against one device -> `hallojax.train` for `train.steps` steps with checkpoints."""
     from pathlib import Path
 
-    data.configure(config)  # renders and prepares the clips; the model's input sizes follow them
-    cfg = DiTConfig.from_dict(config.model)
+    DiTConfig.from_dict(config.model)  # a bad model or mesh is refused before any data is prepared
     rules = normalize_rules(config.rules)
     mesh = make_mesh(dict(config.mesh))
+    data.configure(config)  # renders and prepares the clips; the model's input sizes follow them
+    cfg = DiTConfig.from_dict(config.model)
     clips = load_clips(config.data.prepared)
     n, f, h, w, c = clips["latents"].shape
     log.info("data: %d clips of %d frames, latents %s, audio features %s; mesh %s", n, f, (h, w, c),

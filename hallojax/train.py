@@ -332,12 +332,13 @@ class _Preempted:
 def run(config, workdir: str | Path) -> dict:
     workdir = Path(workdir)
     t, ckpt = config.train, config.checkpoint
-    data.configure(config)  # the source; with a prepared set, the model's input sizes from its manifest
-    cfg = DiTConfig.from_dict(config.model)
+    DiTConfig.from_dict(config.model)  # a bad model, mesh or batch is refused before any data is prepared
     rules = normalize_rules(config.rules)
     mesh = make_mesh(dict(config.mesh))
     if t.batch_size % t.accum_steps:
         raise ValueError(f"train.batch_size={t.batch_size} must divide by train.accum_steps={t.accum_steps}")
+    data.configure(config)  # the source; with a prepared set, the model's input sizes from its manifest
+    cfg = DiTConfig.from_dict(config.model)
 
     graphdef, state, shardings, abstract = create_state(cfg, t, config.seed, mesh, rules)
     log.info("model %s: %s parameters; mesh %s; workdir %s", config.preset,
