@@ -37,11 +37,14 @@ STEPS = 20
 # runs after the first then load them
 SUBPROCESS_ENV = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
 # 2 processes (gloo collectives) vs 1 (in-process collectives) differ only in the float summation order of
-# the collectives: max |a - b| per leaf relative to the leaf's max |b| (params, optimizer state, EMA). Measured
-# on the demo: <= 1.4e-4 at step 2, 1.8e-5 at step 20; the same run on 1 process with mesh dp instead of
-# fsdp (nothing but another reduction order) differs by 3.2e-4 at step 2, 1.1e-4 at step 20. The data
-# order of main (a per-process slice before the shuffle) differed by up to 1.8x the leaf's scale.
-TOPOLOGY_RTOL = 1e-3
+# the collectives (gloo's is not even the same from run to run): max |a - b| per leaf relative to the
+# leaf's max |b| (params, optimizer state, EMA). Measured: the demo <= 1.4e-4 at steps 2-5, <= 2.2e-5 at
+# step 20; hallo3-style at step 3 up to 1.6e-3, in its zero-initialised audio output projection (Adam's
+# first steps divide each gradient element by its own size + eps: elements whose gradient is at the
+# rounding level move by rounding-driven amounts). The same runs on 1 process with mesh dp instead of fsdp,
+# nothing but another reduction order: 3.2e-4 (demo, step 2) and 6.7e-4 (hallo3-style, step 3, the same
+# leaf). A wrong data order or a process reading another's rows differs by ~2x a leaf's scale.
+TOPOLOGY_RTOL = 1e-2
 
 
 @pytest.fixture(scope="module")
