@@ -131,6 +131,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         source="synthetic" if name == "demo" else "random", workdir="runs/demo", num_videos=6, frames=9, size=32,
         codec="pixel:4", audio_features="rms", face_scale=3.0,  # face box scale for the face-aware audio mask
         prepared=""))  # hallojax train: a prepared directory; empty with source=synthetic = prepare the demo set
+    # (hallojax.data) source "prepared": a `hallojax prepare` directory; data.prepared=DIR alone selects it,
+    # and the model's input sizes follow its manifest.json
+    config.overrides = []  # keys set on the command line (filled by hallojax.config.load_config)
     if name == "demo":
         config.train.steps = 200
         config.train.log_every = 20

@@ -2,11 +2,14 @@
 
     python -m data_pipeline.bench                       # 8 videos of 4 s, 64x64, 17-frame clips, pixel codec
     python -m data_pipeline.bench --videos 16 --size 128 --frames 49 --codec pixel:8 --audio-features rms
+    python -m data_pipeline.bench --train-input data/prepared [--batch 8 --batches 200 --processes 2]
 
 The process is pinned to one core (and its libraries to one thread), so the figures are per core; a host
 runs one prepare process per core (`--process-index/--process-count`, or one JAX process each).
 Stage 1: decode, resample to fps, crop/resize, audio to 16 kHz and cut. Stage 2: codec encode (reference
-included), audio features, record serialisation, ArrayRecord write.
+included), audio features, record serialisation, ArrayRecord write. `--train-input DIR` times the other
+end instead: the trainer's input over a prepared set (`hallojax.data`: the global order, Grain's reading,
+decoding and batching threads) as one of `--processes` processes (its rows of every global batch).
 """
 
 from __future__ import annotations
@@ -39,7 +42,18 @@ def main(argv=None) -> int:
     p.add_argument("--codec", default="pixel")
     p.add_argument("--audio-features", default=None)
     p.add_argument("--no-pin", action="store_true", help="use every core the process may run on")
+    g = p.add_argument_group("the trainer's input instead (--train-input)")
+    g.add_argument("--train-input", metavar="PREPARED_DIR", help="time the trainer's input over this prepared set")
+    g.add_argument("--config", default="configs/wan.py:demo", help="the model the batches are for")
+    g.add_argument("--batch", type=int, default=8, help="global batch")
+    g.add_argument("--batches", type=int, default=200, help="timed batches (after one warm-up batch)")
+    g.add_argument("--processes", type=int, default=1, help="this process reads batch / processes rows")
     args = p.parse_args(argv)
+    if args.train_input:
+        if args.batch < 1 or args.batches < 1 or args.processes < 1 or args.batch % args.processes:
+            p.error(f"--batch {args.batch}, --batches {args.batches}, --processes {args.processes}: positive, and "
+                    "the batch a multiple of the processes")
+        return train_input(args, argv)
 
     import numpy as np
     from array_record.python.array_record_module import ArrayRecordWriter
@@ -88,6 +102,32 @@ def main(argv=None) -> int:
           f"({nbytes / n / 2**20:.2f} MiB per record, {disk / max(nbytes, 1):.2f} compressed)")
     print(f"both stages:                             {n / (s1 + s2):8.1f} clips/s per core")
     return 0 if np.isfinite(n / (s1 + s2)) else 1
+
+
+def train_input(args, argv) -> int:
+    """Clips/s of the trainer's input: process 0's rows of every global batch, after a warm-up batch."""
+    from hallojax import data
+    from hallojax.config import load_config
+    from hallojax.dit import DiTConfig
+
+    pinned = "not pinned" if args.no_pin else pin_to_one_core()
+    config = load_config(args.config, [f"--config.data.prepared={args.train_input}",
+                                       f"--config.train.batch_size={args.batch}"])
+    data.configure(config)
+    rows = list(range(args.batch // args.processes))  # process 0's rows of a batch split over the processes
+    source = data.make_source(config, DiTConfig.from_dict(config.model), rows)
+    first = next(source)
+    t = time.perf_counter()
+    for _ in range(args.batches):
+        next(source)
+    seconds = time.perf_counter() - t
+    clips = args.batches * len(rows)
+    print(f"command: python -m data_pipeline.bench {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip())
+    print(f"set-up: {source.num_records} clips in {args.train_input}, latents {list(first['latents'].shape[1:])}; "
+          f"global batch {args.batch} over {args.processes} process(es): {len(rows)} rows here; {pinned}")
+    print(f"training input: {clips / seconds:8.1f} clips/s ({args.batches / seconds:.1f} batches/s, {clips} clips "
+          f"in {seconds:.2f} s)")
+    return 0
 
 
 if __name__ == "__main__":

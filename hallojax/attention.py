@@ -15,8 +15,8 @@ mesh axes, heads over ``act_heads`` (tensor), queries over ``act_len`` (context)
 every shard with their full length (shard_map all-gathers them over the query-sequence axes and
 reduces their gradients back). Axes that do not divide a dimension leave it unsharded. Set
 `SPLASH_INTERPRET = True` (or pass ``interpret=True``) to run the kernel in Pallas interpret mode on
-CPU (tests). The kernel's dots follow `jax_default_matmul_precision`: "highest" with bfloat16 inputs
-fails to compile in Mosaic, so leave it at the default for bfloat16 splash runs.
+CPU (tests). The kernel's dots follow the model's matmul precision (`DiTConfig.precision`): "highest"
+with bfloat16 inputs fails to compile in Mosaic, which "auto" (-> "default" for bfloat16) avoids.
 """
 
 from __future__ import annotations

@@ -112,18 +112,22 @@ def read_config(path: str | os.PathLike) -> tuple[Any, dict]:
         raise CheckpointError(f"{cfg_file}: invalid model config ({e})") from e
 
 
+def restore_numpy(directory: str | os.PathLike) -> dict:
+    """An Orbax PyTree checkpoint as host numpy arrays in their stored dtype, whatever topology wrote it."""
+    with ocp.StandardCheckpointer() as ckptr:
+        meta = ckptr.metadata(Path(directory).absolute())
+        tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
+        target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), dict(tree),
+                              is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
+        return jax.tree.map(np.asarray, ckptr.restore(Path(directory).absolute(), target))
+
+
 def load_params_numpy(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """All parameters of a pretrained directory as host numpy arrays, in their stored dtype."""
     params_dir = Path(path).absolute() / "params"
     if not params_dir.exists():
         raise CheckpointError(f"{params_dir}: missing")
-    with ocp.StandardCheckpointer() as ckptr:
-        meta = ckptr.metadata(params_dir)
-        tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
-        target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), dict(tree),
-                              is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
-        restored = ckptr.restore(params_dir, target)
-    return {k: np.asarray(v) for k, v in _flatten(restored).items()}
+    return _flatten(restore_numpy(params_dir))
 
 
 def load_pretrained(path: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None,

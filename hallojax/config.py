@@ -56,6 +56,7 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
         raise ConfigError(f"config file {path_str} not found (cwd {os.getcwd()})")
     module = _load_module(path)
     config = module.get_config(arg) if arg else module.get_config()
+    config.overrides = []  # the keys set below: sizes the data implies are checked against them (hallojax.data)
     apply_overrides(config, overrides)
     check_ranges(config)
     return config
@@ -105,3 +106,5 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
             node[leaf] = _parse_value(text, node[leaf])
         except TypeError as e:
             raise ConfigError(f"override {item!r}: {e}") from e
+        if "overrides" in config:
+            config.overrides = [*config.overrides, key]

@@ -5,6 +5,7 @@ prepared by the data pipeline into ArrayRecord shards (lossless pixel codec, per
 features), and a mini portrait model (tiny Wan DiT + identity frame + audio cross-attention) is sharded
 over every device, checked against an unsharded copy on one batch, and trained with flow matching on
 the clips. With `--config configs/wan.py:tiny` it trains on a fixed random batch instead (the tests).
+The batches come from `hallojax.data`, the training from `hallojax.train`: the demo stands on both.
 
     hallojax demo
     hallojax demo --config configs/wan.py:tiny,mesh=fsdp_tp --config.train.steps=20
@@ -19,56 +20,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from hallojax import data, train
+from hallojax.data import load_clips, synthetic_batch
 from hallojax.dit import DiTConfig, WanDiT, param_count
 from hallojax.sharding import batch_sharding, create_sharded, make_mesh, normalize_rules, use_rules
 
 log = logging.getLogger("hallojax.demo")
 
 
-def synthetic_batch(cfg: DiTConfig, train, seed: int):
-    """A fixed batch of smooth latents (low-frequency patterns) and random text states."""
-    rng = np.random.default_rng(seed)
-    b, f, h, w = train.batch_size, train.frames, train.height, train.width
-    grid = np.stack(np.meshgrid(np.linspace(0, 1, f), np.linspace(0, 1, h), np.linspace(0, 1, w), indexing="ij"))
-    freqs = rng.normal(size=(b, cfg.in_channels, 3)) * 3
-    phase = rng.uniform(0, 2 * np.pi, size=(b, cfg.in_channels))
-    lat = np.sin(np.einsum("bcx,xfhw->bfhwc", freqs, grid) + phase[:, None, None, None, :])
-    ctx = rng.normal(size=(b, train.text_len, cfg.text_dim))
-    return lat.astype(np.float32), ctx.astype(np.float32)
-
-
-def prepare_synthetic(data, seed: int):
-    """Render the synthetic videos and run the data pipeline on them (both resume: reruns are cheap)."""
-    import argparse
-    from pathlib import Path
-
-    from data_pipeline import prepare as prep
-    from data_pipeline import synthetic
-
-    workdir = Path(data.workdir)
-    videos, out = workdir / "videos", workdir / "prepared"
-    synthetic.generate(videos, data.num_videos, seed, synthetic.SyntheticConfig(), progress=False)
-    parser = argparse.ArgumentParser()
-    prep.add_arguments(parser)
-    prep.run(parser.parse_args([str(videos), "-o", str(out), "--frames", str(data.frames), "--size", str(data.size),
-                                "--codec", data.codec, "--audio-features", data.audio_features, "--no-progress"]))
-    return out
-
-
-def load_clips(prepared) -> dict[str, np.ndarray]:
-    """Every prepared clip, stacked: latents [N, F, h, w, C], reference [N, 1, h, w, C], audio [N, T, L, D]."""
-    from data_pipeline.reader import clip_dataset
-
-    records = list(clip_dataset(prepared))
-    if not records:
-        raise ValueError(f"{prepared}: no clips were prepared (see its report.json)")
-    return {"latents": np.stack([r["latents"] for r in records]),
-            "reference": np.stack([r["ref_latent"] for r in records]),
-            "audio": np.stack([r["audio_features"] for r in records])}
-
-
 def run(config) -> dict:
-    if config.data.source == "synthetic":
+    if config.data.source != "random" or config.data.prepared:
         return run_synthetic(config)
     cfg = DiTConfig.from_dict(config.model)
     rules = normalize_rules(config.rules)
@@ -113,8 +74,6 @@ def _train(config) -> dict:
     import shutil
     from pathlib import Path
 
-    from hallojax import train
-
     train_dir = Path(config.data.workdir) / "train"
     shutil.rmtree(train_dir, ignore_errors=True)
     return train.run(config, train_dir)
@@ -125,15 +84,13 @@ def run_synthetic(config) -> dict:
     checked against one device -> `hallojax.train` for `train.steps` steps with checkpoints."""
     from pathlib import Path
 
-    cfg = DiTConfig.from_dict(config.model)
+    DiTConfig.from_dict(config.model)  # a bad model or mesh is refused before any data is prepared
     rules = normalize_rules(config.rules)
     mesh = make_mesh(dict(config.mesh))
-    prepared = prepare_synthetic(config.data, config.seed)
-    clips = load_clips(prepared)
+    data.configure(config)  # renders and prepares the clips; the model's input sizes follow them
+    cfg = DiTConfig.from_dict(config.model)
+    clips = load_clips(config.data.prepared)
     n, f, h, w, c = clips["latents"].shape
-    if c != cfg.in_channels:
-        raise ValueError(f"prepared latents have {c} channels (codec {config.data.codec}); model.in_channels is "
-                         f"{cfg.in_channels}")
     log.info("data: %d clips of %d frames, latents %s, audio features %s; mesh %s", n, f, (h, w, c),
              clips["audio"].shape[2:], dict(mesh.shape))
 
@@ -155,7 +112,6 @@ def run_synthetic(config) -> dict:
     log.info("sharded forward vs single-device forward: max |diff| = %.3g (max |y| %.3g)", diff,
              float(np.abs(y_single).max()))
 
-    config.data.prepared = str(prepared)
     result = _train(config)
     train_dir = Path(config.data.workdir) / "train"
     losses = result["losses"]

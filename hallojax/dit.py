@@ -23,7 +23,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from hallojax.attention import ATTENTION_IMPLS, Attention
 from hallojax.audio import AudioCrossAttention, AudioProjector
-from hallojax.modelconfig import DTYPES, ModelConfig, check_dtypes
+from hallojax.modelconfig import DTYPES, ModelConfig, check_dtypes, with_precision
 from hallojax.layers import MLP, Dense, LayerNorm, gelu_erf, gelu_tanh, timestep_embedding
 from hallojax.rope import frame_coords, grid_coords, rope_cos_sin
 from hallojax.sharding import constrain
@@ -51,7 +51,8 @@ class DiTConfig(ModelConfig):
     in brackets where ours differ)."""
 
     # fields that change numerics but no parameter shape (safe to override when loading)
-    NUMERIC_FIELDS: ClassVar[tuple[str, ...]] = ("dtype", "param_dtype", "remat", "attention", "scan_unroll")
+    NUMERIC_FIELDS: ClassVar[tuple[str, ...]] = ("dtype", "param_dtype", "precision", "remat", "attention",
+                                                 "scan_unroll")
 
     num_layers: int = 30
     num_heads: int = 12  # [num_attention_heads]
@@ -71,6 +72,7 @@ class DiTConfig(ModelConfig):
     rope_max_seq_len: int = 1024
     param_dtype: str = "float32"
     dtype: str = "bfloat16"  # compute dtype of matmuls and the residual stream
+    precision: str = "auto"  # matmul precision: auto (highest for float32 compute) | default | high | highest
     remat: str = "none"  # one of REMAT_POLICIES
     attention: str = "xla"  # one of ATTENTION_IMPLS
     scan_unroll: int = 1  # layers per step of the layer scan (num_layers: no loop; XLA's cost analysis counts
@@ -490,6 +492,7 @@ class WanDiT(nnx.Module):
         return x, extra, collected
 
     # ---------------------------------------------------------------------------------------------
+    @with_precision
     def encode_reference(self, reference: jax.Array) -> ReferenceCache:
         """Hallo3's reference network on the reference latent [B, 1, H, W, C] at timestep 0, with no
         text (so one cache serves every sampling step and both CFG branches): per-layer features."""
@@ -538,6 +541,7 @@ class WanDiT(nnx.Module):
         traced = any(isinstance(c, jax.Array) for c in coords)
         return jnp.concatenate(streams, axis=1), (jnp.concatenate if traced else np.concatenate)(coords)
 
+    @with_precision
     def __call__(self, latents, timesteps, context, *, image_context=None, coords=None, reference=None,
                  reference_cache=None, identity_offsets=None, audio=None, face_mask=None, motion=None):
         cfg = self.cfg

@@ -4,16 +4,18 @@
 
 Sections: optimizer (AdamW, warmup + cosine/constant, global-norm clipping, freezing by regex, EMA) ·
 state (built directly sharded: `eval_shape` -> `jit(out_shardings=...)`, never a full host copy) ·
-step (gradient accumulation over microbatches with `lax.scan`, donated state) · input (Grain over the
-data pipeline's ArrayRecord shards, seeded shuffle, per-process slice, iterator state checkpointed) ·
-checkpoints (Orbax `CheckpointManager`: params, optimizer state, EMA, step and the data iterator state;
+step (gradient accumulation over microbatches with `lax.scan`, donated state) · input (`hallojax.data`:
+random, synthetic or prepared clips; each process loads the rows of the global batch its devices hold) ·
+checkpoints (Orbax `CheckpointManager`: params, optimizer state, EMA, step and the global data position;
 a save is committed atomically by Orbax, so an interrupted one is never restored; SIGTERM saves at the
 next step boundary and exits 0) · loop (progress lines with loss, grad norm, lr, step time, tokens/s,
 TFLOP/s per device and MFU from the analytic FLOP count; TensorBoard events in <workdir>/tensorboard).
 
-Randomness is a pure function of (seed, step), and the data order of (seed, iterator state), so a run
-killed with `kill -9` and resumed from its last checkpoint ends with bitwise the same parameters as an
-uninterrupted run (tested).
+Training is a pure function of (seed, step) on any topology: randomness is drawn per global batch from
+fold_in(seed, step), and the global batch at step s is a function of (seed, s) alone (`hallojax.data`). So
+a run killed with `kill -9` and resumed from its last checkpoint ends with bitwise the same state as an
+uninterrupted run, and a checkpoint written by 2 processes resumes on 1 (and the reverse) to the same
+state up to the float reduction order of the collectives (tested).
 """
 
 from __future__ import annotations
@@ -28,16 +30,17 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from hallojax import data
+from hallojax.data import example_batch  # noqa: F401  (the trainer's batch; aot and bench take it from here)
 from hallojax.dit import DiTConfig, WanDiT, param_count
 from hallojax.flops import device_peak, format_flops, mfu, train_flops
 from hallojax.flow import sample_noise
 from hallojax.metrics import MetricWriter, StepTimer, progress_line
-from hallojax.sharding import batch_sharding, make_mesh, normalize_rules, state_shardings, use_rules
+from hallojax.sharding import make_mesh, normalize_rules, state_shardings, use_rules
 
 log = logging.getLogger("hallojax.train")
 
@@ -219,30 +222,6 @@ def flow_loss(model, cfg: DiTConfig, t, b: dict) -> jax.Array:
     return masked_mse(v, b["noise"] - x0, 1.0 - known, loss_weight(b["sigma"], t.loss_weighting))
 
 
-def example_batch(cfg: DiTConfig, batch: int, frames: int, height: int, width: int, *, text_len: int = 512,
-                  image_len: int = 257, audio_stride: int | None = None, seed: int | None = 0) -> dict:
-    """A trainer batch for latents [batch, frames, height, width, C] (latent grid sizes): random numpy
-    arrays, or `jax.ShapeDtypeStruct`s with seed=None (ahead-of-time compilation, benchmarks)."""
-    pt, ph, pw = cfg.patch_size
-    stride = audio_stride or cfg.audio_stride
-    shapes = {"latents": (batch, frames, height, width, cfg.out_channels), "context": (batch, text_len, cfg.text_dim)}
-    if cfg.identity_tokens or cfg.symbiotic or cfg.identity_additive or cfg.reference_net:
-        shapes["reference"] = (batch, 1, height, width, cfg.out_channels)
-    if cfg.audio != "none":
-        shapes["audio"] = (batch, 1 + stride * (frames - 1), cfg.audio_in_layers, cfg.audio_in_dim)
-    if cfg.audio_face_mask:
-        shapes["face_mask"] = (batch, frames // pt, height // ph, width // pw)
-    if cfg.image_dim is not None:
-        shapes["image_context"] = (batch, image_len, cfg.image_dim)
-    if seed is None:
-        return {k: jax.ShapeDtypeStruct(v, jnp.float32) for k, v in shapes.items()}
-    rng = np.random.default_rng(seed)
-    out = {k: rng.standard_normal(v).astype(np.float32) for k, v in shapes.items()}
-    if "face_mask" in out:
-        out["face_mask"] = (out["face_mask"] > -0.5).astype(np.float32)
-    return out
-
-
 def make_train_step(graphdef, cfg: DiTConfig, t, seed: int):
     """(state, batch) -> (state, metrics). The randomness is drawn once for the global batch from
     fold_in(seed, step), then the batch is split into `accum_steps` equal microbatches whose gradients
@@ -276,64 +255,6 @@ def make_train_step(graphdef, cfg: DiTConfig, t, seed: int):
     return step
 
 
-# --- input ---------------------------------------------------------------------------------------
-def make_dataset(data, batch_size: int, seed: int, cfg: DiTConfig | None = None):
-    """Grain: shuffled (seeded), repeated, this process's slice, batched; records -> the trainer's batch
-    (face_mask: the record's face box, scaled by `data.face_scale`, on the token grid of every frame)."""
-    import grain
-
-    from data_pipeline.reader import array_record_source
-    from data_pipeline.schema import decode_record
-
-    ds = grain.MapDataset.source(array_record_source(data.prepared))
-    ds = ds[jax.process_index()::jax.process_count()]
-    if len(ds) < batch_size:
-        raise ValueError(f"{data.prepared}: {len(ds)} clips for this process, fewer than the batch size {batch_size}")
-    ds = ds.shuffle(seed=seed).repeat(None)
-
-    def to_inputs(raw):
-        r = decode_record(raw)
-        out = {"latents": r["latents"], "reference": r["ref_latent"],
-               "audio": r.get("audio_features", np.zeros((1, 1, 1), np.float32))}
-        if cfg is not None and cfg.audio_face_mask:
-            from hallojax.conditioning import face_mask_tokens
-
-            f, h, w = r["latents"].shape[:3]
-            grid = (h // cfg.patch_size[1], w // cfg.patch_size[2])
-            mask = face_mask_tokens(tuple(r["face_box"]), *r["ref_frame"].shape[:2], grid, scale=data.face_scale)
-            out["face_mask"] = np.broadcast_to(mask, (f // cfg.patch_size[0], *grid)).copy()
-        return out
-
-    return ds.map(to_inputs).batch(batch_size, drop_remainder=True).to_iter_dataset()
-
-
-class FixedBatches:
-    """data.source = "random": one fixed batch of smooth random latents and text states, repeated (smoke
-    tests and the `tiny` demo); this process's slice of it. Iterator state = the count, like Grain's."""
-
-    def __init__(self, cfg: DiTConfig, t, seed: int):
-        from hallojax.demo import synthetic_batch
-
-        lat, ctx = synthetic_batch(cfg.replace(in_channels=cfg.out_channels), t, seed)
-        n = t.batch_size // jax.process_count()
-        i = jax.process_index() * n
-        self.batch = {"latents": lat[i:i + n], "context": ctx[i:i + n]}
-        self.count = 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict:
-        self.count += 1
-        return dict(self.batch)
-
-    def get_state(self) -> dict:
-        return {"count": self.count}
-
-    def set_state(self, state: dict) -> None:
-        self.count = int(state["count"])
-
-
 # --- checkpoints ---------------------------------------------------------------------------------
 def checkpoint_manager(workdir: Path, ckpt) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=ckpt.keep, keep_period=ckpt.keep_every or None,
@@ -349,12 +270,18 @@ def save(manager, state, data_iter, config) -> None:
         config=ocp.args.JsonSave(json.loads(config.to_json()))))
 
 
-def restore(manager, abstract, shardings, data_iter):
+def restore(manager, abstract, shardings, data_iter, batch_size: int):
+    """The latest checkpoint onto this run's mesh (any process count) and its data position."""
     step = manager.latest_step()
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                                              data=ocp.args.JsonRestore()))
-    data_iter.set_state(restored["data"])
+    position = restored["data"]
+    if "position" not in position:  # an older checkpoint: a per-process iterator state, not a global position
+        log.warning("checkpoint %d holds no global data position (%s): continuing at step x batch size", step,
+                    position)
+        position = {"position": step * batch_size}
+    data_iter.set_state(position)
     return restored["state"], step
 
 
@@ -405,35 +332,26 @@ class _Preempted:
 def run(config, workdir: str | Path) -> dict:
     workdir = Path(workdir)
     t, ckpt = config.train, config.checkpoint
-    cfg = DiTConfig.from_dict(config.model)
+    DiTConfig.from_dict(config.model)  # a bad model, mesh or batch is refused before any data is prepared
     rules = normalize_rules(config.rules)
     mesh = make_mesh(dict(config.mesh))
-    if config.data.source == "synthetic" and not config.data.prepared:
-        from hallojax.demo import prepare_synthetic
-
-        config.data.prepared = str(prepare_synthetic(config.data, config.seed))
-    if t.batch_size % (t.accum_steps * jax.process_count()):
-        raise ValueError(f"train.batch_size={t.batch_size} must divide by accum_steps x processes")
-    local_batch = t.batch_size // jax.process_count()
-    batch_axes = [a for a in rules.get("act_batch", ()) if mesh.shape[a] > 1]
-    batch_devices = int(np.prod([mesh.shape[a] for a in batch_axes]))
-    if jax.process_count() > 1 and (t.batch_size % batch_devices or batch_devices % jax.process_count()):
-        # each process feeds only its own samples: the batch must really be split over the batch mesh axes,
-        # or the "global" array would hold a different replica on every host
-        raise ValueError(f"train.batch_size={t.batch_size} must be a multiple of the {batch_devices} devices of "
-                         f"the batch mesh axes {batch_axes} when training on {jax.process_count()} processes")
+    if t.batch_size % t.accum_steps:
+        raise ValueError(f"train.batch_size={t.batch_size} must divide by train.accum_steps={t.accum_steps}")
+    data.configure(config)  # the source; with a prepared set, the model's input sizes from its manifest
+    cfg = DiTConfig.from_dict(config.model)
 
     graphdef, state, shardings, abstract = create_state(cfg, t, config.seed, mesh, rules)
     log.info("model %s: %s parameters; mesh %s; workdir %s", config.preset,
              f"{param_count(state['params']):,}", dict(mesh.shape), workdir)
-    if config.data.source == "random":
-        data_iter = FixedBatches(cfg, t, config.seed)
-    else:
-        data_iter = iter(make_dataset(config.data, local_batch, config.seed, cfg))
+    # this process loads only the rows of every global batch its devices hold: the global batch at a step
+    # is the same whatever the number of processes (see hallojax.data)
+    rows = data.local_rows(mesh, rules, t.batch_size)
+    data_iter = data.make_source(config, cfg, rows)
     manager = checkpoint_manager(workdir, ckpt)
+    start = 0
     if manager.latest_step() is not None:
-        state, step = restore(manager, abstract, shardings, data_iter)
-        log.info("resumed from step %d", step)
+        state, start = restore(manager, abstract, shardings, data_iter, t.batch_size)
+        log.info("resumed from step %d", start)
 
     step_fn = jit_train_step(graphdef, cfg, t, config.seed, shardings)
     kind = jax.devices()[0].device_kind
@@ -445,12 +363,7 @@ def run(config, workdir: str | Path) -> dict:
     try:
         with jax.set_mesh(mesh), use_rules(rules):
             while int(jax.device_get(state["step"])) < t.steps:
-                batch = next(data_iter)
-                if "context" not in batch:  # no text in the records: the null prompt
-                    batch["context"] = np.zeros((local_batch, 1, cfg.text_dim), np.float32)
-                batch = {k: jax.make_array_from_process_local_data(
-                    batch_sharding(mesh, (t.batch_size, *v.shape[1:]), rules), np.asarray(v))
-                    for k, v in batch.items()}
+                batch = data.global_batch(next(data_iter), rows, mesh, rules, t.batch_size)
                 if tokens_per_step is None:
                     f, h, w = batch["latents"].shape[1:4]
                     tokens_per_step = t.batch_size * f * h * w // cfg.patch_volume
@@ -485,5 +398,7 @@ def run(config, workdir: str | Path) -> dict:
         writer.close()
         preempted.close()
         manager.close()
-    return {"state": state, "losses": history, "step": int(jax.device_get(state["step"])),
+    step = int(jax.device_get(state["step"]))
+    log.info("ran %d steps, from step %d to step %d", len(history), start, step)
+    return {"state": state, "losses": history, "step": step, "start_step": start, "steps_run": len(history),
             "preempted": preempted.flag}

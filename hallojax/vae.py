@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from hallojax.layers import Dense
-from hallojax.modelconfig import DTYPES, ModelConfig, check_dtypes
+from hallojax.modelconfig import DTYPES, ModelConfig, check_dtypes, with_precision
 
 WAN21_LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
                       0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
@@ -41,7 +41,7 @@ WAN21_LATENTS_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0
 class VAEConfig(ModelConfig):
     """Sizes of a Wan2.1 VAE. Defaults are the released Wan2.1 VAE (diffusers config names)."""
 
-    NUMERIC_FIELDS: ClassVar[tuple[str, ...]] = ("dtype", "param_dtype")
+    NUMERIC_FIELDS: ClassVar[tuple[str, ...]] = ("dtype", "param_dtype", "precision")
 
     base_dim: int = 96
     z_dim: int = 16
@@ -55,6 +55,7 @@ class VAEConfig(ModelConfig):
     latents_std: tuple[float, ...] = WAN21_LATENTS_STD
     dtype: str = "float32"
     param_dtype: str = "float32"
+    precision: str = "auto"  # matmul/conv precision (hallojax.modelconfig): auto = highest for float32
 
     def __post_init__(self):
         for name in ("dim_mult", "attn_scales", "temperal_downsample", "latents_mean", "latents_std"):
@@ -363,6 +364,7 @@ class WanVAE(nnx.Module):
             raise ValueError(f"latents have shape {tuple(z.shape)}; expected [B, F, H, W, {self.cfg.z_dim}]")
 
     # --- encode ---------------------------------------------------------------------------------
+    @with_precision
     def encode_moments(self, video: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Posterior (mean, logvar) [B, F, H/8, W/8, z_dim] each, unnormalised."""
         self._check_video(video)
@@ -398,6 +400,7 @@ class WanVAE(nnx.Module):
         return self.normalize(z)
 
     # --- decode ---------------------------------------------------------------------------------
+    @with_precision
     def decode_raw(self, z: jax.Array, *, clamp: bool = True) -> jax.Array:
         """Unnormalised latents -> video (clamped to [-1, 1]), one latent frame per chunk."""
         self._check_latents(z)

@@ -1,4 +1,7 @@
-"""Test setup: 8 simulated CPU devices, float32 matmuls, a persistent compilation cache."""
+"""Test setup: 8 simulated CPU devices and a persistent compilation cache.
+
+No process-wide matmul precision is set: every model runs at its own config's `precision` (float32
+compute: "highest"), as it does for users, and the fp32 parity tests hold under it."""
 
 import os
 from pathlib import Path
@@ -12,10 +15,8 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 # set through the environment so that the `hallojax train` subprocesses the tests spawn share the cache
-# (and the numerics, so their programs are the in-process ones and hit it)
 os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ.get("HALLOJAX_JAX_CACHE", str(ROOT / ".cache" / "jax"))
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
-os.environ["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -1,5 +1,5 @@
-"""Shared helpers of the encoder parity tests: weight perturbation of tiny transformers models and the
-parity bound."""
+"""Shared helpers of the encoder parity tests: weight perturbation of tiny transformers models, the
+parity bound, and Hallo3's per-frame wav2vec2 features from the PyTorch model."""
 
 from __future__ import annotations
 
@@ -43,3 +43,23 @@ def perturb_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 def param_count_torch(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())  # tied parameters are counted once
+
+
+def hallo3_audio_features(model: torch.nn.Module, values: torch.Tensor, frames: int) -> np.ndarray:
+    """transformers' Wav2Vec2Model as Hallo3 runs it: the conv features linearly resampled (align_corners)
+    to `frames` video frames, then the transformer; hidden_states[1:] stacked -> [B, frames, layers, D]."""
+    import torch.nn.functional as F
+
+    conv = model.feature_extractor
+
+    class Resampled(torch.nn.Module):  # Hallo3's linear_interpolation on the [B, C, S] conv output
+        def forward(self, x):
+            return F.interpolate(conv(x), size=frames, align_corners=True, mode="linear")
+
+    model.feature_extractor = Resampled()
+    try:
+        with torch.no_grad():
+            hidden = model(values, output_hidden_states=True).hidden_states
+    finally:
+        model.feature_extractor = conv
+    return torch.stack(hidden[1:], dim=2).numpy()

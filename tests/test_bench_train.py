@@ -84,10 +84,10 @@ def test_bench_train_input_errors(devices, capsys, args, message):
 
 
 def test_bench_train_cli_end_to_end(devices):
-    # the conftest's compilation cache and matmul precision: the step compiled above is a cache hit here
+    # the conftest's compilation cache: the step compiled above is a cache hit here
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
                JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5", JAX_DEFAULT_MATMUL_PRECISION="highest")
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
     argv = ["bench", "train", "--config", "configs/wan.py:tiny,dtype=float32", "--steps", "1", "--warmup", "1"]
     proc = subprocess.run([sys.executable, "-m", "hallojax.cli", *argv], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)

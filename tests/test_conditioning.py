@@ -134,13 +134,21 @@ def test_audio_projector_alignment(align, stride, tokens_per_latent):
     out = proj(feats)
     assert out.shape == (2, 1 + 8 // stride, tokens_per_latent, 6)
     assert len(proj.convs) == (stride.bit_length() - 1 if align == "conv" else 0)
+    # latent frame 0 = video frame 0 (its window: frames 0..1), latent frame 1 = video frames 1..stride:
+    # zeroing frames 2 on leaves latent frame 0 as it is and changes frame 1
+    cut = proj(feats.at[:, 2:].set(0.0))
+    np.testing.assert_array_equal(cut[:, 0], out[:, 0])
+    assert np.abs(cut[:, 1] - out[:, 1]).max() > 1e-3
     if align == "group" and stride == 4:
-        # latent frame 0 = the first video frame's tokens, 4 times; frame 1 = video frames 1..4
-        per_frame = proj(feats)  # deterministic
-        np.testing.assert_array_equal(out, per_frame)
-        np.testing.assert_allclose(out[:, 0, :3], out[:, 0, 3:6], rtol=0, atol=0)
-    # the first latent frame depends only on video frames 0..window (causal alignment)
-    changed = feats.at[:, 5:].set(0.0)
-    np.testing.assert_allclose(proj(changed)[:, 0], out[:, 0], rtol=1e-6, atol=1e-6)
+        # token by token, with a window of 0 (each video frame's tokens from that frame alone): latent frame 0
+        # is video frame 0's tokens 4 times; latent frame 1 is video frames 1, 2, 3, 4's tokens in order
+        own = AudioProjector(in_layers=2, in_dim=4, window=0, hidden=8, tokens=3, out_dim=6, align=align,
+                             stride=stride, rngs=nnx.Rngs(0))
+        out, cut = own(feats), own(feats.at[:, 2:].set(0.0))
+        np.testing.assert_array_equal(out[:, 0], jnp.tile(out[:, 0, :3], (1, 4, 1)))
+        np.testing.assert_array_equal(cut[:, 0], out[:, 0])
+        np.testing.assert_array_equal(cut[:, 1, :3], out[:, 1, :3])  # video frame 1: kept
+        changed = np.abs(np.asarray(cut[:, 1, 3:] - out[:, 1, 3:])).reshape(2, 3, 3, 6).max(axis=(0, 2, 3))
+        assert (changed > 1e-3).all(), changed  # video frames 2, 3, 4: zeroed
     with pytest.raises(ValueError, match=r"expected \[B, T, 2, 4\]"):
         proj(feats[..., :3])

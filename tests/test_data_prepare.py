@@ -399,7 +399,7 @@ sys.exit(prepare.main(sys.argv[1:]))
 """
 
 
-def test_killed_run_resumes_to_identical_bytes(small, tmp_path):
+def test_killed_run_resumes_to_identical_bytes(small, tmp_path, capsys):
     videos, ref = small
     out = tmp_path / "out"
     args = [str(videos), "-o", str(out), "--videos-per-shard", "1", "--no-progress"]
@@ -411,8 +411,15 @@ def test_killed_run_resumes_to_identical_bytes(small, tmp_path):
     assert {"shard-00000-of-00005.array_record", "shard-00000-of-00005.json", "shard-00001-of-00005.json"} <= names
     assert "shard-00002-of-00005.json" not in names and "manifest.json" not in names
     assert any(n.startswith(".shard-00002-of-00005.array_record.tmp-") for n in names)  # the half-written shard
+    finished = {n: (out / n).stat() for n in ("shard-00000-of-00005.array_record", "shard-00000-of-00005.json",
+                                              "shard-00001-of-00005.json")}
 
     assert prepare.main(args) == 0
+    # the finished shards were skipped, not redone (a full restart would also give identical bytes)
+    assert ", 2 shards already done" in capsys.readouterr().out
+    for n, st in finished.items():
+        now = (out / n).stat()
+        assert (now.st_ino, now.st_mtime_ns) == (st.st_ino, st.st_mtime_ns), n
     assert_same_tree(ref, out)
 
 

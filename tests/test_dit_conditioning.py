@@ -79,14 +79,44 @@ def test_zero_init_keeps_the_base_output_bitwise(name):
     assert np.abs(expected).max() > 0.1
     got = np.asarray(forward(adapted, x, kw))
     assert np.array_equal(got, expected), f"{name}: max |diff| {np.abs(got - expected).max():.3g}"
-    # and the mechanism is live: once its zero-initialised parameters move, the output moves
-    state = nnx.state(adapted, nnx.Param)
-    leaves = jax.tree.leaves(state)
-    nnx.update(adapted, jax.tree.map(lambda a: a + 0.05 * jnp.sign(jnp.sin(jnp.arange(a.size).reshape(a.shape)))
-                                     if a.ndim else a + 0.5, state))
-    assert len(leaves) > 0
+    # and the mechanism is live: once its own parameters (those the base lacks, and the new input rows of a
+    # widened patch embedding) move, the output moves, and another value of each conditioning input it
+    # reads (reference, audio, face mask, motion, mask channels) gives another output
+    perturb_mechanism(adapted, report, BASE.in_channels)
     moved = np.asarray(forward(adapted, x, kw))
     assert np.abs(moved - expected).max() > 1e-3
+    reads = list(kw) + (["mask channels"] if cfg.in_channels > BASE.in_channels else [])
+    assert reads, name
+    rng = np.random.default_rng(7)
+    for key in reads:
+        other_x, other_kw = dict(x), dict(kw)
+        if key == "mask channels":
+            lat = x["latents"].copy()
+            lat[..., BASE.in_channels:] = rng.standard_normal(lat[..., BASE.in_channels:].shape)
+            other_x["latents"] = lat
+        elif key == "face_mask":
+            other_kw[key] = 1.0 - kw[key]
+        else:
+            other_kw[key] = rng.standard_normal(kw[key].shape).astype(np.float32)
+        other = np.asarray(forward(adapted, other_x, other_kw))
+        assert np.abs(other - moved).max() > 1e-4 * np.abs(moved).max(), f"{name}: the output ignores {key}"
+
+
+def perturb_mechanism(model, report, base_channels):
+    """Move only the mechanism's parameters off their init: those `load_base` kept at init, and the rows
+    past `base_channels` of a widened input kernel."""
+    state = nnx.state(model, nnx.Param)
+    flat = {".".join(map(str, k)): v for k, v in nnx.to_flat_state(state)}
+
+    def bump(a):
+        return a + 0.05 * jnp.sign(jnp.sin(jnp.arange(a.size).reshape(a.shape))) if a.ndim else a + 0.5
+
+    for path in report["kept_init"]:
+        flat[path].set_value(bump(flat[path].get_value()))
+    for path in report["widened"]:
+        a = flat[path].get_value()
+        flat[path].set_value(a.at[..., base_channels:, :].set(bump(a[..., base_channels:, :])))
+    nnx.update(model, state)
 
 
 def test_gate_one_is_joint_softmax_attention():

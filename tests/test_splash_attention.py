@@ -133,8 +133,8 @@ def test_model_train_step_with_splash_compiles_for_tpu(no_cache_writes, layout):
         return jax.value_and_grad(loss)(state)
 
     assert not attention.SPLASH_INTERPRET
-    # conftest sets matmul precision "highest"; Mosaic rejects fp32 contract precision on bf16 operands
-    with jax.set_mesh(mesh), use_rules(RULES), jax.default_matmul_precision("default"):
+    # the bf16 model's own precision ("auto" -> "default"): Mosaic rejects "highest" on bf16 operands
+    with jax.set_mesh(mesh), use_rules(RULES):
         lowered = jax.jit(step).lower(state, x0, ctx, ref)
     assert "splash_mha_fwd" in lowered.as_text() and "splash_mha_dkv" in lowered.as_text()
     compiled = lowered.compile()
@@ -155,6 +155,5 @@ def test_long_sequences_use_large_blocks_and_compile_for_tpu(no_cache_writes):
     qkv = jax.ShapeDtypeStruct((1, 75600, 4, 128), jnp.bfloat16, sharding=one)
     loss = lambda q, k, v: attention.splash_attention(q, k, v).astype(jnp.float32).sum()
     assert not attention.SPLASH_INTERPRET
-    with jax.default_matmul_precision("default"):
-        compiled = jax.jit(jax.grad(loss, (0, 1, 2))).lower(qkv, qkv, qkv).compile()
+    compiled = jax.jit(jax.grad(loss, (0, 1, 2))).lower(qkv, qkv, qkv).compile()
     assert "tpu_custom_call" in compiled.as_text()

@@ -136,20 +136,9 @@ def test_encode_audio_matches_hallo3_resampling(converted):
     frames = math.ceil(3500 / 16000 * fps)
     values = extractor()(list(wav), sampling_rate=16000, return_tensors="pt").input_values
 
-    model = converted["model"]
-    conv = model.feature_extractor
+    from encoder_reference import hallo3_audio_features
 
-    class Resampled(torch.nn.Module):  # Hallo3's linear_interpolation on the [B, C, S] conv output
-        def forward(self, x):
-            return F.interpolate(conv(x), size=frames, align_corners=True, mode="linear")
-
-    model.feature_extractor = Resampled()
-    try:
-        with torch.no_grad():
-            ref = model(values, output_hidden_states=True).hidden_states
-    finally:
-        model.feature_extractor = conv
-    ref = torch.stack(ref[1:], dim=2).numpy()  # [B, T, layers, D]
+    ref = hallo3_audio_features(converted["model"], values, frames)  # [B, T, layers, D]
 
     out = encode_audio(ours, wav, fps)
     assert out.shape == (2, frames, 2, 32)

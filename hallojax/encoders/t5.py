@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from hallojax.encoders.common import activation, attention
-from hallojax.modelconfig import DTYPES, ModelConfig, check_dtypes
+from hallojax.modelconfig import DTYPES, ModelConfig, check_dtypes, with_precision
 from hallojax.layers import Dense, RMSNorm
 from hallojax.sharding import constrain
 
@@ -38,7 +38,7 @@ class T5EncoderConfig(ModelConfig):
     """Sizes of a T5-family encoder. Defaults are the umT5-XXL encoder of Wan 2.1 (transformers config
     names in brackets)."""
 
-    NUMERIC_FIELDS: ClassVar[tuple[str, ...]] = ("dtype", "param_dtype")
+    NUMERIC_FIELDS: ClassVar[tuple[str, ...]] = ("dtype", "param_dtype", "precision")
 
     vocab_size: int = 256384
     dim: int = 4096  # [d_model]
@@ -54,6 +54,7 @@ class T5EncoderConfig(ModelConfig):
     per_layer_bias: bool = True  # umT5: a position-bias table in every layer; T5: only layer 0's, shared
     param_dtype: str = "float32"
     dtype: str = "bfloat16"  # matmul dtype (Wan runs umT5 in bfloat16)
+    precision: str = "auto"  # matmul precision (hallojax.modelconfig): auto = highest for float32
 
     def __post_init__(self):
         activation(self.act)
@@ -218,6 +219,7 @@ class T5Encoder(nnx.Module):
             raise ValueError(f"attention_mask has shape {tuple(np.shape(attention_mask))}; expected "
                              f"{tuple(np.shape(input_ids))}")
 
+    @with_precision
     def __call__(self, input_ids, attention_mask=None, *, output_hidden_states: bool = False) -> T5Output:
         cfg = self.cfg
         dtype = DTYPES[cfg.dtype]

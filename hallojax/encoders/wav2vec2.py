@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from hallojax.encoders.common import activation, attention
-from hallojax.modelconfig import DTYPES, ModelConfig, check_dtypes
+from hallojax.modelconfig import DTYPES, ModelConfig, check_dtypes, with_precision
 from hallojax.layers import MLP, Dense, LayerNorm
 from hallojax.sharding import constrain
 
@@ -42,7 +42,7 @@ class Wav2Vec2Config(ModelConfig):
     """Sizes of a wav2vec 2.0 encoder. Defaults are facebook/wav2vec2-base-960h (transformers config
     names in brackets where ours differ)."""
 
-    NUMERIC_FIELDS: ClassVar[tuple[str, ...]] = ("dtype", "param_dtype", "do_normalize")
+    NUMERIC_FIELDS: ClassVar[tuple[str, ...]] = ("dtype", "param_dtype", "precision", "do_normalize")
 
     hidden_size: int = 768
     num_layers: int = 12  # [num_hidden_layers]
@@ -64,6 +64,7 @@ class Wav2Vec2Config(ModelConfig):
     sampling_rate: int = 16000
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype (Hallo3 runs wav2vec2 in float32)
+    precision: str = "auto"  # matmul/conv precision (hallojax.modelconfig): auto = highest for float32
 
     def __post_init__(self):
         for name in ("conv_dim", "conv_kernel", "conv_stride"):
@@ -304,6 +305,7 @@ class Wav2Vec2(nnx.Module):
             lengths = (lengths - k) // s + 1
         return jnp.arange(num_features)[None, :] < lengths[:, None]
 
+    @with_precision
     def __call__(self, input_values, attention_mask=None, *, num_frames: int | None = None) -> Wav2Vec2Output:
         cfg = self.cfg
         dtype = DTYPES[cfg.dtype]
