@@ -51,9 +51,11 @@ AUDIO_TINY = dict(audio_in_layers=2, audio_in_dim=8, audio_hidden=16, audio_toke
 SIZES = {"tiny": "tiny", "1.3b": "wan2.1-t2v-1.3b"}
 
 # `make demo`: a mini portrait model (identity frame + audio cross-attention) trained from scratch on the
-# synthetic talking faces, prepared with the lossless pixel codec (pixel:4 -> 48 channels, temporal
-# stride 1) and the pipeline's per-frame RMS audio feature (1 layer x 1 dim).
-DEMO_MODEL = dict(MODELS["tiny"], in_channels=48, out_channels=48, identity_tokens=True, extra_gate_init=1.0,
+# synthetic talking faces, prepared with the lossless pixel codec (pixel:2 -> 12 channels, temporal
+# stride 1) and the pipeline's per-frame RMS audio feature (1 layer x 1 dim). A token carries 2x2 latents
+# x 12 channels = 48 values, fewer than the model's 64 dims: the velocity target ε − x0 is as wide as a
+# token, so with pixel:4 (192 values per token through 64 dims) the loss stalls at ~0.7 and samples stay noise.
+DEMO_MODEL = dict(MODELS["tiny"], in_channels=12, out_channels=12, identity_tokens=True, extra_gate_init=1.0,
                   audio="cross_attn", audio_align="group", audio_stride=1, audio_in_layers=1, audio_in_dim=1,
                   audio_window=2, audio_hidden=16, audio_tokens=4, audio_dim=16)
 
@@ -129,7 +131,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     # data pipeline into workdir)
     config.data = ml_collections.ConfigDict(dict(
         source="synthetic" if name == "demo" else "random", workdir="runs/demo", num_videos=6, frames=9, size=32,
-        codec="pixel:4", audio_features="rms", face_scale=3.0,  # face box scale for the face-aware audio mask
+        codec="pixel:2" if name == "demo" else "pixel:4", audio_features="rms", face_scale=3.0,  # face box scale for the face-aware audio mask
         prepared=""))  # hallojax train: a prepared directory; empty with source=synthetic = prepare the demo set
     # (hallojax.data) source "prepared": a `hallojax prepare` directory; data.prepared=DIR alone selects it,
     # and the model's input sizes follow its manifest.json

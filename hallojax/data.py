@@ -63,7 +63,21 @@ def configure(config) -> dict | None:
                  data.source)
         data.source = "prepared"
     adopt_prepared_sizes(config, manifest, set(config.overrides))
+    record_media(config, manifest)
     return manifest
+
+
+def record_media(config, manifest: dict) -> None:
+    """config.data.media: what the clips are (codec, audio features, fps, clip length, size, crop scale),
+    saved with every checkpoint so that `hallojax generate` feeds the model what it was trained on even
+    after the prepared set is gone."""
+    import ml_collections
+
+    clip = manifest["config"]["clip"]
+    config.data.media = ml_collections.ConfigDict(dict(
+        codec=manifest["codec"]["spec"], audio_features=manifest["config"].get("audio_features") or "",
+        fps=float(clip["fps"]), frames=int(clip["num_frames"]), height=int(clip["height"]),
+        width=int(clip["width"]), box_scale=float(clip["box_scale"])))
 
 
 def adopt_prepared_sizes(config, manifest: dict, explicit: set[str] = frozenset()) -> dict:

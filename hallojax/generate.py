@@ -241,28 +241,31 @@ class MediaSpec:
 
 
 def media_spec(config, *, codec=None, audio_features=None, fps=None, height=None, width=None) -> MediaSpec:
-    """From the run's config (its prepared set's manifest when it still exists), flags first."""
+    """Flags first, then what the run recorded (`config.data.media`, written by the trainer from its
+    prepared set's manifest), then that manifest if it still exists, then the run's data settings."""
     data = config.get("data", {}) or {}
-    manifest = {}
+    media = dict(data.get("media", {}) or {})
     prepared = data.get("prepared") or ""
-    if prepared and (Path(prepared) / "manifest.json").exists():
+    if not media and prepared and (Path(prepared) / "manifest.json").exists():
         try:
             manifest = json.loads((Path(prepared) / "manifest.json").read_text())
-        except ValueError:
-            manifest = {}
-    clip = manifest.get("config", {}).get("clip", {})
-    codec = codec or manifest.get("codec", {}).get("spec") or data.get("codec")
+            clip = manifest["config"]["clip"]
+            media = dict(codec=manifest["codec"]["spec"], audio_features=manifest["config"].get("audio_features"),
+                         fps=clip["fps"], frames=clip["num_frames"], height=clip["height"], width=clip["width"],
+                         box_scale=clip["box_scale"])
+        except (ValueError, KeyError, TypeError):
+            media = {}
+    codec = codec or media.get("codec") or data.get("codec")
     if not codec:
         raise ValueError("the checkpoint records no codec: pass --codec (pixel:P, or wan-vae:DIR for a Wan VAE "
                          "directory from `hallojax convert wan-vae`)")
-    feats = audio_features or manifest.get("config", {}).get("audio_features") or data.get("audio_features")
+    feats = audio_features or media.get("audio_features") or data.get("audio_features")
     size = data.get("size")
     return MediaSpec(
-        codec=codec, audio_features=feats or None,
-        fps=float(fps or clip.get("fps") or data.get("fps") or 25.0),
-        clip_frames=int(clip.get("num_frames") or data.get("frames") or 81),
-        height=int(height or clip.get("height") or size or 480), width=int(width or clip.get("width") or size or 832),
-        face_scale=float(data.get("face_scale", 3.0)), box_scale=float(clip.get("box_scale", 1.6)))
+        codec=codec, audio_features=feats or None, fps=float(fps or media.get("fps") or data.get("fps") or 25.0),
+        clip_frames=int(media.get("frames") or data.get("frames") or 81),
+        height=int(height or media.get("height") or size or 480), width=int(width or media.get("width") or size or 832),
+        face_scale=float(data.get("face_scale", 3.0)), box_scale=float(media.get("box_scale", 1.6)))
 
 
 # --- inputs --------------------------------------------------------------------------------------

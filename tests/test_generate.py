@@ -29,7 +29,9 @@ def write_workdir(path, seed=0, **model):
     """A `hallojax train` checkpoint (step 0) of the demo model with `model` overrides, every weight
     perturbed so that each mechanism (zero-initialised adapters included) affects the output."""
     config = load_config("configs/wan.py:demo,mesh=fsdp,dtype=float32", ["--config.checkpoint.async_save=False"])
-    config.model.update(model)
+    # pixel:4 at 32x32 (16 tokens a frame) keeps these tests quick; the demo itself trains on pixel:2
+    config.data.codec = "pixel:4"
+    config.model.update({"in_channels": 48, "out_channels": 48, **model})
     cfg = DiTConfig.from_dict(config.model)
     state = init_state(cfg, config.train, seed)
     rng = np.random.default_rng(seed)

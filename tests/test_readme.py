@@ -52,9 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 
 # README command text (a piece of it) -> why it fails today
-KNOWN_BROKEN = {
-    "configs/wan.py:hallo3-style,size=1.3b": "issue 17 item 5: fixed on the data-layer branch",
-}
+KNOWN_BROKEN: dict[str, str] = {}
 
 
 # --- the README's blocks and markers ---------------------------------------------------------------
