@@ -116,7 +116,12 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         mask_tasks=[],
         # condition dropout for classifier-free guidance (hallojax.conditioning.DropoutConfig)
         dropout=dict(p_text=0.0, p_audio=0.0, p_ref=0.0, phases=False, early_sigma=0.8, late_sigma=0.2,
-                     late_drop=0.5)))
+                     late_drop=0.5),
+        # a step whose loss or gradient is not finite: "skip" its update (parameters, optimizer state and EMA
+        # stay; counted in the log) or "stop" with an error naming the step (nothing of it is saved)
+        nonfinite="skip",
+        inject_nonfinite=[],  # steps whose loss is made NaN on purpose (fault injection, for tests/drills)
+    ))
     if name in STYLES:  # the published systems train with condition dropout (EchoMimicV3: phase-scheduled)
         config.train.dropout.update(p_text=0.1, p_audio=0.1, p_ref=0.05, phases=name == "echomimic-style")
     if name == "echomimic-style":  # masked multi-task training

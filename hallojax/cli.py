@@ -231,6 +231,13 @@ def main(argv=None) -> int:
     except USER_ERRORS as e:
         print_error(f"hallojax {args.command}", e)
         return 2
+    except RuntimeError as e:  # a run that stopped itself (train.nonfinite="stop"): not the user's input
+        from hallojax.train import NonFiniteStep
+
+        if not isinstance(e, NonFiniteStep):
+            raise
+        print_error(f"hallojax {args.command}", e)
+        return 1
 
 
 if __name__ == "__main__":

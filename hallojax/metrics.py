@@ -74,6 +74,8 @@ def progress_line(step: int, total: int, m: dict[str, float | None]) -> str:
         parts.append(f"eta {_duration(eta)}")
     else:
         parts.append("(compiling step)")
+    if m.get("skipped_steps"):
+        parts.append(f"skipped {int(m['skipped_steps'])} non-finite")
     return "  ".join(parts)
 
 

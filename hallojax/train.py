@@ -222,11 +222,21 @@ def flow_loss(model, cfg: DiTConfig, t, b: dict) -> jax.Array:
     return masked_mse(v, b["noise"] - x0, 1.0 - known, loss_weight(b["sigma"], t.loss_weighting))
 
 
+NONFINITE = ("skip", "stop")
+
+
+class NonFiniteStep(RuntimeError):
+    """train.nonfinite = "stop" and a step's loss or gradient was not finite."""
+
+
 def make_train_step(graphdef, cfg: DiTConfig, t, seed: int):
     """(state, batch) -> (state, metrics). The randomness is drawn once for the global batch from
     fold_in(seed, step), then the batch is split into `accum_steps` equal microbatches whose gradients
     are averaged: the same loss as one batch, in less memory."""
     check_channels(cfg)
+    if t.nonfinite not in NONFINITE:
+        raise ValueError(f"train.nonfinite={t.nonfinite!r}: expected one of {NONFINITE}")
+    inject = [int(s) for s in t.get("inject_nonfinite", [])]
 
     def loss_fn(params, micro):
         return flow_loss(nnx.merge(graphdef, params), cfg, t, micro)
@@ -244,12 +254,22 @@ def make_train_step(graphdef, cfg: DiTConfig, t, seed: int):
         zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state["params"]))
         (loss, grads), _ = jax.lax.scan(accumulate, zero, micro)
         loss, grads = loss / k, jax.tree.map(lambda g: g / k, grads)
+        if inject:  # fault injection: this step's loss and gradients become NaN
+            poison = jnp.where(jnp.isin(state["step"], jnp.asarray(inject)), jnp.nan, 1.0)
+            loss, grads = loss * poison, jax.tree.map(lambda g: g * poison, grads)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)  # one scalar: the norm is NaN/inf if any leaf is
         tx = make_optimizer(t, state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         ema = jax.tree.map(lambda e, p: t.ema_decay * e + (1.0 - t.ema_decay) * p, state["ema"], params)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
-                   "lr": learning_rate_schedule(t)(state["step"])}
+        # a non-finite step changes nothing but the step counter (the data moves on): selected in the update's
+        # own pass over the parameters, and reported through the metrics the loop reads anyway (no extra sync)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        params, opt_state, ema = (keep(params, state["params"]), keep(opt_state, state["opt_state"]),
+                                  keep(ema, state["ema"]))
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": learning_rate_schedule(t)(state["step"]),
+                   "nonfinite": (~finite).astype(jnp.int32)}
         return {"params": params, "opt_state": opt_state, "ema": ema, "step": state["step"] + 1}, metrics
 
     return step
@@ -360,6 +380,7 @@ def run(config, workdir: str | Path) -> dict:
     flops_per_step = tokens_per_step = None
     preempted = _Preempted()
     history = []
+    skipped = []  # steps whose update was skipped (non-finite loss or gradient)
     try:
         with jax.set_mesh(mesh), use_rules(rules):
             while int(jax.device_get(state["step"])) < t.steps:
@@ -377,6 +398,17 @@ def run(config, workdir: str | Path) -> dict:
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 timer.add(time.perf_counter() - t0)
                 step = int(jax.device_get(state["step"]))
+                if metrics.pop("nonfinite"):
+                    if t.nonfinite == "stop":
+                        raise NonFiniteStep(
+                            f"step {step - 1}: the loss ({metrics['loss']}) or the gradient norm "
+                            f"({metrics['grad_norm']}) is not finite; stopped (train.nonfinite='stop'). Nothing of "
+                            f"this step was saved: the last checkpoint is step {manager.latest_step()}")
+                    skipped.append(step - 1)
+                    log.warning("step %d: non-finite loss (%s) or gradient norm (%s): update skipped (parameters, "
+                                "optimizer state and EMA unchanged; %d skipped so far)", step - 1, metrics["loss"],
+                                metrics["grad_norm"], len(skipped))
+                metrics["skipped_steps"] = float(len(skipped))
                 history.append(metrics["loss"])
                 if len(history) == 1:
                     log.info("first step (compilation included): %.1f s", timer.compile_seconds)
@@ -399,6 +431,7 @@ def run(config, workdir: str | Path) -> dict:
         preempted.close()
         manager.close()
     step = int(jax.device_get(state["step"]))
-    log.info("ran %d steps, from step %d to step %d", len(history), start, step)
+    log.info("ran %d steps, from step %d to step %d%s", len(history), start, step,
+             f"; {len(skipped)} non-finite steps skipped ({skipped})" if skipped else "")
     return {"state": state, "losses": history, "step": step, "start_step": start, "steps_run": len(history),
-            "preempted": preempted.flag}
+            "preempted": preempted.flag, "skipped": skipped}
