@@ -164,6 +164,16 @@ def bench_mesh(mesh_config):
     return make_mesh(shape, devices)
 
 
+def print_table(lines) -> None:
+    """Rows of strings (the first the header) as a markdown table with aligned columns."""
+    widths = [max(len(r[i]) for r in lines) for i in range(len(lines[0]))]
+    fmt = lambda row: "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"  # noqa: E731
+    print(fmt(lines[0]))
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in lines[1:]:
+        print(fmt(row))
+
+
 def _gib(n: int | None) -> str:
     if n is None:
         return "n/a"
@@ -214,19 +224,28 @@ def _run_ours(cfg, config, mesh, rules, np_batch, steps: int, warmup: int) -> di
     return out
 
 
-def _run_torch(cfg, t, np_batch, steps: int, warmup: int, seed: int, device: str) -> dict:
-    """Our training step in eager PyTorch on diffusers' WanTransformer3DModel: flow-matching MSE to ε − x0 at
-    σ drawn as ours draws it, global-norm clipping, AdamW with our hyper-parameters and the EMA update."""
-    import diffusers
+def _torch_wan(cfg, seed: int, device: str):
+    """(diffusers' WanTransformer3DModel of our config's sizes on `device`, the torch device, the autocast
+    dtype on CUDA or None), with torch's threads and seed set."""
     import torch
     from diffusers import WanTransformer3DModel
 
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(seed)
-    cuda = device == "cuda"
-    device = torch.device(device)
-    amp = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.dtype) if cuda else None
-    model = WanTransformer3DModel(**diffusers_kwargs(cfg)).to(device).train()
+    dev = torch.device(device)
+    amp = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.dtype) if device == "cuda" else None
+    return WanTransformer3DModel(**diffusers_kwargs(cfg)).to(dev), dev, amp
+
+
+def _run_torch(cfg, t, np_batch, steps: int, warmup: int, seed: int, device: str) -> dict:
+    """Our training step in eager PyTorch on diffusers' WanTransformer3DModel: flow-matching MSE to ε − x0 at
+    σ drawn as ours draws it, global-norm clipping, AdamW with our hyper-parameters and the EMA update."""
+    import diffusers
+    import torch
+
+    model, device, amp = _torch_wan(cfg, seed, device)
+    cuda = device.type == "cuda"
+    model = model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=t.learning_rate, betas=(t.b1, t.b2), eps=t.eps, weight_decay=t.weight_decay)
     ema = [p.detach().clone() for p in params]
@@ -406,12 +425,7 @@ def bench_train(config, *, batch: int | None = None, frames: int = 3, height: in
                          f"{fig['tflops_per_device']:.4f}", mfu_text(fig["mfu"], device),
                          _gib(run["peak_bytes"]) if run["peak_bytes"] is not None else "n/a (not reported)", comp)
                         for name, where, run, fig, device, comp in rows]
-    widths = [max(len(r[i]) for r in lines) for i in range(len(header))]
-    fmt = lambda row: "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"  # noqa: E731
-    print(fmt(lines[0]))
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for row in lines[1:]:
-        print(fmt(row))
+    print_table(lines)
     if theirs is not None:
         print(f"ratio: diffusers step time / ours = {result['ratio']:.2f} (>1: hallojax is faster); "
               f"diffusers parameters {theirs['params']:,}, final loss {theirs['loss']:.4f}")
@@ -532,14 +546,10 @@ def _run_torch_sample(cfg, shape, sampler_name, steps, shift, guidance, repeats,
     combined with the same weights, then `scheduler.step`."""
     import diffusers
     import torch
-    from diffusers import WanTransformer3DModel
 
-    torch.set_num_threads(os.cpu_count() or 1)
-    torch.manual_seed(seed)
-    cuda = device == "cuda"
-    dev = torch.device(device)
-    amp = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.dtype) if cuda else None
-    model = WanTransformer3DModel(**diffusers_kwargs(cfg)).to(dev).eval()
+    model, dev, amp = _torch_wan(cfg, seed, device)
+    cuda = dev.type == "cuda"
+    model = model.eval()
     if amp is not None:
         model = model.to(amp)
     frames, height, width, text_len = shape
@@ -646,12 +656,7 @@ def bench_sample(config, *, frames: int = 3, height: int = 8, width: int = 8, te
     header = ("implementation", "devices, dtype", "s per clip", "denoise steps/s", "model calls per step",
               "memory", "compile s")
     lines = [header] + [(n, w, f"{c:.3f}", f"{steps / c:.2f}", b, m, comp) for n, w, c, b, m, comp in rows]
-    widths = [max(len(r[i]) for r in lines) for i in range(len(header))]
-    fmt = lambda row: "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"  # noqa: E731
-    print(fmt(lines[0]))
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for row in lines[1:]:
-        print(fmt(row))
+    print_table(lines)
     if theirs is not None:
         print(f"ratio: diffusers seconds per clip / ours = {result['ratio']:.2f} (>1: hallojax is faster)")
     else:
