@@ -13,6 +13,7 @@ from hallojax.convert.wan import convert_wan_diffusers, export_wan_diffusers
 
 FORMATS: dict[str, tuple[str, str, str]] = {
     "wan-diffusers": ("hallojax.convert.wan", "convert_wan_diffusers", "export_wan_diffusers"),
+    "wan": ("hallojax.convert.wan_original", "convert_wan_original", "export_wan_original"),
     "wan-vae": ("hallojax.convert.wan_vae", "convert_wan_vae", "export_wan_vae"),
     "wav2vec2": ("hallojax.convert.wav2vec2", "convert_wav2vec2", "export_wav2vec2"),
     "umt5": ("hallojax.convert.t5", "convert_umt5", "export_umt5"),
