@@ -215,7 +215,7 @@ def _load_converted(path: Path, overrides, devices):
     config = ml_collections.ConfigDict({
         "preset": meta.get("source", {}).get("name", path.name), "model": cfg.to_dict(),
         "mesh": {"data": 1, "fsdp": -1, "context": 1, "tensor": 1}, "rules": [list(r) for r in DEFAULT_RULES],
-        "data": dict(meta.get("generation", {})), "sample": {}})
+        "data": dict(meta.get("generation", {})), "sample": dict(meta.get("sample", {}))})
     _check_overrides(config, overrides)
     apply_overrides(config, overrides)
     numeric = {k: config.model[k] for k in DiTConfig.NUMERIC_FIELDS if config.model[k] != getattr(cfg, k)}
