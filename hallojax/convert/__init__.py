@@ -15,6 +15,7 @@ FORMATS: dict[str, tuple[str, str, str]] = {
     "wan-diffusers": ("hallojax.convert.wan", "convert_wan_diffusers", "export_wan_diffusers"),
     "wan": ("hallojax.convert.wan_original", "convert_wan_original", "export_wan_original"),
     "echomimic-v3": ("hallojax.convert.echomimic", "convert_echomimic_v3", ""),
+    "clip": ("hallojax.convert.clip", "convert_clip", ""),
     "wan-vae": ("hallojax.convert.wan_vae", "convert_wan_vae", "export_wan_vae"),
     "wav2vec2": ("hallojax.convert.wav2vec2", "convert_wav2vec2", "export_wav2vec2"),
     "umt5": ("hallojax.convert.t5", "convert_umt5", "export_umt5"),
