@@ -47,7 +47,7 @@ RECIPES = {
     "preview": {"sample": dict(sampler="euler", steps=25, shift=5.0, guidance="echomimic-v3-preview",
                                negative_scale=1.5, negative_steps=2, clip_frames=113, long_video="chunks", overlap=8,
                                known_frames="condition"),
-                "generation": dict(fps=25.0, frames=113, height=768, width=768)},
+                "generation": dict(fps=25.0, frames=113, height=768, width=768, face_scale=1.0)},
     "flash": {"sample": dict(sampler="wan-unipc", steps=8, shift=5.0, guidance="audio=3", clip_frames=81,
                              long_video="continue", known_frames="condition", loudness=-23.0),
               "generation": dict(fps=25.0, frames=81, height=768, width=768)},
