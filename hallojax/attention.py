@@ -201,7 +201,8 @@ class Attention(nnx.Module):
             self.audio_k_proj = self.audio_v_proj = self.norm_audio_k = None
         # EchoMimicV3 Flash's q_audio: its released forward computes it and then uses the shared query
         # instead, so it is kept (checkpoints round-trip, parameter counts match) and never applied
-        self.audio_q_proj = Dense(inner, inner, ("heads", "embed"), **kw) if audio_dim is not None and audio_bias else None
+        self.audio_q_proj = (Dense(inner, inner, ("heads", "embed"), **kw) if audio_dim is not None and audio_bias
+                             else None)
 
     def _heads(self, x: jax.Array) -> jax.Array:
         x = x.reshape(*x.shape[:-1], self.num_heads, -1)  # [B, L, N, K]

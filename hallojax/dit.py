@@ -158,7 +158,8 @@ class DiTConfig(ModelConfig):
             raise ValueError(f"model.audio_projector={self.audio_projector!r} (EchoMimicV3) needs audio='decoupled', "
                              f"audio_neighbors=0, audio_dim = dim ({self.dim}) and audio_stride >= 2")
         if self.audio_kv_bias and self.audio != "decoupled":
-            raise ValueError("model.audio_kv_bias is a decoupled-audio (EchoMimicV3 Flash) option: needs audio='decoupled'")
+            raise ValueError("model.audio_kv_bias is a decoupled-audio (EchoMimicV3 Flash) option: "
+                             "needs audio='decoupled'")
 
     @property
     def dim(self) -> int:

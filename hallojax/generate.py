@@ -623,10 +623,11 @@ class Pipeline:
 
             clip, clip_cfg = load_pretrained(image_encoder)
             if not isinstance(clip, CLIPVision):
-                raise ValueError(f"--image-encoder {image_encoder} holds a {type(clip).__name__}, not a CLIP image encoder")
+                raise ValueError(f"--image-encoder {image_encoder} holds a {type(clip).__name__}, "
+                                 "not a CLIP image encoder")
             if clip_cfg.hidden_size != loaded.cfg.image_dim:
-                raise ValueError(f"--image-encoder {image_encoder}: width {clip_cfg.hidden_size} != the DiT's image_dim "
-                                 f"{loaded.cfg.image_dim}")
+                raise ValueError(f"--image-encoder {image_encoder}: width {clip_cfg.hidden_size} != the DiT's "
+                                 f"image_dim {loaded.cfg.image_dim}")
         return cls(loaded, spec, audio_fn=audio_fn, text=text, image_encoder=clip)
 
     def _check_model(self):

@@ -47,7 +47,8 @@ def flash_tokens(feats: torch.Tensor, sd: dict, tokens: int) -> torch.Tensor:
         entries = [win[:, f0, p] for p in (0, 1, 2)] + [win[:, f0 + 1, 2], win[:, f0 + 2, 2]] + \
                   [win[:, f0 + 3, p] for p in (2, 3, 4)]
         flat = torch.stack(entries, dim=1).reshape(b, -1)
-        rest.append(torch.relu(F.linear(flat, sd["audio_injection.proj1_vf.weight"], sd["audio_injection.proj1_vf.bias"])))
+        rest.append(torch.relu(F.linear(flat, sd["audio_injection.proj1_vf.weight"],
+                                        sd["audio_injection.proj1_vf.bias"])))
     x = torch.cat([first] + [r[:, None] for r in rest], dim=1)
     x = torch.relu(F.linear(x, sd["audio_injection.proj2.weight"], sd["audio_injection.proj2.bias"]))
     x = F.linear(x, sd["audio_injection.proj3.weight"], sd["audio_injection.proj3.bias"])
@@ -60,7 +61,8 @@ class EchoMimicCrossAttention:
 
     def __init__(self, sd: dict, block: int, state: dict):
         p = f"blocks.{block}.cross_attn."
-        self.k_w, self.v_w, self.norm_w = sd[p + "k_audio.weight"], sd[p + "v_audio.weight"], sd[p + "norm_k_audio.weight"]
+        self.k_w, self.v_w = sd[p + "k_audio.weight"], sd[p + "v_audio.weight"]
+        self.norm_w = sd[p + "norm_k_audio.weight"]
         self.k_b, self.v_b = sd.get(p + "k_audio.bias"), sd.get(p + "v_audio.bias")
         self.state = state  # {"tokens": [B, F, M, D], "face_mask": [B, L] | None, "scale": float}
 
@@ -97,6 +99,6 @@ def forward(model, sd: dict, latents_cl, t, context, image, feats, *, variant: s
         else:
             state["tokens"] = flash_tokens(feats, sd, tokens)
         x = torch.from_numpy(np.ascontiguousarray(latents_cl.transpose(0, 4, 1, 2, 3)))
-        out = model(x, torch.from_numpy(t), torch.from_numpy(context), encoder_hidden_states_image=torch.from_numpy(image),
-                    return_dict=False)[0]
+        out = model(x, torch.from_numpy(t), torch.from_numpy(context),
+                    encoder_hidden_states_image=torch.from_numpy(image), return_dict=False)[0]
     return out.numpy().transpose(0, 2, 3, 4, 1).astype(np.float64)

@@ -53,8 +53,8 @@ def test_clip_matches_transformers_and_wan_names(tmp_path):
         p, q = f"encoder.layers.{i}.", f"visual.transformer.{i}."
         for kind in ("weight", "bias"):
             wan[q + f"attn.to_qkv.{kind}"] = torch.cat([sd[p + f"self_attn.{n}_proj.{kind}"] for n in "qkv"])
-            for theirs, mine in (("norm1", "layer_norm1"), ("norm2", "layer_norm2"), ("attn.proj", "self_attn.out_proj"),
-                                 ("mlp.0", "mlp.fc1"), ("mlp.2", "mlp.fc2")):
+            for theirs, mine in (("norm1", "layer_norm1"), ("norm2", "layer_norm2"),
+                                 ("attn.proj", "self_attn.out_proj"), ("mlp.0", "mlp.fc1"), ("mlp.2", "mlp.fc2")):
                 wan[q + f"{theirs}.{kind}"] = sd[p + f"{mine}.{kind}"]
     torch.save(wan, tmp_path / "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth")
     assert cli.main(["convert", "clip", str(tmp_path / "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"),

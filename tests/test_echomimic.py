@@ -71,8 +71,9 @@ def tiny_base(tmp_path_factory):
 def test_forward_matches_reference(variant, tiny_base, tmp_path):
     model, base = tiny_base
     sd = released_audio_tensors(variant, 2, seed=4)
-    save_file(sd, tmp_path / "echo.safetensors")
-    assert cli.main(["convert", "echomimic-v3", str(base), str(tmp_path / "echo.safetensors"), str(tmp_path / "out")]) == 0
+    echo = tmp_path / "echo.safetensors"
+    save_file(sd, echo)
+    assert cli.main(["convert", "echomimic-v3", str(base), str(echo), str(tmp_path / "out")]) == 0
     ours, cfg = load_pretrained(tmp_path / "out", dtype="float32")
     assert cfg.audio_projector == f"echomimic_{variant}" and cfg.time_proj_float32 and cfg.audio_dim == DIM
     assert cfg.audio_face_mask == (variant == "preview") and cfg.audio_kv_bias == (variant == "flash")
@@ -113,7 +114,8 @@ def test_released_key_sets_overlay_and_bad_files(tmp_path, capsys):
             np.prod(TensorStore(base).shape(k)) for k in base_keys) + sum(v.size for k, v in sd.items()
                                                                            if not k.startswith("blocks.3.self_attn"))
         assert np.all(params["blocks.attn1.to_q.kernel"][3] == 0.25)  # overlaid
-        assert np.array_equal(params["blocks.attn1.to_q.kernel"][2], TensorStore(base).get("blocks.2.self_attn.q.weight").T)
+        base_q = TensorStore(base).get("blocks.2.self_attn.q.weight")
+        assert np.array_equal(params["blocks.attn1.to_q.kernel"][2], base_q.T)
         cfg, meta = read_config(out)
         assert meta["source"]["variant"] == variant and meta["sample"]["steps"] == (8 if variant == "flash" else 25)
 
@@ -126,7 +128,8 @@ def test_released_key_sets_overlay_and_bad_files(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and not (tmp_path / "x").exists()
     text = "\n".join(err)
-    for name in ("blocks.29.cross_attn.v_audio.bias", "blocks.0.cross_attn.k_audio.weight", "audio_injection.extra.weight"):
+    for name in ("blocks.29.cross_attn.v_audio.bias", "blocks.0.cross_attn.k_audio.weight",
+                 "audio_injection.extra.weight"):
         assert name in text, text
     save_file({"something.else": np.zeros(2, np.float32)}, tmp_path / "other.safetensors")
     with pytest.raises(ConversionError, match="audio2token"):

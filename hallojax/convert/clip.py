@@ -103,7 +103,8 @@ def config_from_hf(d: dict, where: str) -> CLIPVisionConfig:
                                 hidden_size=v.get("hidden_size", 768), num_layers=v.get("num_hidden_layers", 12) - 1,
                                 num_heads=v.get("num_attention_heads", 12),
                                 intermediate_size=v.get("intermediate_size", 3072),
-                                hidden_act=v.get("hidden_act", "quick_gelu"), layer_norm_eps=v.get("layer_norm_eps", 1e-5))
+                                hidden_act=v.get("hidden_act", "quick_gelu"),
+                                layer_norm_eps=v.get("layer_norm_eps", 1e-5))
     except (TypeError, ValueError) as e:
         raise ConversionError(f"{where}: {e}") from e
 
@@ -123,7 +124,8 @@ def config_from_wan(source, where: str, head_dim: int = 80) -> CLIPVisionConfig:
         raise ConversionError(f"{where}: not Wan's open-clip checkpoint ({e})") from e
 
 
-def convert_clip(src: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False, progress: bool = True) -> Path:
+def convert_clip(src: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False,
+                 progress: bool = True) -> Path:
     """A transformers CLIP directory or Wan's open-clip .pth -> our pretrained directory (the tower to its
     penultimate block). Checks everything before writing."""
     from hallojax.checkpoint import param_shapes, save_pretrained

@@ -94,7 +94,7 @@ def open_checkpoint(src: str | os.PathLike):
         singles = sorted(src.glob("*.safetensors"))
         pickles = sorted(p for ext in ("*.pth", "*.pt", "*.bin") for p in src.glob(ext))
         try:
-            if (src / f"{WEIGHTS_STEM}.safetensors").exists() or (src / f"{WEIGHTS_STEM}.safetensors.index.json").exists():
+            if any((src / f"{WEIGHTS_STEM}.{ext}").exists() for ext in ("safetensors", "safetensors.index.json")):
                 store = TensorStore(src, WEIGHTS_STEM)
             elif len(indexes) == 1:
                 store = TensorStore(src, indexes[0].name.removesuffix(".safetensors.index.json"))

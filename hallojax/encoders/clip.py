@@ -96,7 +96,8 @@ class CLIPVision(nnx.Module):
         d, p = cfg.hidden_size, cfg.patch_size
         with nnx.use_eager_sharding(False):
             init = nnx.initializers.lecun_normal(in_axis=(0, 1, 2), out_axis=3)
-            self.patch_kernel = nnx.Param(init(rngs.params(), (p, p, 3, d), pdt), out_sharding=(None, None, None, "embed"))
+            self.patch_kernel = nnx.Param(init(rngs.params(), (p, p, 3, d), pdt),
+                                          out_sharding=(None, None, None, "embed"))
             self.class_embedding = nnx.Param(jax.random.normal(rngs.params(), (d,), pdt) * d**-0.5,
                                              out_sharding=("embed",))
             self.position_embedding = nnx.Param(jax.random.normal(rngs.params(), (cfg.num_positions, d), pdt) * d**-0.5,

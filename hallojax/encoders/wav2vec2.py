@@ -441,7 +441,8 @@ class Wav2Vec2Tokens(Wav2Vec2Features):
         rate = self.model.cfg.sampling_rate / math.prod(self.model.cfg.conv_stride)  # 50 Hz
         r = rate / fps
         if abs(r - round(r)) > 1e-6 or r < 1:
-            raise ValueError(f"audio features wav2vec2-tokens: {rate:g} Hz tokens do not divide into {fps:g} fps frames")
+            raise ValueError(f"audio features wav2vec2-tokens: {rate:g} Hz tokens do not divide into "
+                             f"{fps:g} fps frames")
         r = round(r)
         wav = np.asarray(waveform, np.float32)
         wav = wav[None] if wav.ndim == 1 else wav
