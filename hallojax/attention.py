@@ -193,8 +193,9 @@ class Attention(nnx.Module):
         else:
             self.add_k_proj = self.add_v_proj = self.norm_added_k = None
         if audio_dim is not None:  # EchoMimicV3 decoupled audio K/V: bias-free (Flash: biased), V zero-initialised
-            self.audio_k_proj = Dense(audio_dim, inner, (None, "heads"), use_bias=audio_bias, **kw)
-            self.audio_v_proj = Dense(audio_dim, inner, (None, "heads"), use_bias=audio_bias,
+            # input dim sharded by FSDP as the image K/V's (replicated at 1.3B: 2.1 GiB of fp32 state on every chip)
+            self.audio_k_proj = Dense(audio_dim, inner, ("embed", "heads"), use_bias=audio_bias, **kw)
+            self.audio_v_proj = Dense(audio_dim, inner, ("embed", "heads"), use_bias=audio_bias,
                                       kernel_init=nnx.initializers.zeros_init(), **kw)
             self.norm_audio_k = RMSNorm(inner, eps, axis_name="heads")
         else:
