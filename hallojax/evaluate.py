@@ -267,7 +267,7 @@ def add_arguments(p) -> None:
     p.add_argument("--out", required=True, help="directory for eval.json, mouth_tracks.png (and videos)")
     p.add_argument("--num-videos", type=int, default=None, help="score the first N videos (default: all)")
     p.add_argument("--max-seconds", type=float, default=None, help="use at most this much of each speech")
-    p.add_argument("--sampler", choices=["euler", "unipc", "dpm++"], default=None)
+    p.add_argument("--sampler", choices=["euler", "unipc", "dpm++", "wan-unipc"], default=None)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--shift", type=float, default=None)
     p.add_argument("--guidance", default=None)
