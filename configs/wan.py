@@ -1,15 +1,15 @@
 """Wan2.1 DiT presets (model sizes as published; diffusers config names in hallojax.dit.DiTConfig).
 
     hallojax demo                                  # = configs/wan.py:demo (synthetic talking faces)
-    hallojax demo  --config configs/wan.py:tiny
-    hallojax demo                                  # = configs/wan.py:demo (synthetic talking faces)
     hallojax demo  --config configs/wan.py:tiny,mesh=fsdp_tp --config.train.steps=20
+    hallojax train --config configs/wan.py:lipsync-small --workdir runs/lipsync    # learns lip sync (~25 min)
     hallojax info  --config configs/wan.py:wan2.1-t2v-14b,mesh=fsdp
 
     hallojax info  --config configs/wan.py:hallo3-style,size=1.3b
 
-arg = PRESET[,size=SIZE][,mesh=MESH][,dtype=DTYPE][,remat=POLICY]. PRESET is one of MODELS (backbones)
-or STYLES (portrait-animation presets on a backbone of SIZE: tiny or 1.3b); MESH one of MESHES.
+arg = PRESET[,size=SIZE][,mesh=MESH][,dtype=DTYPE][,remat=POLICY]. PRESET is one of MODELS (backbones),
+STYLES (portrait-animation presets on a backbone of SIZE: tiny or 1.3b) or RECIPES (the mini portrait model
+on the synthetic talking faces: demo, lipsync-small); MESH one of MESHES.
 """
 
 import dataclasses
@@ -59,6 +59,15 @@ DEMO_MODEL = dict(MODELS["tiny"], in_channels=12, out_channels=12, identity_toke
                   audio="cross_attn", audio_align="group", audio_stride=1, audio_in_layers=1, audio_in_dim=1,
                   audio_window=2, audio_hidden=16, audio_tokens=4, audio_dim=16)
 
+# Runs of the mini portrait model on the synthetic talking faces. lipsync-small: long enough to learn lip sync
+# (README "Does it learn?"): 24 people, 5-frame clips (the mouth follows the audio frame by frame, so short
+# clips teach it as well and cost less), a tighter crop around the face (box x 1.2: a bigger mouth).
+RECIPES = {
+    "demo": {},
+    "lipsync-small": {"data": dict(workdir="runs/lipsync", num_videos=24, frames=5, box_scale=1.2),
+                      "train": dict(steps=3000, log_every=100)},
+}
+
 # Mesh shapes over (data, fsdp, context, tensor); -1 fills the remaining devices.
 MESHES = {
     "single": dict(data=1, fsdp=1, context=1, tensor=1),
@@ -74,8 +83,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     name, *opts = [s.strip() for s in (arg or "tiny").split(",")]
     opts = dict(o.split("=", 1) for o in opts if o)
     unknown = set(opts) - {"mesh", "dtype", "remat", "size"}
-    if name not in MODELS and name not in STYLES and name != "demo" or unknown or opts.get("size", "tiny") not in SIZES:
-        raise ValueError(f"config arg {arg!r}: preset must be one of {sorted(MODELS) + sorted(STYLES)}, "
+    known = name in MODELS or name in STYLES or name in RECIPES
+    if not known or unknown or opts.get("size", "tiny") not in SIZES:
+        presets = sorted(MODELS) + sorted(STYLES) + sorted(RECIPES)
+        raise ValueError(f"config arg {arg!r}: preset must be one of {presets}, "
                          f"options mesh=, dtype=, remat=, size= ({sorted(SIZES)}, styles only)")
     mesh = opts.get("mesh", "fsdp")
     if mesh not in MESHES:
@@ -83,7 +94,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
 
     config = ml_collections.ConfigDict()
     config.preset = name
-    if name == "demo":
+    if name in RECIPES:
         model = DiTConfig(**DEMO_MODEL).to_dict()
     elif name in STYLES:
         size = opts.get("size", "tiny")
@@ -132,17 +143,22 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     # condition dropout (the backbones, the demo) have no null branches to guide with
     sample = SampleConfig(guidance=STYLE_GUIDANCE.get(name, "none"))
     config.sample = ml_collections.ConfigDict(dataclasses.asdict(sample))
-    # demo data: "random" (a fixed synthetic batch, for tests) or "synthetic" (talking faces through the
-    # data pipeline into workdir)
+    # where batches come from (hallojax.data): "random" (a fixed random batch, for tests), "synthetic" (the
+    # talking faces rendered and prepared into data.workdir) or "prepared" (a `hallojax prepare` directory:
+    # data.prepared=DIR alone selects it, and the model's input sizes follow its manifest.json)
     config.data = ml_collections.ConfigDict(dict(
-        source="synthetic" if name == "demo" else "random", workdir="runs/demo", num_videos=6, frames=9, size=32,
-        codec="pixel:2" if name == "demo" else "pixel:4", audio_features="rms", face_scale=3.0,  # face box scale for the face-aware audio mask
-        prepared=""))  # hallojax train: a prepared directory; empty with source=synthetic = prepare the demo set
-    # (hallojax.data) source "prepared": a `hallojax prepare` directory; data.prepared=DIR alone selects it,
-    # and the model's input sizes follow its manifest.json
+        source="synthetic" if name in RECIPES else "random", workdir="runs/demo", num_videos=6, frames=9, size=32,
+        codec="pixel:2" if name in RECIPES else "pixel:4", audio_features="rms",
+        box_scale=1.6,  # synthetic: the crop around the face box (prepare --box-scale)
+        face_scale=3.0,  # face box scale for the face-aware audio mask
+        prepared=""))
     config.overrides = []  # keys set on the command line (filled by hallojax.config.load_config)
     if name == "demo":
         config.train.steps = 200
         config.train.log_every = 20
         config.checkpoint.every = 100
+    if name == "lipsync-small":
+        config.data.update(RECIPES[name]["data"])
+        config.train.update(RECIPES[name]["train"])
+        config.checkpoint.update(every=500, keep=20)
     return config

@@ -7,6 +7,7 @@
     hallojax generate --checkpoint DIR --image PORTRAIT --audio SPEECH --out OUT.mp4 [--prompt TEXT]
                      [--sampler euler|unipc|dpm++] [--steps N] [--shift S] [--guidance text=X,audio=Y]
                      [--long-video motion|overlap|continue] [--height H --width W] [--fps 25] [--seed S]
+    hallojax eval    --checkpoint DIR --videos HELDOUT_DIR --out OUT_DIR [--max-seconds 2] [--side-by-side]
     hallojax info    [--config configs/wan.py:wan2.1-t2v-14b,mesh=fsdp] [--devices 64]
     hallojax compile --config PRESET --topology v5p:2x2x2 [--batch 32 --frames 21 --height 60 --width 104]
                      [--sample --guidance text=5]          one denoising step of generation instead
@@ -200,6 +201,12 @@ def build_parser() -> ArgumentParser:
     p = sub.add_parser("generate", help="a portrait and a speech track -> a talking video (mp4 with the speech)")
     generate.add_arguments(p)
     p.set_defaults(fn=lambda a, o: generate.run(a, o), takes_overrides=True)
+
+    from hallojax import evaluate
+
+    p = sub.add_parser("eval", help="lip sync, identity and stability of generated videos on held-out speech")
+    evaluate.add_arguments(p)
+    p.set_defaults(fn=lambda a, o: evaluate.run(a, o), takes_overrides=True)
 
     import importlib
 

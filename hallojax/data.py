@@ -191,7 +191,8 @@ def prepare_synthetic(data, seed: int) -> Path:
     parser = argparse.ArgumentParser()
     prep.add_arguments(parser)
     prep.run(parser.parse_args([str(videos), "-o", str(out), "--frames", str(data.frames), "--size", str(data.size),
-                                "--codec", data.codec, "--audio-features", data.audio_features, "--no-progress"]))
+                                "--codec", data.codec, "--audio-features", data.audio_features,
+                                "--box-scale", str(data.get("box_scale", 1.6)), "--no-progress"]))
     return out
 
 

@@ -114,6 +114,14 @@ CASES = {
         (["--checkpoint", "{d}/empty", "--image", "x.png", "--audio", "x.wav", "--out", "{out}.mp4", "--sampler",
           "heun"], "argument --sampler: invalid choice: 'heun'"),
     ],
+    "eval": [
+        ([], "the following arguments are required: --checkpoint, --videos, --out"),
+        (["--checkpoint", "{d}/missing", "--videos", "{d}/missing", "--out", "{out}"], "no such directory"),
+        (["--checkpoint", "{d}/missing", "--videos", "{d}/empty", "--out", "{out}"], "need at least 2"),
+        (["--checkpoint", "{d}/missing", "--videos", "{d}/empty", "--out", "{out}", "--steps", "0"], "--steps 0"),
+        (["--checkpoint", "{d}/missing", "--videos", "{d}/empty", "--out", "{out}", "--max-seconds", "0"],
+         "--max-seconds 0"),
+    ],
     "synthetic": [
         ([], "the following arguments are required: out_dir"),
         (["{out}", "--num-videos", "-1"], "num_videos and seed must be >= 0, got -1, 0"),
