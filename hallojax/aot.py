@@ -122,8 +122,8 @@ def format_bytes(n: float) -> str:
     return f"{n:.0f} B"
 
 
-def fit_hints(cfg) -> tuple[str, ...]:
-    """The memory levers not yet pulled in this model config, in the order to try them."""
+def fit_hints(cfg, accum_steps: int = 1, per_chip_batch: float = 0.0) -> tuple[str, ...]:
+    """The memory levers of a training step not yet pulled, in the order to try them."""
     hints = []
     if cfg.attention != "splash":
         hints.append("--config.model.attention=splash (flash attention: no [L, L] logits in HBM)")
@@ -131,6 +131,9 @@ def fit_hints(cfg) -> tuple[str, ...]:
         hints.append("--config.model.remat=full (recompute each layer in the backward pass)")
     if cfg.remat != "offload_layer_input":
         hints.append("--config.model.remat=offload_layer_input (layer inputs in pinned host memory)")
+    if per_chip_batch / accum_steps > 1:
+        hints.append(f"--config.train.accum_steps={2 * accum_steps} (the batch in micro-batches: the activations "
+                     "of one at a time; the same optimizer step)")
     hints.append("a smaller --batch, or more chips")
     return tuple(hints)
 
@@ -356,7 +359,8 @@ def compile_train_step(config, topology: str, *, batch: int, frames: int, height
     spec_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding(mesh, v.shape, rules))
                   for k, v in example_batch(cfg, batch, frames, height, width, text_len=text_len, seed=None).items()}
     step = jit_train_step(graphdef, cfg, t, config.seed, shardings)
-    return _compile(report, lambda: step.lower(state, spec_batch), mesh, rules, fit_hints(cfg))
+    return _compile(report, lambda: step.lower(state, spec_batch), mesh, rules,
+                    fit_hints(cfg, t.accum_steps, batch / mesh.size))
 
 
 def compile_sample_step(config, topology: str, *, batch: int = 1, frames: int, height: int, width: int,

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from hallojax.aot import (collective_bytes, compile_sample_step, compile_train_step, parse_topology,
-                          sample_fit_hints)
+from hallojax.aot import (collective_bytes, compile_sample_step, compile_train_step, fit_hints,
+                          parse_topology, sample_fit_hints)
 from hallojax.cli import main
 from hallojax.config import load_config
 from hallojax.dit import DiTConfig
@@ -60,6 +60,10 @@ def test_cli_prints_the_fit_and_fails_when_it_does_not_fit(capsys):
     assert main([*args[:5], "--batch", "4", "--frames", "21", "--height", "240", "--width", "416"]) == 1
     out = capsys.readouterr().out
     assert "DOES NOT FIT" in out and "try: --config.model.attention=splash" in out and "remat=full" in out
+    assert "accum_steps" not in out  # 1 sample per chip: nothing to split into micro-batches
+    hints = fit_hints(DiTConfig(attention="splash", remat="offload_layer_input"), accum_steps=1, per_chip_batch=2)
+    assert hints == ("--config.train.accum_steps=2 (the batch in micro-batches: the activations of one at a time; "
+                     "the same optimizer step)", "a smaller --batch, or more chips")
     assert main([*args[:3], "--topology", "v5p-7"]) == 2
     assert "no standard slice shape" in capsys.readouterr().err
 
