@@ -92,10 +92,11 @@ class FitReport:
                f"{what}, latents {f}x{h}x{w} = {self.tokens_per_sample:,} tokens per sample; compiled in "
                f"{self.compile_seconds:.0f} s"]
         cap = f"{self.hbm_gib:.1f} GiB" if self.hbm_gib else "unknown"
+        tries = [f"  try: {h}" for h in self.hints]
         if not self.fits:
             out.append(f"DOES NOT FIT per-chip HBM ({cap}): {self.error}")
-            out += [f"  try: {h}" for h in self.hints]
-            return out
+            if not self.total_gib:  # the compiler stopped: no memory breakdown
+                return out + tries
         out.append(f"per chip: arguments {self.argument_gib:.2f} GiB, outputs {self.output_gib:.2f} (aliased "
                    f"{self.alias_gib:.2f}), temporaries {self.temp_gib:.2f}, code {self.code_gib:.2f} -> "
                    f"total {self.total_gib:.2f} GiB of {cap}")
@@ -112,7 +113,7 @@ class FitReport:
             kinds = ", ".join(f"{k} {format_bytes(v)}"
                               for k, v in sorted(self.collectives.items(), key=lambda kv: -kv[1]))
             out.append(f"collectives per chip per step: {format_bytes(sum(self.collectives.values()))} ({kinds})")
-        return out
+        return out + tries
 
 
 def format_bytes(n: float) -> str:

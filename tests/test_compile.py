@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from hallojax.aot import (collective_bytes, compile_sample_step, compile_train_step, fit_hints,
+from hallojax.aot import (FitReport, collective_bytes, compile_sample_step, compile_train_step, fit_hints,
                           parse_topology, sample_fit_hints)
 from hallojax.cli import main
 from hallojax.config import load_config
@@ -128,3 +128,18 @@ def test_ring_attention_with_splash_compiles_for_tpu():
     assert report.fits and report.mesh["context"] == 2
     # the K/V blocks go round by collective-permute (XLA's own resharding adds a few hundred bytes of all-to-all)
     assert report.collectives["collective-permute"] > 100 * report.collectives.get("all-to-all", 0)
+
+
+def test_a_step_over_the_chips_hbm_prints_its_memory_then_the_levers():
+    """A program that compiled but needs more than the chip has (the 14B 720p x 129-frame step at 2 samples
+    per chip, measured): its memory breakdown is printed, then the levers not yet pulled."""
+    cfg = DiTConfig(attention="splash", remat="offload_layer_input")
+    report = FitReport(topology="v5p:2x4x4", chips=32, device_kind="TPU v5", mesh={"fsdp": 16, "context": 2},
+                       batch=64, shape=(33, 90, 160), tokens_per_sample=118_800, fits=False, hbm_gib=95.74,
+                       argument_gib=6.88, temp_gib=94.2, total_gib=101.17, host_gib=90.6,
+                       error="101.17 GiB needed", hints=fit_hints(cfg, 1, 2.0), collectives={"all-to-all": 2**40})
+    lines = report.lines()
+    assert lines[2] == "DOES NOT FIT per-chip HBM (95.7 GiB): 101.17 GiB needed"
+    assert "total 101.17 GiB of 95.7 GiB" in lines[3] and "90.60 GiB" in lines[4]
+    assert lines[-3].startswith("collectives per chip per step: 1024.00 GiB (all-to-all 1024.00 GiB)")
+    assert lines[-2].startswith("  try: --config.train.accum_steps=2") and lines[-1].startswith("  try: a smaller")
