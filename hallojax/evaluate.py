@@ -154,12 +154,13 @@ def evaluate(pipe, videos: list[dict], *, max_seconds: float | None = None, seed
         other = people[(i + 1) % len(people)]
         kw = dict(face_box=p["box"], seed=seed, progress=progress, **sample_kw)
         own = pipe.generate(p["image"], (p["wave"], p["rate"]), **kw)
-        n = len(own.frames)
+        # the generated video is as long as the speech, which may outlast the ground truth's frames
+        n = min(len(own.frames), len(p["truth"]))
         shuffled = pipe.generate(p["image"], (other["wave"], other["rate"]), **kw)
         silent = pipe.generate(p["image"], (np.zeros_like(p["wave"]), p["rate"]), allow_silent=True, **kw)
         box, h, w = own.portrait.box, *own.frames.shape[1:3]
         truth = p["truth"][:n]
-        measured = {name: measure_mouth_opening(r.frames, box) for name, r in
+        measured = {name: measure_mouth_opening(r.frames[:n], box) for name, r in
                     (("own", own), ("shuffled", shuffled), ("silence", silent))}
         m = min(n, len(measured["shuffled"]))
         # the ground truth cropped exactly as the portrait was (same region, same resize)
@@ -173,7 +174,7 @@ def evaluate(pipe, videos: list[dict], *, max_seconds: float | None = None, seed
             "video": str(p["path"]), "frames": n, "seconds": round(n / own.fps, 3),
             "r_own": lipsync_correlation(measured["own"], truth),
             "r_shuffled": lipsync_correlation(measured["shuffled"][:m], truth[:m]),
-            "r_silence": lipsync_correlation(measured["silence"][:n], truth),
+            "r_silence": lipsync_correlation(measured["silence"], truth),
             "mouth_std_silence": float(np.std(measured["silence"])),
             "identity_own": face_similarity(own.frames, own.portrait.frame, box),
             "identity_others": float(np.mean([face_similarity(own.frames, o, box) for o in others])),
@@ -270,6 +271,8 @@ def add_arguments(p) -> None:
     p.add_argument("--step", type=int, default=None, help="workdir: this checkpoint step")
     p.add_argument("--weights", choices=["auto", "ema", "params"], default="auto")
     p.add_argument("--side-by-side", action="store_true", help="also write truth | generated mp4s")
+    p.add_argument("--every-checkpoint", action="store_true",
+                   help="workdir: score every checkpoint step (the learning curve: curve.json, curve.png)")
 
 
 def run(args, overrides=()) -> int:
@@ -287,10 +290,59 @@ def run(args, overrides=()) -> int:
     pipe = Pipeline.load(args.checkpoint, step=args.step, weights=args.weights, overrides=overrides)
     t0 = time.perf_counter()
     sample_kw = {k: getattr(args, k) for k in ("sampler", "steps", "shift", "guidance") if getattr(args, k) is not None}
+    if args.every_checkpoint:
+        return _curve(pipe, videos, args, sample_kw)
     result = evaluate(pipe, videos, max_seconds=args.max_seconds, seed=args.seed, **sample_kw)
     settings = {"checkpoint": pipe.loaded.source, "videos": args.videos, "max_seconds": args.max_seconds,
                 "seed": args.seed, **sample_kw, "seconds": time.perf_counter() - t0}
     paths = save(result, args.out, settings, side_by_side=args.side_by_side, fps=pipe.spec.fps)
     print(table(result))
     print(f"wrote {paths['json']} and {paths['plot']} ({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def _curve(pipe, videos, args, sample_kw) -> int:
+    """Every checkpoint of a workdir scored on the same videos: r (own / shuffled / silence) and identity
+    against step; curve.json, curve.png and a table."""
+    from hallojax.generate import _steps_in
+
+    if pipe.loaded.source.get("kind") != "workdir":
+        raise ValueError("--every-checkpoint needs a `hallojax train` workdir as --checkpoint")
+    workdir = Path(pipe.loaded.source["path"])
+    points = []
+    for step in _steps_in(workdir):
+        pipe.load_step(step, args.weights)
+        mean = evaluate(pipe, videos, max_seconds=args.max_seconds, seed=args.seed, **sample_kw)["mean"]
+        points.append({"step": step, "weights": pipe.loaded.source["weights"], **mean})
+        log.info("step %d (%s): r own %.3f, shuffled %.3f, silence %.3f", step, points[-1]["weights"],
+                 mean["r_own"], mean["r_shuffled"], mean["r_silence"])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".curve.json.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps({"checkpoint": str(workdir), "videos": args.videos, "points": points}, indent=1) + "\n")
+    os.replace(tmp, out / "curve.json")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    steps = [p["step"] for p in points]
+    for key, style in (("r_own", "C0o-"), ("r_shuffled", "C3s--"), ("r_silence", "C7^:")):
+        ax.plot(steps, [p[key] for p in points], style, label=key.replace("r_", "r, ").replace("_", " "))
+    ax.axhline(0, color="k", lw=0.5)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("lip-sync r")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = out / f".curve.png.tmp-{os.getpid()}.png"
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, out / "curve.png")
+    print("| step | weights | r own | r shuffled | r silence | identity own / others |")
+    print("|---|---|---|---|---|---|")
+    for p in points:
+        print(f"| {p['step']} | {p['weights']} | {p['r_own']:.3f} | {p['r_shuffled']:.3f} | {p['r_silence']:.3f} | "
+              f"{p['identity_own']:.3f} / {p['identity_others']:.3f} |")
+    print(f"wrote {out / 'curve.json'} and {out / 'curve.png'}")
     return 0

@@ -379,6 +379,13 @@ class SamplingEngine:
         self._programs: dict = {}
         self._bar = None
 
+    def set_weights(self, model: WanDiT) -> None:
+        """Swap in another checkpoint's weights of the same model (compiled programs are reused)."""
+        graphdef, self.state = nnx.split(model)
+        if graphdef != self.graphdef:
+            raise ValueError("set_weights: a model of another structure; load a new pipeline instead")
+        self.model = model
+
     def _tick(self):
         if self._bar is not None:
             self._bar.update(1)
@@ -586,6 +593,16 @@ class Pipeline:
             text = (enc, load_tokenizer(tokenizer))
         return cls(loaded, spec, audio_fn=audio_fn, text=text)
 
+    def load_step(self, step: int, weights: str = "auto") -> "Pipeline":
+        """This workdir's weights at another checkpoint step (e.g. a learning curve), programs reused."""
+        if self.loaded.source.get("kind") != "workdir":
+            raise ValueError("load_step needs a `hallojax train` workdir checkpoint")
+        loaded = load_checkpoint(self.loaded.source["path"], step=step, weights=weights,
+                                 devices=list(self.mesh.devices.flat))
+        self.engine.set_weights(loaded.model)
+        self.loaded, self.model = loaded, loaded.model
+        return self
+
     def _check_model(self):
         cfg, codec = self.cfg, self.codec
         if cfg.image_dim is not None:
@@ -760,7 +777,7 @@ class Pipeline:
         ref_video = to_model_range(portrait.frame)[None, None]  # [1, 1, H, W, 3]
         ref_latent = np.asarray(codec.encode(ref_video), np.float32)  # [1, 1, h, w, C]
         ctx, null_ctx = self._context(prompt, negative_prompt)
-        overlap_lat = sc.overlap or max(1, f_lat // 4)
+        overlap_lat = sc.overlap or min(max(1, f_lat // 4), f_lat - 1)  # a quarter of a clip (none for 1 frame)
         known_lat = cfg.motion_frames if strategy == "motion" else overlap_lat
         plan = long_video.plan(strategy, n_frames, clip_len, s, known_latent=known_lat,
                                overlap_latent=overlap_lat)

@@ -47,6 +47,8 @@ class Renderer:
         mouth = np.zeros(n) if speaker is None else speaker["truth"][:n]  # silence: closed
         if not self.lipsync:
             mouth = person["truth"][:n]
+        # as long as the speech, like the pipeline's videos: the synthetic audio outlasts the last frame
+        mouth = np.pad(mouth, (0, n - len(mouth)), mode="edge")
         frames = synthetic.render_frames(person["identity"], mouth, np.zeros((n, 2)), np.zeros(n, bool), 64, 64)
         out = [prepare_portrait(f, 32, 32, box=face_box) for f in frames]
         first = prepare_portrait(np.asarray(image), 32, 32, box=face_box)
