@@ -34,6 +34,7 @@ setup(
         # face boxes for generation: OpenCV's bundled Haar cascades (4.x ships them; 5.0 does not)
         "opencv-python-headless>=4.9,<5",
         "matplotlib>=3.8,<4",  # plots (lip-sync tracks); its sample data holds the real photograph the tests use
+        "pyloudnorm>=0.1.1,<0.3",  # EchoMimicV3 Flash's -23 LUFS speech normalisation (generate's sample.loudness)
         "scikit-image>=0.22,<1",  # PSNR / SSIM in `hallojax eval`
         "numpy>=1.26,<3",
         # tokenizers and wav2vec2 feature extraction (no torch needed; transformers 5 has no Flax models)

@@ -6,10 +6,12 @@
     hallojax info  --config configs/wan.py:wan2.1-t2v-14b,mesh=fsdp
 
     hallojax info  --config configs/wan.py:hallo3-style,size=1.3b
+    hallojax info  --config configs/wan.py:echomimic-v3-flash,size=1.3b
 
 arg = PRESET[,size=SIZE][,mesh=MESH][,dtype=DTYPE][,remat=POLICY]. PRESET is one of MODELS (backbones),
-STYLES (portrait-animation presets on a backbone of SIZE: tiny or 1.3b) or RECIPES (the mini portrait model
-on the synthetic talking faces: demo, lipsync-small); MESH one of MESHES.
+STYLES (portrait-animation presets on a backbone of SIZE: tiny or 1.3b), ECHOMIMIC (EchoMimicV3 as released,
+SIZE tiny or 1.3b) or RECIPES (the mini portrait model on the synthetic talking faces: demo, lipsync-small);
+MESH one of MESHES.
 """
 
 import dataclasses
@@ -17,6 +19,7 @@ import dataclasses
 import ml_collections
 
 from hallojax.dit import DiTConfig
+from hallojax.echomimic import VARIANTS
 from hallojax.generate import SampleConfig
 from hallojax.sharding import DEFAULT_RULES
 
@@ -50,6 +53,12 @@ STYLE_GUIDANCE = {"hallo3-style": "hallo3", "hyavatar-style": "hyavatar", "echom
 AUDIO_TINY = dict(audio_in_layers=2, audio_in_dim=8, audio_hidden=16, audio_tokens=2, audio_dim=16)
 SIZES = {"tiny": "tiny", "1.3b": "wan2.1-t2v-1.3b"}
 
+# EchoMimicV3 as released (hallojax.echomimic; shared/research/echomimic_v3.md): Wan2.1-Fun-1.3B-InP (36 input
+# channels, CLIP image path) + decoupled audio K/V with the released projectors. `hallojax convert echomimic-v3`
+# writes these configs; at size=tiny the widths shrink (2 tokens per frame stay: the preview's 50 Hz layout).
+ECHOMIMIC = {f"echomimic-v3-{k}": v for k, v in VARIANTS.items()}
+ECHOMIMIC_TINY = dict(image_dim=24, audio_in_dim=8, audio_hidden=16, audio_tokens=4)
+
 # `make demo`: a mini portrait model (identity frame + audio cross-attention) trained from scratch on the
 # synthetic talking faces, prepared with the lossless pixel codec (pixel:2 -> 12 channels, temporal
 # stride 1) and the pipeline's per-frame RMS audio feature (1 layer x 1 dim). A token carries 2x2 latents
@@ -61,11 +70,13 @@ DEMO_MODEL = dict(MODELS["tiny"], in_channels=12, out_channels=12, identity_toke
 
 # Runs of the mini portrait model on the synthetic talking faces. lipsync-small: long enough to learn lip sync
 # (README "Does it learn?"): 24 people, 5-frame clips (the mouth follows the audio frame by frame, so short
-# clips teach it as well and cost less), a tighter crop around the face (box x 1.2: a bigger mouth).
+# clips teach it as well and cost less), a tighter crop around the face (box x 1.2: a bigger mouth), an EMA
+# over ~100 steps (0.999's ~1000-step window lags a model still improving: r 0.74 against the weights' 0.92).
 RECIPES = {
     "demo": {},
     "lipsync-small": {"data": dict(workdir="runs/lipsync", num_videos=24, frames=5, box_scale=1.2),
-                      "train": dict(steps=3000, log_every=100)},
+                      "train": dict(steps=3000, log_every=100, ema_decay=0.99),
+                      "model": dict(dtype="float32")},  # a CPU recipe: float32 matmuls are the fast ones there
 }
 
 # Mesh shapes over (data, fsdp, context, tensor); -1 fills the remaining devices.
@@ -83,9 +94,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     name, *opts = [s.strip() for s in (arg or "tiny").split(",")]
     opts = dict(o.split("=", 1) for o in opts if o)
     unknown = set(opts) - {"mesh", "dtype", "remat", "size"}
-    known = name in MODELS or name in STYLES or name in RECIPES
+    known = name in MODELS or name in STYLES or name in ECHOMIMIC or name in RECIPES
     if not known or unknown or opts.get("size", "tiny") not in SIZES:
-        presets = sorted(MODELS) + sorted(STYLES) + sorted(RECIPES)
+        presets = sorted(MODELS) + sorted(STYLES) + sorted(ECHOMIMIC) + sorted(RECIPES)
         raise ValueError(f"config arg {arg!r}: preset must be one of {presets}, "
                          f"options mesh=, dtype=, remat=, size= ({sorted(SIZES)}, styles only)")
     mesh = opts.get("mesh", "fsdp")
@@ -95,13 +106,20 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.preset = name
     if name in RECIPES:
-        model = DiTConfig(**DEMO_MODEL).to_dict()
+        model = DiTConfig(**{**DEMO_MODEL, **RECIPES[name].get("model", {})}).to_dict()
     elif name in STYLES:
         size = opts.get("size", "tiny")
         style = dict(STYLES[name])
         if size == "tiny":
             style = {**style, **AUDIO_TINY, "audio_in_layers": min(style.get("audio_in_layers", 2), 2)}
         model = DiTConfig(**{**MODELS[SIZES[size]], **style}).to_dict()
+    elif name in ECHOMIMIC:
+        size = opts.get("size", "tiny")
+        base = {**MODELS[SIZES[size]], **ECHOMIMIC[name], **(ECHOMIMIC_TINY if size == "tiny" else {})}
+        dim = base.get("num_heads", DiTConfig.num_heads) * base.get("head_dim", DiTConfig.head_dim)
+        if name.endswith("flash") and size == "tiny":
+            base["audio_in_layers"] = 2
+        model = DiTConfig(**base, added_kv_proj_dim=dim, audio_dim=dim).to_dict()
     else:
         model = DiTConfig(**MODELS[name]).to_dict()
     model.update({k: opts[k] for k in ("dtype", "remat") if k in opts})
@@ -133,9 +151,11 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         nonfinite="skip",
         inject_nonfinite=[],  # steps whose loss is made NaN on purpose (fault injection, for tests/drills)
     ))
-    if name in STYLES:  # the published systems train with condition dropout (EchoMimicV3: phase-scheduled)
-        config.train.dropout.update(p_text=0.1, p_audio=0.1, p_ref=0.05, phases=name == "echomimic-style")
-    if name == "echomimic-style":  # masked multi-task training
+    echomimic = name == "echomimic-style" or name in ECHOMIMIC
+    # the published systems train with condition dropout (EchoMimicV3: phase-scheduled)
+    if name in STYLES or name in ECHOMIMIC:
+        config.train.dropout.update(p_text=0.1, p_audio=0.1, p_ref=0.05, phases=echomimic)
+    if echomimic:  # masked multi-task training
         config.train.mask_tasks = [["t2v", 0.2], ["i2v", 0.5], ["continuation", 0.2], ["first_last", 0.1]]
     config.checkpoint = ml_collections.ConfigDict(dict(every=50, keep=3, keep_every=0, async_save=True))
     # sampling defaults of `hallojax generate` for checkpoints of this preset (flags override); the style

@@ -37,9 +37,18 @@ def _wav2vec2(arg: str | None) -> AudioFeatureFn:
     return Wav2Vec2Features.load(arg)
 
 
+def _wav2vec2_tokens(arg: str | None) -> AudioFeatureFn:
+    from hallojax.encoders.wav2vec2 import Wav2Vec2Tokens  # imported on use
+
+    return Wav2Vec2Tokens.load(arg)
+
+
 # name -> factory(arg or None) -> AudioFeatureFn; "wav2vec2:DIR" is a `hallojax convert wav2vec2` directory
+# (every layer, resampled to the frame rate: Hallo3, EchoMimicV3 Flash); "wav2vec2-tokens:DIR" its last layer at
+# 50 Hz, 2 tokens per 25-fps frame (EchoMimicV3 preview)
 AUDIO_FEATURES: dict[str, Callable[[str | None], AudioFeatureFn]] = {"rms": lambda arg: rms_features,
-                                                                     "wav2vec2": _wav2vec2}
+                                                                     "wav2vec2": _wav2vec2,
+                                                                     "wav2vec2-tokens": _wav2vec2_tokens}
 
 
 def register_audio_features(name: str, factory: Callable[[str | None], AudioFeatureFn]) -> None:

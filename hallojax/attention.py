@@ -179,8 +179,8 @@ class Attention(nnx.Module):
     I2V cross-attention an added K/V path over image tokens summed before the output projection."""
 
     def __init__(self, dim: int, num_heads: int, *, eps: float, added_kv_dim: int | None = None,
-                 audio_dim: int | None = None, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32,
-                 impl: str = "xla", context_parallel: str = "none"):
+                 audio_dim: int | None = None, audio_bias: bool = False, rngs: nnx.Rngs, dtype=None,
+                 param_dtype=jnp.float32, impl: str = "xla", context_parallel: str = "none"):
         inner = dim  # Wan: heads * head_dim == dim
         self.num_heads = num_heads
         self.impl = impl
@@ -198,13 +198,18 @@ class Attention(nnx.Module):
             self.norm_added_k = RMSNorm(inner, eps, axis_name="heads")
         else:
             self.add_k_proj = self.add_v_proj = self.norm_added_k = None
-        if audio_dim is not None:  # EchoMimicV3 decoupled audio K/V: bias-free, V zero-initialised
-            self.audio_k_proj = Dense(audio_dim, inner, (None, "heads"), use_bias=False, **kw)
-            self.audio_v_proj = Dense(audio_dim, inner, (None, "heads"), use_bias=False,
+        if audio_dim is not None:  # EchoMimicV3 decoupled audio K/V: bias-free (Flash: biased), V zero-initialised
+            # input dim sharded by FSDP as the image K/V's (replicated at 1.3B: 2.1 GiB of fp32 state on every chip)
+            self.audio_k_proj = Dense(audio_dim, inner, ("embed", "heads"), use_bias=audio_bias, **kw)
+            self.audio_v_proj = Dense(audio_dim, inner, ("embed", "heads"), use_bias=audio_bias,
                                       kernel_init=nnx.initializers.zeros_init(), **kw)
             self.norm_audio_k = RMSNorm(inner, eps, axis_name="heads")
         else:
             self.audio_k_proj = self.audio_v_proj = self.norm_audio_k = None
+        # EchoMimicV3 Flash's q_audio: its released forward computes it and then uses the shared query
+        # instead, so it is kept (checkpoints round-trip, parameter counts match) and never applied
+        self.audio_q_proj = (Dense(inner, inner, ("heads", "embed"), **kw) if audio_dim is not None and audio_bias
+                             else None)
 
     def _heads(self, x: jax.Array) -> jax.Array:
         x = x.reshape(*x.shape[:-1], self.num_heads, -1)  # [B, L, N, K]

@@ -73,8 +73,9 @@ def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
 
 def save_pretrained(out_dir: str | os.PathLike, params: Mapping[str, Any], cfg, *,
                     source: Mapping[str, Any] | None = None, overwrite: bool = False,
-                    inputs: tuple = ()) -> Path:
-    """Write {dotted path: array} + config atomically to `out_dir`."""
+                    inputs: tuple = (), extra: Mapping[str, Any] | None = None) -> Path:
+    """Write {dotted path: array} + config atomically to `out_dir`. `extra`: more top-level config.json
+    sections (e.g. "sample" / "generation": the sampling recipe `hallojax generate` defaults to)."""
     out_dir = Path(out_dir).absolute()
     expected = param_shapes(cfg)
     bad = sorted(set(expected) ^ set(params)) + sorted(
@@ -87,7 +88,7 @@ def save_pretrained(out_dir: str | os.PathLike, params: Mapping[str, Any], cfg, 
             ckptr.save(tmp / "params", _nest(params))
             ckptr.wait_until_finished()
         meta = {"format": FORMAT, "version": VERSION, "kind": registry.kind_of(cfg), "model": cfg.to_dict(),
-                "source": dict(source or {})}
+                "source": dict(source or {}), **dict(extra or {})}
         (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
     return out_dir
 

@@ -1,6 +1,7 @@
 """The `hallojax` command.
 
-    hallojax convert FORMAT SRC_DIR OUT_DIR [--overwrite]       FORMAT: wan-diffusers, wan-vae, wav2vec2, umt5, t5
+    hallojax convert FORMAT SRC_DIR OUT_DIR [--overwrite]       FORMAT: wan-diffusers, wan, wan-vae, wav2vec2, umt5, t5
+    hallojax convert echomimic-v3 BASE_DIR ECHO_FILE OUT_DIR    Wan2.1-Fun-InP base + an EchoMimicV3 file
     hallojax export  FORMAT CKPT_DIR OUT_DIR [--overwrite] [--max-shard-gb 5]
     hallojax demo    [--config configs/wan.py:demo] [--config.key=value ...]
     hallojax train   --config configs/wan.py:demo --workdir DIR [--config.train.steps=200 ...]
@@ -56,7 +57,13 @@ def print_error(prog: str, error: BaseException) -> None:
 def _convert(args):
     from hallojax.convert import converter
 
-    out = converter(args.format, "convert")(args.src, args.out, overwrite=args.overwrite)
+    from hallojax.convert import SOURCES
+
+    names = SOURCES.get(args.format, ("SRC",))
+    if len(args.src) != len(names):
+        raise UsageError("hallojax convert", f"convert {args.format} takes {' '.join(names)} OUT: "
+                         f"{len(args.src) + 1} paths given")
+    out = converter(args.format, "convert")(*args.src, args.out, overwrite=args.overwrite)
     print(f"wrote {out}")
 
 
@@ -158,7 +165,7 @@ def build_parser() -> ArgumentParser:
 
     p = sub.add_parser("convert", help="PyTorch weights -> a hallojax pretrained directory")
     p.add_argument("format", choices=sorted(FORMATS))
-    p.add_argument("src")
+    p.add_argument("src", nargs="+", help="the source (echomimic-v3: BASE_DIR ECHO_FILE)")
     p.add_argument("out")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(fn=_convert)

@@ -24,6 +24,7 @@ from jax.ad_checkpoint import checkpoint_name
 from hallojax.attention import ATTENTION_IMPLS, Attention
 from hallojax.audio import AudioCrossAttention, AudioProjector
 from hallojax.context_parallel import MODES as CONTEXT_PARALLEL, RING_IMPLS
+from hallojax.echomimic import PROJECTORS, FlashProjector, PreviewProjector
 from hallojax.modelconfig import DTYPES, ModelConfig, check_dtypes, with_precision
 from hallojax.layers import MLP, Dense, LayerNorm, gelu_erf, gelu_tanh, timestep_embedding
 from hallojax.rope import frame_coords, grid_coords, rope_cos_sin
@@ -105,6 +106,13 @@ class DiTConfig(ModelConfig):
     audio_stride: int = 4  # the codec's temporal stride: video frames per latent frame (4: Wan VAE, 1: pixel)
     audio_face_mask: bool = False  # multiply the audio output by a face mask (face-aware adapter)
     audio_scale: float = 1.0
+    # "window_mlp" (the window MLP above) | "echomimic_preview" | "echomimic_flash" (EchoMimicV3's released
+    # projectors, hallojax.echomimic; decoupled audio only)
+    audio_projector: str = "window_mlp"
+    audio_kv_bias: bool = False  # decoupled audio K/V with biases + the released Flash q_audio (kept, never applied)
+    # the 6-way time projection in float32 on the float32 embedding, its output (and the embedding) then
+    # rounded to `dtype` (EchoMimicV3 / original Wan), instead of the input rounded first (diffusers)
+    time_proj_float32: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
@@ -149,6 +157,15 @@ class DiTConfig(ModelConfig):
             raise ValueError("model.audio='decoupled' puts audio K/V in every block: audio_every must be 1")
         if self.audio_face_mask and self.audio == "none":
             raise ValueError("model.audio_face_mask needs an audio mode")
+        if self.audio_projector not in PROJECTORS:
+            raise ValueError(f"model.audio_projector={self.audio_projector!r}: expected one of {PROJECTORS}")
+        if self.audio_projector != "window_mlp" and (self.audio != "decoupled" or self.audio_neighbors
+                                                     or self.audio_dim != self.dim or self.audio_stride < 2):
+            raise ValueError(f"model.audio_projector={self.audio_projector!r} (EchoMimicV3) needs audio='decoupled', "
+                             f"audio_neighbors=0, audio_dim = dim ({self.dim}) and audio_stride >= 2")
+        if self.audio_kv_bias and self.audio != "decoupled":
+            raise ValueError("model.audio_kv_bias is a decoupled-audio (EchoMimicV3 Flash) option: "
+                             "needs audio='decoupled'")
 
     @property
     def dim(self) -> int:
@@ -240,7 +257,8 @@ class WanBlock(nnx.Module):
         self.attn1 = Attention(dim, cfg.num_heads, eps=cfg.eps, **kw)
         self.norm2 = LayerNorm(dim, cfg.eps, affine=True, axis_name="embed") if cfg.cross_attn_norm else None
         self.attn2 = Attention(dim, cfg.num_heads, eps=cfg.eps, added_kv_dim=cfg.added_kv_proj_dim,
-                               audio_dim=cfg.audio_dim if cfg.audio == "decoupled" else None, **kw)
+                               audio_dim=cfg.audio_dim if cfg.audio == "decoupled" else None,
+                               audio_bias=cfg.audio_kv_bias, **kw)
         self.norm3 = LayerNorm(dim, cfg.eps, affine=False)
         self.ffn = MLP(dim, cfg.ffn_dim, dim, gelu_tanh, axes_in=("embed", "mlp"), axes_out=("mlp", "embed"),
                        act_axes=("act_batch", "act_len", "act_mlp"), rngs=rngs, dtype=dtype, param_dtype=pdt)
@@ -313,6 +331,20 @@ class WanBlock(nnx.Module):
         return x, (ffn(extra) if extra is not None else None)
 
 
+def _audio_projector(cfg: DiTConfig, kw: dict) -> nnx.Module:
+    """The configured audio projector: features per video frame -> tokens per latent frame [B, F, M, D_a]."""
+    if cfg.audio_projector == "echomimic_preview":
+        return PreviewProjector(in_dim=cfg.audio_in_dim, out_dim=cfg.audio_dim, tokens_per_frame=cfg.audio_in_layers,
+                                stride=cfg.audio_stride, **kw)
+    if cfg.audio_projector == "echomimic_flash":
+        return FlashProjector(in_layers=cfg.audio_in_layers, in_dim=cfg.audio_in_dim, window=cfg.audio_window,
+                              hidden=cfg.audio_hidden, tokens=cfg.audio_tokens, out_dim=cfg.audio_dim,
+                              stride=cfg.audio_stride, **kw)
+    return AudioProjector(in_layers=cfg.audio_in_layers, in_dim=cfg.audio_in_dim, window=cfg.audio_window,
+                          hidden=cfg.audio_hidden, tokens=cfg.audio_tokens, out_dim=cfg.audio_dim,
+                          align=cfg.audio_align, stride=cfg.audio_stride, **kw)
+
+
 def _stacked(cls, n: int, rngs: nnx.Rngs, *args, **kw):
     """n instances of cls with a leading ``layers`` axis on every parameter (for scanning)."""
 
@@ -363,7 +395,8 @@ class WanDiT(nnx.Module):
             # every large weight names one axis for fsdp and one for tensor, so FSDP+TP splits it fully
             self.time_embedder = MLP(cfg.freq_dim, dim, dim, jax.nn.silu, axes_in=(None, "embed"),
                                      axes_out=("embed", "mlp"), rngs=rngs, dtype=f32, param_dtype=f32)
-            self.time_proj = Dense(dim, 6 * dim, ("embed", "mlp"), rngs=rngs, dtype=dtype, param_dtype=pdt)
+            self.time_proj = Dense(dim, 6 * dim, ("embed", "mlp"), rngs=rngs, param_dtype=pdt,
+                                   dtype=f32 if cfg.time_proj_float32 else dtype)
             self.text_embedder = MLP(cfg.text_dim, dim, dim, gelu_tanh, axes_in=("mlp", "embed"),
                                      axes_out=("embed", "mlp"), rngs=rngs, dtype=dtype, param_dtype=pdt)
             self.image_embedder = (ImageEmbedder(cfg.image_dim, dim, cfg.pos_embed_seq_len, rngs=rngs,
@@ -388,11 +421,7 @@ class WanDiT(nnx.Module):
             self.reference_blocks = (_stacked(WanBlock, cfg.num_layers, rngs, cfg.replace(
                 reference_net=False, identity_tokens=False, symbiotic=False, motion_mode="channels", audio="none",
                 audio_face_mask=False)) if cfg.reference_net else None)
-            self.audio_proj = (AudioProjector(
-                in_layers=cfg.audio_in_layers, in_dim=cfg.audio_in_dim, window=cfg.audio_window,
-                hidden=cfg.audio_hidden, tokens=cfg.audio_tokens, out_dim=cfg.audio_dim, align=cfg.audio_align,
-                stride=cfg.audio_stride, **kw)
-                if cfg.audio != "none" else None)
+            self.audio_proj = _audio_projector(cfg, kw) if cfg.audio != "none" else None
             self.audio_adapters = (_stacked(AudioCrossAttention, cfg.num_layers // cfg.audio_every, rngs, dim,
                                             cfg.num_heads, cfg.audio_dim, eps=cfg.eps, dtype=dtype, param_dtype=pdt)
                                    if cfg.audio == "cross_attn" else None)
@@ -440,7 +469,11 @@ class WanDiT(nnx.Module):
     def _timestep(self, timesteps, b):
         # float32 MLP, then rounded to the compute dtype as the reference does (`temb.type_as(...)`)
         dtype = DTYPES[self.cfg.dtype]
-        temb = self.time_embedder(timestep_embedding(timesteps, self.cfg.freq_dim)).astype(dtype)  # [B, D]
+        temb = self.time_embedder(timestep_embedding(timesteps, self.cfg.freq_dim))  # [B, D] float32
+        if self.cfg.time_proj_float32:  # EchoMimicV3: projection in float32, e and e0 rounded after it
+            temb6 = self.time_proj(jax.nn.silu(temb)).astype(dtype).reshape(b, 6, self.cfg.dim)
+            return temb.astype(dtype), temb6
+        temb = temb.astype(dtype)
         temb6 = self.time_proj(jax.nn.silu(temb.astype(jnp.float32)).astype(dtype)).reshape(b, 6, self.cfg.dim)
         return temb, temb6
 

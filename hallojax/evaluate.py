@@ -11,8 +11,10 @@ off the pixels):
 
 - lip sync: Pearson r of the generated mouth opening against the speech's true track (`r_own`); the
   shuffled and silent videos against the *own* track (`r_shuffled`, `r_silence`). A model that ignores the
-  audio scores about the same in all three; a synced one scores high with its own speech and about zero
-  with another's. `mouth_std_silence`: how much the mouth still moves without speech.
+  audio scores about the same in all three; a synced one scores high with its own speech and, with
+  another's, what the two speeches' true tracks share (`r_truths`: their correlation, the chance level of
+  `r_shuffled`; about zero over seconds, up to 0.5 over a second of two speeches that start and pause
+  alike). `mouth_std_silence`: how much the mouth still moves without speech.
 - identity: SSIM of the generated face box to the portrait's (`identity_own`), against the SSIM to the
   other people's portraits (`identity_others`): a kept identity has own > others; and the distance of the
   face box's colour statistics (`color_own` vs `color_others`, 0..255: lower is closer).
@@ -38,7 +40,7 @@ import numpy as np
 
 log = logging.getLogger("hallojax.evaluate")
 
-METRICS = ("r_own", "r_shuffled", "r_silence", "mouth_std_silence", "identity_own", "identity_others",
+METRICS = ("r_own", "r_shuffled", "r_truths", "r_silence", "mouth_std_silence", "identity_own", "identity_others",
            "color_own", "color_others", "flicker", "flicker_truth", "psnr", "ssim")
 
 
@@ -163,6 +165,7 @@ def evaluate(pipe, videos: list[dict], *, max_seconds: float | None = None, seed
         measured = {name: measure_mouth_opening(r.frames[:n], box) for name, r in
                     (("own", own), ("shuffled", shuffled), ("silence", silent))}
         m = min(n, len(measured["shuffled"]))
+        k = min(n, len(other["truth"]))
         # the ground truth cropped exactly as the portrait was (same region, same resize)
         gt = _frames(p["path"], n)
         region_frames = np.stack([prepare_portrait(f, w, h, box=p["box"], box_scale=pipe.spec.box_scale).frame
@@ -175,6 +178,7 @@ def evaluate(pipe, videos: list[dict], *, max_seconds: float | None = None, seed
             "r_own": lipsync_correlation(measured["own"], truth),
             "r_shuffled": lipsync_correlation(measured["shuffled"][:m], truth[:m]),
             "r_silence": lipsync_correlation(measured["silence"], truth),
+            "r_truths": lipsync_correlation(other["truth"][:k], truth[:k]),
             "mouth_std_silence": float(np.std(measured["silence"])),
             "identity_own": face_similarity(own.frames, own.portrait.frame, box),
             "identity_others": float(np.mean([face_similarity(own.frames, o, box) for o in others])),
@@ -263,7 +267,7 @@ def add_arguments(p) -> None:
     p.add_argument("--out", required=True, help="directory for eval.json, mouth_tracks.png (and videos)")
     p.add_argument("--num-videos", type=int, default=None, help="score the first N videos (default: all)")
     p.add_argument("--max-seconds", type=float, default=None, help="use at most this much of each speech")
-    p.add_argument("--sampler", choices=["euler", "unipc", "dpm++"], default=None)
+    p.add_argument("--sampler", choices=["euler", "unipc", "dpm++", "wan-unipc"], default=None)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--shift", type=float, default=None)
     p.add_argument("--guidance", default=None)
@@ -314,8 +318,8 @@ def _curve(pipe, videos, args, sample_kw) -> int:
         pipe.load_step(step, args.weights)
         mean = evaluate(pipe, videos, max_seconds=args.max_seconds, seed=args.seed, **sample_kw)["mean"]
         points.append({"step": step, "weights": pipe.loaded.source["weights"], **mean})
-        log.info("step %d (%s): r own %.3f, shuffled %.3f, silence %.3f", step, points[-1]["weights"],
-                 mean["r_own"], mean["r_shuffled"], mean["r_silence"])
+        log.info("step %d (%s): r own %.3f, shuffled %.3f (speeches %.3f), silence %.3f", step,
+                 points[-1]["weights"], mean["r_own"], mean["r_shuffled"], mean["r_truths"], mean["r_silence"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".curve.json.tmp-{os.getpid()}"
@@ -339,10 +343,11 @@ def _curve(pipe, videos, args, sample_kw) -> int:
     fig.savefig(tmp, dpi=90)
     plt.close(fig)
     os.replace(tmp, out / "curve.png")
-    print("| step | weights | r own | r shuffled | r silence | identity own / others |")
+    print("| step | weights | r own | r shuffled (speeches) | r silence | identity own / others |")
     print("|---|---|---|---|---|---|")
     for p in points:
-        print(f"| {p['step']} | {p['weights']} | {p['r_own']:.3f} | {p['r_shuffled']:.3f} | {p['r_silence']:.3f} | "
+        print(f"| {p['step']} | {p['weights']} | {p['r_own']:.3f} | {p['r_shuffled']:.3f} ({p['r_truths']:.3f}) | "
+              f"{p['r_silence']:.3f} | "
               f"{p['identity_own']:.3f} / {p['identity_others']:.3f} |")
     print(f"wrote {out / 'curve.json'} and {out / 'curve.png'}")
     return 0

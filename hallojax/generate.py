@@ -40,7 +40,7 @@ from flax import nnx
 
 from hallojax.checkpoint import CheckpointError
 from hallojax.dit import DiTConfig, ReferenceCache, WanDiT
-from hallojax.media import MediaError, read_audio, read_image, speech_16k, write_mp4
+from hallojax.media import MediaError, normalize_loudness, read_audio, read_image, speech_16k, write_mp4
 from hallojax.sample import guidance as guidance_lib
 from hallojax.sample import long_video
 from hallojax.sample.schedules import flow_schedule
@@ -61,6 +61,16 @@ class SampleConfig:
     long_video: str = "auto"  # auto | motion | overlap | continue
     overlap: int = 0  # latent frames shared by consecutive clips / windows (0: a quarter of a clip)
     clip_frames: int = 0  # video frames per clip (0: the clip length the model was trained on)
+    # EchoMimicV3 preview's "phase-aware negative CFG": the negative prompt's embeddings are multiplied by
+    # negative_scale at every step i <= negative_steps, cumulatively (x1.5^3 from step 2 on with 1.5 / 2)
+    negative_scale: float = 1.0
+    negative_steps: int = 0
+    # masked-input models: "paste" (known frames noised into x at every step and pasted back, plus the mask
+    # channels: how the trainer shows them) | "condition" (only the mask channels and the VAE encoding of the
+    # masked clip, unknown frames mid-grey, carry them; x is noise everywhere: Wan-Fun-InP / EchoMimicV3 as released)
+    known_frames: str = "paste"
+    loudness: float | None = None  # normalise the speech to this integrated loudness (LUFS) before the audio
+    # features (EchoMimicV3 Flash: -23, pyloudnorm), not the muxed audio
 
     def validate(self) -> None:
         from hallojax.sample.solvers import SAMPLERS
@@ -75,6 +85,19 @@ class SampleConfig:
             raise ValueError(f"--long-video {self.long_video!r}: expected auto or one of {long_video.STRATEGIES}")
         if self.overlap < 0 or self.clip_frames < 0:
             raise ValueError(f"--overlap {self.overlap} / --clip-frames {self.clip_frames}: must be >= 0")
+        if self.known_frames not in ("paste", "condition"):
+            raise ValueError(f"sample.known_frames={self.known_frames!r}: expected 'paste' or 'condition'")
+        if not (math.isfinite(self.negative_scale) and self.negative_scale > 0) or self.negative_steps < 0:
+            raise ValueError(f"sample.negative_scale={self.negative_scale} / negative_steps={self.negative_steps}: "
+                             "a positive scale and steps >= 0")
+        if self.loudness is not None and not -70 <= self.loudness <= 0:
+            raise ValueError(f"sample.loudness={self.loudness}: a loudness in LUFS, -70..0")
+
+    def negative_multipliers(self) -> np.ndarray:
+        """float32 [steps]: the factor on the negative prompt's embeddings at each step (cumulative scaling)."""
+        i = np.arange(self.steps)
+        return (self.negative_scale ** (np.minimum(i, self.negative_steps) + 1.0)).astype(np.float32) \
+            if self.negative_scale != 1.0 else np.ones(self.steps, np.float32)
 
 
 # --- checkpoints ---------------------------------------------------------------------------------
@@ -215,7 +238,7 @@ def _load_converted(path: Path, overrides, devices):
     config = ml_collections.ConfigDict({
         "preset": meta.get("source", {}).get("name", path.name), "model": cfg.to_dict(),
         "mesh": {"data": 1, "fsdp": -1, "context": 1, "tensor": 1}, "rules": [list(r) for r in DEFAULT_RULES],
-        "data": dict(meta.get("generation", {})), "sample": {}})
+        "data": dict(meta.get("generation", {})), "sample": dict(meta.get("sample", {}))})
     _check_overrides(config, overrides)
     apply_overrides(config, overrides)
     numeric = {k: config.model[k] for k in DiTConfig.NUMERIC_FIELDS if config.model[k] != getattr(cfg, k)}
@@ -390,7 +413,7 @@ class SamplingEngine:
         if self._bar is not None:
             self._bar.update(1)
 
-    def guided(self, state, x, t, i, full: dict, null: dict, live_drops, weights_live, masked=None):
+    def guided(self, state, x, t, i, full: dict, null: dict, live_drops, weights_live, masked=None, negative=None):
         """One batched model call over the live branches, combined with their weights: [B, ...] float32.
         The model is merged here, inside the loops that call it (an NNX module must be built at the trace
         level of the transform that uses it)."""
@@ -405,7 +428,8 @@ class SamplingEngine:
         kw = {}
         for k, v in full.items():
             cond = COND_OF.get(k)
-            parts = [null[k] if cond in drops else v for drops in live_drops]
+            nk = null[k] * negative[i] if k == "context" and negative is not None else null.get(k)
+            parts = [nk if cond in drops else v for drops in live_drops]
             if k == "reference_cache":
                 kw[k] = ReferenceCache(jnp.concatenate(parts, axis=1))
             else:
@@ -431,11 +455,14 @@ class SamplingEngine:
             def program(state, x, full, null, known, arrays, weights):
                 known = Known(*known)
                 masked = None
-                if masked_model:
+                if "y_mask" in arrays:  # known_frames="condition": the mask channels and masked-clip latents
+                    masked = (arrays["y_mask"], arrays["y_latents"])
+                elif masked_model:
                     m = known.mask.astype(jnp.float32)
                     masked = (jnp.broadcast_to(m, (*x.shape[:4], 4)), known.latents * m)
+                neg = arrays.get("negative")
                 dens = [lambda x, t, i, live=live: self.guided(state, x, t, i, full, null, [drops[k] for k in live],
-                                                              weights_for(weights, live), masked)
+                                                              weights_for(weights, live), masked, neg)
                         for _, _, live in phases]
                 return sample(dens, x, arrays, sampler, phases=[(a, b) for a, b, _ in phases], known=known,
                               on_step=on_step)
@@ -454,12 +481,14 @@ class SamplingEngine:
                             if audio_w is not None:
                                 fw["audio"] = w["audio"]
                             masked = None
-                            if masked_model:
+                            if "y_mask" in arrays:  # condition mode: every window starts from the portrait, as
+                                masked = (arrays["y_mask"], arrays["y_latents"])  # the released long-video CFG
+                            elif masked_model:
                                 m = jax.lax.dynamic_slice_in_dim(known.mask, a, f, axis=1).astype(jnp.float32)
                                 lat = jax.lax.dynamic_slice_in_dim(known.latents, a, f, axis=1)
                                 masked = (jnp.broadcast_to(m, (*xw.shape[:4], 4)), lat * m)
                             out = self.guided(state, xw, t, i, fw, null, [drops[k] for k in live],
-                                               weights_for(weights, live), masked)
+                                               weights_for(weights, live), masked, arrays.get("negative"))
                             cur = jax.lax.dynamic_slice_in_dim(acc, a, f, axis=1)
                             acc = jax.lax.dynamic_update_slice_in_dim(acc, cur + wt[None, :, None, None, None] * out,
                                                                       a, axis=1)
@@ -543,12 +572,13 @@ class _Job:
     frames: np.ndarray  # the output video, filled clip by clip
     latents: list
     bar: object
+    known_frames: str = "paste"  # SampleConfig.known_frames
 
 
 class Pipeline:
     """A loaded model with its codec, audio features and (optional) text encoder; `generate` makes videos."""
 
-    def __init__(self, loaded: Loaded, spec: MediaSpec, *, codec=None, audio_fn=None, text=None):
+    def __init__(self, loaded: Loaded, spec: MediaSpec, *, codec=None, audio_fn=None, text=None, image_encoder=None):
         from hallojax.codec import get_codec
 
         self.loaded, self.spec = loaded, spec
@@ -556,6 +586,7 @@ class Pipeline:
         self.codec = codec or get_codec(spec.codec)
         self.audio_fn = audio_fn
         self.text = text  # (T5Encoder, tokenizer) or None
+        self.image_encoder = image_encoder  # CLIPVision (I2V / Wan-Fun-InP / EchoMimicV3 image context) or None
         self.sample_defaults = SampleConfig(**{k: v for k, v in dict(loaded.config.get("sample", {})).items()
                                                if k in {f.name for f in dataclasses.fields(SampleConfig)}})
         self.engine = SamplingEngine(self.model, self.mesh, self.rules)
@@ -564,7 +595,8 @@ class Pipeline:
     # ---- loading ----
     @classmethod
     def load(cls, checkpoint, *, step=None, weights="auto", codec=None, audio_features=None, text_encoder=None,
-             tokenizer=None, fps=None, height=None, width=None, overrides=(), devices=None) -> "Pipeline":
+             tokenizer=None, fps=None, height=None, width=None, overrides=(), devices=None,
+             image_encoder=None) -> "Pipeline":
         from data_pipeline.features import get_audio_features
 
         loaded = load_checkpoint(checkpoint, step=step, weights=weights, overrides=overrides, devices=devices)
@@ -591,7 +623,19 @@ class Pipeline:
                 raise ValueError(f"--text-encoder {text_encoder}: width {enc_cfg.dim} != the DiT's text_dim "
                                  f"{loaded.cfg.text_dim}")
             text = (enc, load_tokenizer(tokenizer))
-        return cls(loaded, spec, audio_fn=audio_fn, text=text)
+        clip = None
+        if image_encoder:
+            from hallojax.checkpoint import load_pretrained
+            from hallojax.encoders.clip import CLIPVision
+
+            clip, clip_cfg = load_pretrained(image_encoder)
+            if not isinstance(clip, CLIPVision):
+                raise ValueError(f"--image-encoder {image_encoder} holds a {type(clip).__name__}, "
+                                 "not a CLIP image encoder")
+            if clip_cfg.hidden_size != loaded.cfg.image_dim:
+                raise ValueError(f"--image-encoder {image_encoder}: width {clip_cfg.hidden_size} != the DiT's "
+                                 f"image_dim {loaded.cfg.image_dim}")
+        return cls(loaded, spec, audio_fn=audio_fn, text=text, image_encoder=clip)
 
     def load_step(self, step: int, weights: str = "auto") -> "Pipeline":
         """This workdir's weights at another checkpoint step (e.g. a learning curve), programs reused."""
@@ -605,9 +649,9 @@ class Pipeline:
 
     def _check_model(self):
         cfg, codec = self.cfg, self.codec
-        if cfg.image_dim is not None:
-            raise ValueError("this DiT takes CLIP image tokens (I2V image_dim); generation has no CLIP image "
-                             "encoder yet")
+        if cfg.image_dim is not None and self.image_encoder is None:
+            raise ValueError("this DiT takes CLIP image tokens (image_dim): give --image-encoder DIR (a `hallojax "
+                             "convert clip` directory)")
         latent_c = codec.latent_channels
         if cfg.out_channels != latent_c or cfg.in_channels not in (latent_c, 2 * latent_c + 4):
             raise ValueError(f"codec {codec.name!r} has {latent_c} latent channels; the model takes "
@@ -725,7 +769,7 @@ class Pipeline:
 
         t_start = time.perf_counter()
         d = self.sample_defaults
-        sc = SampleConfig(sampler=sampler or d.sampler, steps=d.steps if steps is None else steps,
+        sc = dataclasses.replace(d, sampler=sampler or d.sampler, steps=d.steps if steps is None else steps,
                           shift=d.shift if shift is None else shift,
                           guidance=d.guidance if guidance is None else guidance,
                           long_video=long_video_strategy or d.long_video,
@@ -763,8 +807,8 @@ class Pipeline:
             strategy = "motion" if cfg.motion_frames else "continue" if self.masked_input else "overlap"
         if strategy == "motion" and not cfg.motion_frames:
             raise ValueError("--long-video motion needs a model with motion frames (model.motion_frames > 0)")
-        if strategy == "continue" and not self.masked_input:
-            raise ValueError(f"--long-video continue needs a masked-input model (in_channels = 2C + 4); this one "
+        if strategy in ("continue", "chunks") and not self.masked_input:
+            raise ValueError(f"--long-video {strategy} needs a masked-input model (in_channels = 2C + 4); this one "
                              f"takes {cfg.in_channels}")
         if strategy == "overlap" and cfg.motion_frames:
             raise ValueError("--long-video overlap: this model needs motion frames per clip; use motion")
@@ -780,14 +824,21 @@ class Pipeline:
         overlap_lat = sc.overlap or min(max(1, f_lat // 4), f_lat - 1)  # a quarter of a clip (none for 1 frame)
         known_lat = cfg.motion_frames if strategy == "motion" else overlap_lat
         plan = long_video.plan(strategy, n_frames, clip_len, s, known_latent=known_lat,
-                               overlap_latent=overlap_lat)
+                               overlap_latent=overlap_lat, overlap_frames=sc.overlap or s * max(1, f_lat // 4))
         speech16 = speech_16k(wave, rate)
+        if sc.loudness is not None:
+            speech16 = normalize_loudness(speech16, 16000, sc.loudness)
         first = min(c.start for c in plan.clips)
         last = max(c.start + clip_len for c in plan.clips)
         feats = self._audio_features(speech16, fps, first, last - first)
         h, w = ref_latent.shape[2:4]
+        self.engine_shape = (height, width)
         full = {"context": ctx}
         null = {"context": null_ctx}
+        if self.image_encoder is not None:  # the original portrait's CLIP tokens, in every branch and clip
+            from hallojax.encoders.clip import encode_image
+
+            full["image_context"] = null["image_context"] = np.asarray(encode_image(self.image_encoder, portrait.frame))
         if cfg.identity_tokens or cfg.identity_additive or cfg.symbiotic:
             full["reference"], null["reference"] = ref_latent, np.zeros_like(ref_latent)
         if cfg.audio_face_mask:
@@ -803,6 +854,8 @@ class Pipeline:
         sampler_obj = get_sampler(sc.sampler)
         schedule = flow_schedule(sc.sampler, sc.steps, sc.shift)
         arrays = schedule_arrays(sampler_obj, schedule)
+        if sc.negative_scale != 1.0 and negative_prompt is not None:
+            arrays["negative"] = sc.negative_multipliers()
         weights = jnp.asarray(g.weights(sc.steps), jnp.float32)
         if cfg.reference_net:
             need_null = any("ref" in d for d in g.branches())
@@ -820,8 +873,13 @@ class Pipeline:
         latents_out = []
         clip_bar = tqdm(total=len(plan.clips), desc="clips", unit="clip", disable=not progress,
                         dynamic_ncols=True)
+        if sc.known_frames == "condition" and not self.masked_input:
+            raise ValueError("sample.known_frames='condition' needs a masked-input model (in_channels = 2C + 4)")
+        if strategy == "chunks" and sc.known_frames != "condition":
+            raise ValueError("--long-video chunks shows its overlap frames through the mask channels only: it needs "
+                             "sample.known_frames='condition' (--config.sample.known_frames=condition)")
         job = _Job(plan, portrait.frame, key, lat_shape, full, null, feats, first, arrays, weights, g, sampler_obj,
-                   sc.steps, progress, frames, latents_out, clip_bar)
+                   sc.steps, progress, frames, latents_out, clip_bar, sc.known_frames)
         try:
             run = self._run_overlap if strategy == "overlap" else self._run_clips
             t_compile, t_denoise, t_decode = run(job)
@@ -833,6 +891,9 @@ class Pipeline:
                    "total_s": total, "video_s": video_s, "seconds_per_video_second": total / video_s}
         settings = {"checkpoint": self.loaded.source, "codec": codec.name, "audio_features": spec.audio_features,
                     "sampler": sc.sampler, "steps": sc.steps, "shift": sc.shift, "guidance": g.spec,
+                    "known_frames": sc.known_frames, "negative_scale": sc.negative_scale,
+                    "negative_steps": sc.negative_steps, "loudness": sc.loudness,
+                    "image_context": self.image_encoder is not None,
                     "guidance_requested": sc.guidance, "long_video": strategy, "overlap": plan.overlap,
                     "clip_frames": clip_len, "clips": len(plan.clips), "height": height, "width": width,
                     "fps": fps, "frames": n_frames, "seed": seed, "prompt": prompt, "negative_prompt": negative_prompt,
@@ -846,6 +907,23 @@ class Pipeline:
 
     def _encode_frames(self, frames_uint8: np.ndarray) -> np.ndarray:
         return np.asarray(self.codec.encode(to_model_range(frames_uint8)[None]), np.float32)
+
+    def _condition_inputs(self, known_uint8: np.ndarray | None, clip_frames: int) -> dict:
+        """The mask channels [1, F, h, w, 4] (1 = known) and the masked clip's latents [1, F, h, w, C] as the
+        released Wan-Fun-InP pipeline builds them: the clip with its known frames and mid-grey (0) elsewhere,
+        encoded whole by the codec; the pixel mask's first frame repeated stride times, regrouped per latent frame."""
+        from hallojax.conditioning import latent_mask, masked_video, pixel_mask
+
+        h, w = self.engine_shape
+        known = 0 if known_uint8 is None else len(known_uint8)
+        video = np.zeros((clip_frames, h, w, 3), np.float32)
+        if known:
+            video[:known] = to_model_range(known_uint8)
+        pm = pixel_mask("continuation", clip_frames, h, w, known_frames=known) if known else \
+            pixel_mask("t2v", clip_frames, h, w)
+        lat = np.asarray(self.codec.encode(masked_video(video, pm)[None]), np.float32)
+        ym = latent_mask(pm, temporal_stride=self.codec.temporal_stride, spatial_stride=self.codec.spatial_stride)
+        return {"y_mask": ym[None], "y_latents": lat}
 
     def _run_clips(self, job: "_Job"):
         """motion / continue: clip after clip, each from the previous clip's last frames (one compiled program)."""
@@ -866,9 +944,14 @@ class Pipeline:
                 # as its frame 0; every later clip knows the previous clip's last frames
                 src = (np.repeat(job.portrait[None], clip.known, axis=0) if prev_frames is None
                        else prev_frames[-clip.known:])
-                known_lat[:, :n_known] = self._encode_frames(src)
+                if job.known_frames == "paste":
+                    known_lat[:, :n_known] = self._encode_frames(src)
             mask = np.zeros((1, lat_shape[1], 1, 1, 1), bool)
             mask[:, :n_known] = True
+            arrays = job.arrays
+            if job.known_frames == "condition":  # as Wan-Fun-InP / EchoMimicV3: the masked clip, VAE-encoded
+                arrays = {**arrays, **self._condition_inputs(src if clip.known else None, plan.clip_frames)}
+                mask[:] = False  # nothing pasted into x
             cf, cn = dict(job.full), dict(job.null)
             if job.feats is not None:
                 a = clip.start - job.first
@@ -876,7 +959,7 @@ class Pipeline:
                 cn["audio"] = np.zeros_like(cf["audio"])
             if self.cfg.motion_frames:
                 cf["motion"] = cn["motion"] = known_lat[:, :self.cfg.motion_frames]
-            args = (self.engine.state, x, cf, cn, (known_lat, mask, known_noise), job.arrays, job.weights)
+            args = (self.engine.state, x, cf, cn, (known_lat, mask, known_noise), arrays, job.weights)
             if compiled is None:
                 compiled, t_compile = self.engine.compile(fn, *args)
             lat, dt = self.engine.run(compiled, args, steps=steps, desc=f"clip {k + 1}/{len(plan.clips)}",
@@ -888,6 +971,11 @@ class Pipeline:
             video = to_uint8(self.codec.decode(lat))[0]  # [T, H, W, 3]
             a, b = clip.emit
             job.frames[a:b] = video[a - clip.start:b - clip.start]
+            if plan.strategy == "chunks" and k:  # the overlap frames cross-faded in pixels, old to new
+                m = min(clip.known, b - a)
+                r = np.linspace(0, 1, clip.known, dtype=np.float32)[:m, None, None, None]
+                old = prev_frames[len(prev_frames) - clip.known:][:m].astype(np.float32)
+                job.frames[a:a + m] = np.round(old * (1 - r) + video[:m].astype(np.float32) * r).astype(np.uint8)
             prev_frames = video
             t_decode += time.perf_counter() - t0
             job.bar.update(1)
@@ -902,7 +990,10 @@ class Pipeline:
         x = jax.random.normal(kx, shape, jnp.float32)
         known_lat = np.zeros(shape, np.float32)
         mask = np.zeros((1, total, 1, 1, 1), bool)
-        if self.masked_input:  # image-to-video: frame 0 is the portrait
+        arrays = job.arrays
+        if job.known_frames == "condition":
+            arrays = {**arrays, **self._condition_inputs(job.portrait[None], plan.clip_frames)}
+        elif self.masked_input:  # image-to-video: frame 0 is the portrait
             known_lat[:, :1] = self._encode_frames(job.portrait[None])
             mask[:, :1] = True
         window = {"starts": np.array([c.start // plan.stride for c in plan.clips], np.int32),
@@ -914,7 +1005,7 @@ class Pipeline:
             cn["audio"] = np.zeros_like(window["audio"][0])
             cf["audio"] = cn["audio"]  # placeholder: each window's own audio replaces it
         fn = self.engine.program("overlap", job.sampler, job.guidance, steps, job.progress)
-        args = (self.engine.state, x, cf, cn, (known_lat, mask, jax.random.normal(kn, shape, jnp.float32)), job.arrays,
+        args = (self.engine.state, x, cf, cn, (known_lat, mask, jax.random.normal(kn, shape, jnp.float32)), arrays,
                 job.weights, window)
         compiled, t_compile = self.engine.compile(fn, *args)
         lat, t_denoise = self.engine.run(compiled, args, steps=steps, desc=f"{len(plan.clips)} windows",
@@ -966,7 +1057,7 @@ def add_arguments(p) -> None:
     p.add_argument("--prompt", default=None, help="text prompt (needs --text-encoder and --tokenizer)")
     p.add_argument("--negative-prompt", default=None, help="the unconditional branches' prompt (default: null)")
     g = p.add_argument_group("sampling (defaults: the checkpoint's config.sample)")
-    g.add_argument("--sampler", choices=["euler", "unipc", "dpm++"], default=None)
+    g.add_argument("--sampler", choices=["euler", "unipc", "dpm++", "wan-unipc"], default=None)
     g.add_argument("--steps", type=int, default=None)
     g.add_argument("--shift", type=float, default=None, help="flow shift of the σ schedule")
     g.add_argument("--guidance", default=None, help="e.g. text=4,audio=2.9 | text+audio=3.5 | a preset "
@@ -990,6 +1081,8 @@ def add_arguments(p) -> None:
     g.add_argument("--audio-features", default=None, help="rms | wav2vec2:DIR (default: the training run's)")
     g.add_argument("--text-encoder", default=None, help="a converted umT5 / T5 directory")
     g.add_argument("--tokenizer", default=None, help="its local tokenizer directory")
+    g.add_argument("--image-encoder", default=None, help="a `hallojax convert clip` directory (models with CLIP image "
+                   "context: Wan I2V / Wan-Fun-InP / EchoMimicV3)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -1012,7 +1105,8 @@ def run(args, overrides=()) -> int:
     read_audio(args.audio)
     pipe = Pipeline.load(args.checkpoint, step=args.step, weights=args.weights, codec=args.codec,
                          audio_features=args.audio_features, text_encoder=args.text_encoder, tokenizer=args.tokenizer,
-                         fps=args.fps, height=args.height, width=args.width, overrides=overrides)
+                         fps=args.fps, height=args.height, width=args.width, overrides=overrides,
+                         image_encoder=args.image_encoder)
     result = pipe.generate(args.image, args.audio, prompt=args.prompt, negative_prompt=args.negative_prompt,
                            sampler=args.sampler, steps=args.steps, shift=args.shift, guidance=args.guidance,
                            long_video_strategy=args.long_video, overlap=args.overlap, clip_frames=args.clip_frames,

@@ -109,6 +109,21 @@ def speech_16k(wave: np.ndarray, rate: int) -> np.ndarray:
     return np.asarray(mono, np.float32)
 
 
+def normalize_loudness(wave: np.ndarray, rate: int, lufs: float) -> np.ndarray:
+    """`wave` [S] scaled to an integrated loudness of `lufs` (ITU-R BS.1770-4, pyloudnorm), as EchoMimicV3 Flash
+    prepares speech for its audio features; left as it is where the meter reads |loudness| > 100 (silence)."""
+    import warnings
+
+    import pyloudnorm
+
+    loudness = pyloudnorm.Meter(rate).integrated_loudness(np.asarray(wave, np.float64))
+    if not np.isfinite(loudness) or abs(loudness) > 100:
+        return np.asarray(wave, np.float32)
+    with warnings.catch_warnings():  # "possible clipped samples": the released pipeline keeps them too
+        warnings.simplefilter("ignore")
+        return np.asarray(pyloudnorm.normalize.loudness(np.asarray(wave, np.float64), loudness, lufs), np.float32)
+
+
 def _fps_fraction(fps) -> fractions.Fraction:
     return fractions.Fraction(fps).limit_denominator(1001)
 

@@ -16,6 +16,7 @@ KINDS: dict[str, tuple[str, str, str]] = {
     "wav2vec2": ("hallojax.encoders.wav2vec2", "Wav2Vec2Config", "Wav2Vec2"),
     "t5-encoder": ("hallojax.encoders.t5", "T5EncoderConfig", "T5Encoder"),
     "wan-vae": ("hallojax.vae", "VAEConfig", "WanVAE"),
+    "clip-vision": ("hallojax.encoders.clip", "CLIPVisionConfig", "CLIPVision"),
 }
 
 

@@ -9,14 +9,20 @@ from hallojax.dit import DiTConfig, abstract_model, param_count
 from hallojax.sharding import make_mesh
 
 PRESETS = ["tiny", "wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan2.1-i2v-14b", "hallo3-style,size=1.3b",
-           "hyavatar-style,size=1.3b", "echomimic-style,size=1.3b", "letstalk-style,size=1.3b"]
+           "hyavatar-style,size=1.3b", "echomimic-style,size=1.3b", "letstalk-style,size=1.3b",
+           "echomimic-v3-preview,size=1.3b", "echomimic-v3-flash,size=1.3b", "echomimic-v3-preview",
+           "echomimic-v3-flash"]
 MESHES = ["single", "dp", "fsdp", "fsdp_tp", "dp_context", "fsdp_context"]
 # published sizes (the Wan2.1 configs as released on the diffusers hub)
 # the counts the README table states (a test below proves them equal to diffusers')
 README_COUNTS = {"tiny": 149_248, "wan2.1-t2v-1.3b": 1_418_996_800, "wan2.1-t2v-14b": 14_288_491_584,
                  "wan2.1-i2v-14b": 16_394_878_784,
                  "hallo3-style,size=1.3b": 3_065_223_774, "hyavatar-style,size=1.3b": 1_553_243_742,
-                 "echomimic-style,size=1.3b": 1_491_390_528, "letstalk-style,size=1.3b": 1_671_706_206}
+                 "echomimic-style,size=1.3b": 1_491_390_528, "letstalk-style,size=1.3b": 1_671_706_206,
+                 # EchoMimicV3 as released, Wan2.1-Fun-1.3B-InP base included (research note §4: 1,564,428,608
+                 # base + 142,786,560 preview / + 299,344,384 Flash, of which 70,824,960 the unapplied q_audio)
+                 "echomimic-v3-preview,size=1.3b": 1_707_215_168, "echomimic-v3-flash,size=1.3b": 1_863_772_992,
+                 "echomimic-v3-preview": 190_664, "echomimic-v3-flash": 206_712}
 PUBLISHED = {"wan2.1-t2v-1.3b": (30, 1536, 12, 8960, 16), "wan2.1-t2v-14b": (40, 5120, 40, 13824, 16),
              "wan2.1-i2v-14b": (40, 5120, 40, 13824, 36)}
 

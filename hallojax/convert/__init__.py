@@ -13,6 +13,9 @@ from hallojax.convert.wan import convert_wan_diffusers, export_wan_diffusers
 
 FORMATS: dict[str, tuple[str, str, str]] = {
     "wan-diffusers": ("hallojax.convert.wan", "convert_wan_diffusers", "export_wan_diffusers"),
+    "wan": ("hallojax.convert.wan_original", "convert_wan_original", "export_wan_original"),
+    "echomimic-v3": ("hallojax.convert.echomimic", "convert_echomimic_v3", ""),
+    "clip": ("hallojax.convert.clip", "convert_clip", ""),
     "wan-vae": ("hallojax.convert.wan_vae", "convert_wan_vae", "export_wan_vae"),
     "wav2vec2": ("hallojax.convert.wav2vec2", "convert_wav2vec2", "export_wav2vec2"),
     "umt5": ("hallojax.convert.t5", "convert_umt5", "export_umt5"),
@@ -20,12 +23,18 @@ FORMATS: dict[str, tuple[str, str, str]] = {
 }
 
 
+# formats whose import reads several inputs (default: one SRC)
+SOURCES: dict[str, tuple[str, ...]] = {"echomimic-v3": ("BASE_DIR", "ECHO_FILE")}
+
+
 def converter(fmt: str, direction: str):
     """The import ("convert") or export function of `fmt`."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; known: {sorted(FORMATS)}")
     module, convert_name, export_name = FORMATS[fmt]
+    if direction != "convert" and not export_name:
+        raise ValueError(f"format {fmt!r} is import-only (there is no `hallojax export {fmt}`)")
     return getattr(importlib.import_module(module), convert_name if direction == "convert" else export_name)
 
 
-__all__ = ["FORMATS", "ConversionError", "converter", "convert_wan_diffusers", "export_wan_diffusers"]
+__all__ = ["FORMATS", "SOURCES", "ConversionError", "converter", "convert_wan_diffusers", "export_wan_diffusers"]

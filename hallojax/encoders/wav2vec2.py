@@ -424,3 +424,31 @@ class Wav2Vec2Features:
 
     def __call__(self, waveform, fps: float, num_frames: int):
         return np.asarray(encode_audio(self.model, waveform, fps, num_frames, extractor=self.extractor), np.float32)
+
+
+@nnx.jit
+def _forward_last(model: Wav2Vec2, input_values):
+    return model(input_values).last_hidden_state
+
+
+class Wav2Vec2Tokens(Wav2Vec2Features):
+    """The last hidden state at wav2vec2's own rate (50 Hz at 16 kHz), r = 50 / fps tokens per video frame, as
+    [B, num_frames, r, D] (spec "wav2vec2-tokens:PATH"): EchoMimicV3 preview's audio input (wav2vec2-base-960h,
+    2 tokens per 25-fps frame). The waveform is encoded whole, then the token sequence is cut or zero-padded
+    to exactly r·num_frames (the encoder gives one token fewer than 50 per second)."""
+
+    def __call__(self, waveform, fps: float, num_frames: int):
+        rate = self.model.cfg.sampling_rate / math.prod(self.model.cfg.conv_stride)  # 50 Hz
+        r = rate / fps
+        if abs(r - round(r)) > 1e-6 or r < 1:
+            raise ValueError(f"audio features wav2vec2-tokens: {rate:g} Hz tokens do not divide into "
+                             f"{fps:g} fps frames")
+        r = round(r)
+        wav = np.asarray(waveform, np.float32)
+        wav = wav[None] if wav.ndim == 1 else wav
+        values = np.asarray(self.extractor(list(wav), sampling_rate=self.model.cfg.sampling_rate,
+                                           return_tensors="np").input_values, np.float32)
+        self.model.check_inputs(values, None, None)
+        tokens = np.asarray(_forward_last(self.model, values), np.float32)[:, :r * num_frames]  # [B, S, D]
+        tokens = np.pad(tokens, ((0, 0), (0, r * num_frames - tokens.shape[1]), (0, 0)))
+        return tokens.reshape(tokens.shape[0], num_frames, r, -1)

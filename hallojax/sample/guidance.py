@@ -18,6 +18,8 @@ and audio dropped for the first 10 steps, then audio only, scale decaying linear
 `text=lin(7.5,2)@:10;1@10:, audio=lin(7.5,2)@:10;lin(6.5,3.5)@10:`: two live branches on every step.
 
 Scale schedules: `4` (constant), `lin(a,b)` (a at step 0 to b at step N, evaluated at each step),
+`cos(a,b[,p])` (cosine decay from a at step 0 towards b: b + (a − b)·(1 − cos(π·((N − i)/N)^p))/2, p = 1
+by default; EchoMimicV3's dynamic CFG is `cos(g,g/2,5)`: g at step 0, ≈ g/2 from mid-schedule on),
 `VALUE@START:STOP` (only on steps START..STOP-1; integers are step indices, decimals like `0.8` are
 fractions of N), several pieces joined by `;` (later pieces win). Steps no piece covers get scale 1
 (the term is on, without extrapolation).
@@ -41,6 +43,8 @@ PRESETS = {
     "hallo3": "text+audio=3.5",
     "hyavatar": "text=lin(7.5,2)@:10;1@10:,audio=lin(7.5,2)@:10;lin(6.5,3.5)@10:",
     "audio": "audio=3",  # audio-only guidance (EchoMimicV3 Flash): branches {everything but audio}, {all}
+    # EchoMimicV3 preview as released: text 4 / audio 2.9 with its dynamic (cosine) decay of both scales
+    "echomimic-v3-preview": "text=cos(4,2,5),audio=cos(2.9,1.45,5)",
 }
 
 _NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
@@ -48,20 +52,24 @@ _NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 
 @dataclasses.dataclass(frozen=True)
 class ScaleSchedule:
-    """Pieces (start, stop, a, b): scale a + (b − a)·i/N on steps start <= i < stop (stop None = N; float
-    bounds are fractions of N). Built by `parse_scale`."""
+    """Pieces (start, stop, a, b, p): on steps start <= i < stop (stop None = N; float bounds are fractions of
+    N) the scale a + (b − a)·i/N (p None: linear), or b + (a − b)·(1 − cos(π·((N − i)/N)^p))/2 (cosine decay).
+    Built by `parse_scale`."""
 
-    pieces: tuple[tuple[float | int | None, float | int | None, float, float], ...]
+    pieces: tuple[tuple[float | int | None, float | int | None, float, float, float | None], ...]
     text: str = ""
 
     def values(self, steps: int) -> np.ndarray:
         out = np.ones(steps)
         i = np.arange(steps)
-        for start, stop, a, b in self.pieces:
+        for start, stop, a, b, p in self.pieces:
             lo = _bound(start, steps, 0)
             hi = _bound(stop, steps, steps)
             sel = (i >= lo) & (i < hi)
-            out[sel] = a + (b - a) * i[sel] / steps
+            if p is None:
+                out[sel] = a + (b - a) * i[sel] / steps
+            else:
+                out[sel] = b + (a - b) * (1 - np.cos(np.pi * ((steps - i[sel]) / steps) ** p)) / 2
         return out
 
 
@@ -77,22 +85,27 @@ def parse_scale(text: str) -> ScaleSchedule:
         piece = piece.strip()
         value, _, rng = piece.partition("@")
         value = value.strip()
+        p = None
         if m := re.fullmatch(rf"lin\(\s*({_NUM})\s*,\s*({_NUM})\s*\)", value):
             a, b = float(m[1]), float(m[2])
+        elif m := re.fullmatch(rf"cos\(\s*({_NUM})\s*,\s*({_NUM})\s*(?:,\s*({_NUM})\s*)?\)", value):
+            a, b, p = float(m[1]), float(m[2]), float(m[3] or 1)
         elif re.fullmatch(_NUM, value):
             a = b = float(value)
         else:
-            raise ValueError(f"guidance scale {text!r}: {value!r} is not a number or lin(a,b)")
+            raise ValueError(f"guidance scale {text!r}: {value!r} is not a number, lin(a,b) or cos(a,b[,p])")
         start = stop = None
         if rng:
             m = re.fullmatch(rf"\s*({_NUM})?\s*:\s*({_NUM})?\s*", rng)
             if not m:
                 raise ValueError(f"guidance scale {text!r}: step range {rng!r} must be START:STOP")
             start, stop = (None if g is None else float(g) if "." in g else int(g) for g in (m[1], m[2]))
-        for v in (a, b):
+        for v in (a, b, 1.0 if p is None else p):
             if not math.isfinite(v):
                 raise ValueError(f"guidance scale {text!r}: {v} is not finite")
-        pieces.append((start, stop, a, b))
+        if p is not None and p <= 0:
+            raise ValueError(f"guidance scale {text!r}: the cosine power {p} must be > 0")
+        pieces.append((start, stop, a, b, p))
     return ScaleSchedule(tuple(pieces), text)
 
 

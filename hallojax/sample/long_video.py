@@ -10,6 +10,10 @@ Three strategies (`plan(strategy, ...)` returns the clip plan; `generate.py` run
 - `continue` (masked-input models: EchoMimicV3 / Wan-InP 2C + 4 channels): clip 0 is image-to-video (frame 0
   known = the portrait); clip k ≥ 1 starts m frames before the end of clip k − 1 with those m frames known
   (mask channels + masked latent), and emits the frames after them.
+- `chunks` (masked-input models; EchoMimicV3 preview's default): like `continue`, with the m known frames
+  given in video frames (`overlap_frames`, 8 in the release, not a whole number of latent frames: the mask
+  channels mark them frame by frame), and every frame of a clip emitted: its first m frames cross-fade
+  over the previous clip's last m in pixels, old·(1 − r) + new·r with r = linspace(0, 1, m).
 - `overlap` (any model; EchoMimicV3's "long video" mode, MultiDiffusion-style): one denoising loop over the
   whole latent sequence; at every step each window of F latent frames is denoised (windows overlap by O
   latent frames, the last one aligned to the end) and the velocities are blended with linear ramps over
@@ -28,7 +32,7 @@ import math
 
 import numpy as np
 
-STRATEGIES = ("motion", "overlap", "continue")
+STRATEGIES = ("motion", "overlap", "continue", "chunks")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +75,7 @@ def known_video_frames(latent: int, stride: int) -> int:
 
 
 def plan(strategy: str, frames: int, clip_frames: int, stride: int, *, known_latent: int = 1,
-         overlap_latent: int = 1) -> Plan:
+         overlap_latent: int = 1, overlap_frames: int = 8) -> Plan:
     """The clips for `frames` output frames with clips of `clip_frames` (= 1 + stride·(F − 1)) frames.
 
     known_latent: latent frames carried from one clip to the next (motion: the model's motion_frames;
@@ -85,6 +89,15 @@ def plan(strategy: str, frames: int, clip_frames: int, stride: int, *, known_lat
     f = latent_count(clip_frames, stride)
     if strategy == "overlap":
         return _overlap(frames, clip_frames, f, stride, overlap_latent)
+    if strategy == "chunks":
+        m = overlap_frames
+        if not 0 < m < clip_frames:
+            raise ValueError(f"chunks: {m} overlap frames must be in 1..{clip_frames - 1}")
+        clips = [Clip(start=0, known=1, emit=(0, min(clip_frames, frames)))]
+        while clips[-1].emit[1] < frames:
+            a = clips[-1].start + clip_frames - m
+            clips.append(Clip(start=a, known=m, emit=(a, min(a + clip_frames, frames))))
+        return Plan(strategy, frames, clip_frames, f, stride, tuple(clips), m)
     if not 0 < known_latent < f:
         raise ValueError(f"{strategy}: {known_latent} known latent frames per clip must be in 1..{f - 1} "
                          f"(clips have {f} latent frames)")

@@ -17,6 +17,9 @@ shift ∈ {1, 3, 5}), including where diffusers rounds:
   the model gets t = int(1000·σ) (diffusers keeps integer timesteps: truncated, not rounded).
 - "dpm++" = `DPMSolverMultistepScheduler(..., use_flow_sigmas=True, flow_shift=s)`:
   σ = flip(shift(1 − linspace(1, 1/1000, N + 1)))[:-1]; t = int(1000·σ).
+- "wan-unipc" = Wan's `FlowUniPCMultistepScheduler` (Wan2.1 `fm_solvers_unipc.py`, EchoMimicV3 Flash) built with
+  shift 1 and `set_timesteps(N, shift=s)`: σ = shift(linspace(0.999, 0, N + 1)[:-1]) (its grid starts at
+  1 − 1/1000 and ends at 0, unlike diffusers'), t = int(1000·σ); the solver is "unipc".
 Every schedule ends with σ_N = 0, so the last step returns the clean prediction.
 """
 
@@ -87,7 +90,14 @@ def dpm_flow(steps: int, shift: float) -> Schedule:
     return _flow(sigmas, np.trunc(sigmas * NUM_TRAIN_TIMESTEPS))
 
 
-FLOW_SCHEDULES = {"euler": euler_flow, "unipc": unipc_flow, "dpm++": dpm_flow}
+def wan_unipc_flow(steps: int, shift: float) -> Schedule:
+    # the scheduler's training grid, float32, at shift 1: 1 − linspace(1, 1/1000, 1000) reversed, so 0.999 .. 0
+    train = (1.0 - np.linspace(1, 1 / NUM_TRAIN_TIMESTEPS, NUM_TRAIN_TIMESTEPS)[::-1]).astype(np.float32)
+    sigmas = shift_sigmas(np.linspace(float(train[0]), float(train[-1]), steps + 1)[:-1], shift)
+    return _flow(sigmas, np.trunc(sigmas * NUM_TRAIN_TIMESTEPS))
+
+
+FLOW_SCHEDULES = {"euler": euler_flow, "unipc": unipc_flow, "dpm++": dpm_flow, "wan-unipc": wan_unipc_flow}
 
 
 def flow_schedule(sampler: str, steps: int, shift: float) -> Schedule:

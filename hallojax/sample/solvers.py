@@ -170,7 +170,8 @@ class DPMSolverPP(_LinearMultistep):
                 c["p_1"][i] = 0.5 * big_a / r0
 
 
-SAMPLERS = {"euler": Euler, "unipc": UniPC, "dpm++": DPMSolverPP}
+SAMPLERS = {"euler": Euler, "unipc": UniPC, "dpm++": DPMSolverPP,
+            "wan-unipc": UniPC}  # Wan's FlowUniPCMultistepScheduler: the same solver on Wan's σ grid (schedules.py)
 
 
 def get_sampler(name: str):

@@ -1,0 +1,67 @@
+"""Does a model trained with hallojax learn lip sync? A short CI version of README "Does it learn?":
+the lipsync-small recipe at 16x16 px on one-frame clips, trained from scratch by `hallojax train`, then
+`hallojax eval --every-checkpoint` on unseen people speaking unseen speech. A model that ignores the audio
+scores the same r with its own speech as with another video's; this one must score clearly higher with
+its own."""
+
+from __future__ import annotations
+
+import json
+
+from data_pipeline import synthetic
+from hallojax import cli
+
+STEPS = 800
+LR = 8e-3  # 2.7x the recipe's: sync appears within 800 steps (at 3e-3, 600 steps: r own 0.08 for 2 of 3 seeds)
+# Thresholds from `python tests/test_learning.py 0 1 2 3 4` (step 800: r own / r shuffled):
+#   seed 0: 0.795 / 0.272     seed 1: 0.805 / 0.073     seed 2: 0.816 / 0.470 (the 4 speeches share r 0.51)
+#   seed 3: 0.756 / 0.133     seed 4: 0.827 / 0.021
+# so r own 0.76-0.83 and a margin of 0.35-0.81; at step 400, before sync appears (seeds 1, 2): r own 0.06 / 0.36,
+# margin 0.09 / 0.15. An audio-blind model has a margin of 0 (tests/test_evaluate.py).
+MIN_OWN = 0.5  # r own at the last checkpoint
+MIN_GAP = 0.2  # r own - r shuffled at the last checkpoint
+
+
+def learn_and_score(tmp, seed: int, steps: int = STEPS, overrides=()) -> list[dict]:
+    """Train lipsync-small (16 px, 1-frame clips, batch 16) for `steps` from `seed` and score the last
+    checkpoint on 4 held-out synthetic videos x 1.2 s (seed 1000 + seed: other people, other speech); the
+    README's "Does it learn?" block runs at these shapes, so each program compiles once."""
+    workdir = tmp / "run"
+    rc = cli.main(["train", "--config", "configs/wan.py:lipsync-small", "--workdir", str(workdir),
+                   f"--config.seed={seed}", f"--config.data.workdir={tmp / 'data'}", "--config.data.size=16",
+                   "--config.data.frames=1", "--config.train.batch_size=16", f"--config.train.steps={steps}",
+                   f"--config.train.learning_rate={LR}", f"--config.checkpoint.every={steps}",
+                   "--config.checkpoint.async_save=False", *overrides])
+    assert rc == 0
+    heldout = tmp / "heldout"
+    synthetic.generate(heldout, num_videos=4, seed=1000 + seed,
+                       cfg=synthetic.SyntheticConfig(min_seconds=1.6, max_seconds=1.6))
+    out = tmp / "curve"
+    rc = cli.main(["eval", "--checkpoint", str(workdir), "--videos", str(heldout), "--out", str(out),
+                   "--every-checkpoint", "--weights", "params", "--steps", "10", "--max-seconds", "1.2"])
+    assert rc == 0
+    return json.loads((out / "curve.json").read_text())["points"]
+
+
+def test_a_short_run_learns_lip_sync_beyond_chance(tmp_path):
+    points = learn_and_score(tmp_path, seed=0)
+    assert [p["step"] for p in points] == [STEPS]
+    last = points[-1]
+    assert last["r_own"] - last["r_shuffled"] > MIN_GAP, points
+    assert last["r_own"] > MIN_OWN, points
+    assert last["identity_own"] > last["identity_others"], points  # the reference's face, not another's
+
+
+if __name__ == "__main__":  # measure: python tests/test_learning.py SEED [SEED ...] [--config.KEY=VALUE ...]
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    extra = [a for a in sys.argv[1:] if a.startswith("--")]
+    for s in [int(a) for a in sys.argv[1:] if not a.startswith("--")]:
+        with tempfile.TemporaryDirectory() as d:
+            for p in learn_and_score(Path(d), s, overrides=extra):
+                print(f"{' '.join(extra)} seed {s} step {p['step']}: r own {p['r_own']:.3f} "
+                      f"shuffled {p['r_shuffled']:.3f} (speeches {p['r_truths']:.3f}) silence {p['r_silence']:.3f} "
+                      f"identity {p['identity_own']:.3f}/{p['identity_others']:.3f}",
+                      flush=True)
