@@ -76,19 +76,27 @@ class FitReport:
     compile_seconds: float = 0.0
     error: str = ""
     hints: tuple[str, ...] = ()  # what to try when it does not fit
+    branches: int = 0  # sampling: guidance branches batched into the step's one model call (0: training)
+    collectives: dict = dataclasses.field(default_factory=dict)  # kind -> bytes per chip per step (HLO)
 
     def lines(self) -> list[str]:
         from hallojax.flops import device_spec, format_flops
 
         f, h, w = self.shape
-        out = [f"topology {self.topology} ({self.chips} chips, {self.device_kind}), mesh {self.mesh}",
-               f"global batch {self.batch} ({self.batch / self.chips:g} per chip), latents {f}x{h}x{w} "
-               f"= {self.tokens_per_sample:,} tokens per sample; compiled in {self.compile_seconds:.0f} s"]
+        rows = self.batch * max(self.branches, 1)
+        plural = lambda n, word, suffix="s": f"{n} {word}{suffix if n > 1 else ''}"  # noqa: E731
+        what = (f"one denoising step: {plural(self.branches, 'guidance branch', 'es')} x "
+                f"{plural(self.batch, 'video')} = {rows} model rows ({rows / self.chips:g} per chip)"
+                if self.branches else f"global batch {self.batch} ({self.batch / self.chips:g} per chip)")
+        out = [f"topology {self.topology} ({plural(self.chips, 'chip')}, {self.device_kind}), mesh {self.mesh}",
+               f"{what}, latents {f}x{h}x{w} = {self.tokens_per_sample:,} tokens per sample; compiled in "
+               f"{self.compile_seconds:.0f} s"]
         cap = f"{self.hbm_gib:.1f} GiB" if self.hbm_gib else "unknown"
+        tries = [f"  try: {h}" for h in self.hints]
         if not self.fits:
             out.append(f"DOES NOT FIT per-chip HBM ({cap}): {self.error}")
-            out += [f"  try: {h}" for h in self.hints]
-            return out
+            if not self.total_gib:  # the compiler stopped: no memory breakdown
+                return out + tries
         out.append(f"per chip: arguments {self.argument_gib:.2f} GiB, outputs {self.output_gib:.2f} (aliased "
                    f"{self.alias_gib:.2f}), temporaries {self.temp_gib:.2f}, code {self.code_gib:.2f} -> "
                    f"total {self.total_gib:.2f} GiB of {cap}")
@@ -101,11 +109,22 @@ class FitReport:
         if spec:
             t = per_chip / (spec[0] * 1e12)
             out.append(f"step time at 100% / 50% MFU: {t:.3g} s / {2 * t:.3g} s")
-        return out
+        if self.collectives:
+            kinds = ", ".join(f"{k} {format_bytes(v)}"
+                              for k, v in sorted(self.collectives.items(), key=lambda kv: -kv[1]))
+            out.append(f"collectives per chip per step: {format_bytes(sum(self.collectives.values()))} ({kinds})")
+        return out + tries
 
 
-def fit_hints(cfg) -> tuple[str, ...]:
-    """The memory levers not yet pulled in this model config, in the order to try them."""
+def format_bytes(n: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def fit_hints(cfg, accum_steps: int = 1, per_chip_batch: float = 0.0) -> tuple[str, ...]:
+    """The memory levers of a training step not yet pulled, in the order to try them."""
     hints = []
     if cfg.attention != "splash":
         hints.append("--config.model.attention=splash (flash attention: no [L, L] logits in HBM)")
@@ -113,8 +132,113 @@ def fit_hints(cfg) -> tuple[str, ...]:
         hints.append("--config.model.remat=full (recompute each layer in the backward pass)")
     if cfg.remat != "offload_layer_input":
         hints.append("--config.model.remat=offload_layer_input (layer inputs in pinned host memory)")
+    if per_chip_batch / accum_steps > 1:
+        hints.append(f"--config.train.accum_steps={2 * accum_steps} (the batch in micro-batches: the activations "
+                     "of one at a time; the same optimizer step)")
     hints.append("a smaller --batch, or more chips")
     return tuple(hints)
+
+
+def sample_fit_hints(cfg, mesh_shape) -> tuple[str, ...]:
+    """The memory levers of a sampling step not yet pulled, in the order to try them."""
+    hints = []
+    if cfg.param_dtype != "bfloat16":
+        hints.append("--config.model.param_dtype=bfloat16 (inference weights in bf16: half their memory)")
+    if cfg.attention != "splash":
+        hints.append("--config.model.attention=splash (flash attention: no [L, L] logits in HBM)")
+    if mesh_shape.get("context", 1) == 1:
+        hints.append("--config.mesh.context=N --config.model.context_parallel=ulysses (each branch's tokens, and "
+                     "the weights, split over N chips; ring when the heads do not divide)")
+    elif cfg.context_parallel == "none":
+        hints.append("--config.model.context_parallel=ulysses or ring (no key/value all-gather over context)")
+    hints.append("more chips")
+    return tuple(hints)
+
+
+# --- collectives: bytes per chip per step, from the compiled HLO ----------------------------------------
+_COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "ragged-all-to-all",
+                "collective-permute", "collective-broadcast")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
+                "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+_ARRAY = re.compile(r"\b([a-z]+[0-9a-z]*)\[([0-9,]*)\]")
+_INSTR = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*?) ([\w\-]+)\((.*)$")
+
+
+def _arrays(shape_text: str) -> list[int]:
+    """Byte sizes of the arrays in an HLO shape (a tuple gives several)."""
+    out = []
+    for dtype, dims in _ARRAY.findall(shape_text):
+        if dtype in _DTYPE_BYTES:
+            out.append(_DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d))
+    return out
+
+
+def collective_bytes(hlo: str) -> dict[str, int]:
+    """Bytes each chip's collectives move per execution of a compiled (SPMD-partitioned) HLO module, by kind:
+    every collective counts the larger of its operands and its result (all-gather: the gathered result;
+    reduce-scatter, all-reduce, all-to-all, collective-permute: the operands), times the trip counts of
+    the loops around it (a while loop's `known_trip_count`, else the bound of its condition's
+    `counter < N`); a conditional counts its largest branch. Async pairs count once (at -start)."""
+    comps: dict[str, list[tuple[str, str, str, str]]] = {}
+    sizes: dict[str, list[int]] = {}
+    entry, current = None, None
+    for line in hlo.splitlines():
+        if line and not line[0].isspace() and line.rstrip().endswith("{") and "%" in line.split("(")[0]:
+            current = line.split("%", 1)[1].split(" ", 1)[0]
+            comps[current] = []
+            if line.startswith("ENTRY"):
+                entry = current
+            continue
+        m = _INSTR.match(line) if current else None
+        if m:
+            name, shape, op, rest = m.groups()
+            sizes[name] = _arrays(shape)
+            comps[current].append((name, shape, op, rest))
+
+    def trip_count(rest: str) -> int:
+        if m := re.search(r'known_trip_count[^0-9]*([0-9]+)', rest):
+            return int(m.group(1))
+        cond = re.search(r"condition=%([\w.\-]+)", rest)
+        instrs = comps.get(cond.group(1), []) if cond else []
+        consts = {n: r for n, _, op, r in instrs if op == "constant"}
+        for _, _, op, r in instrs:
+            if op == "compare" and "direction=LT" in r:
+                for operand in re.findall(r"%([\w.\-]+)", r.split(")")[0]):
+                    if operand in consts and (m := re.match(r"(-?[0-9]+)\)", consts[operand])):
+                        return int(m.group(1))
+        return 1
+
+    memo: dict[str, dict[str, int]] = {}
+
+    def total(comp: str) -> dict[str, int]:
+        if comp in memo:
+            return memo[comp]
+        memo[comp] = acc = {}
+        for _, shape, op, rest in comps.get(comp, []):
+            kind = op.removesuffix("-start")
+            if kind in _COLLECTIVES and not op.endswith("-done"):
+                operands = sum(sum(sizes.get(o, [])) for o in re.findall(r"%([\w.\-]+)", rest.split(")")[0]))
+                acc[kind] = acc.get(kind, 0) + max(operands, max(_arrays(shape), default=0))
+            called = re.findall(r"(?:calls|to_apply|body|condition|true_computation|false_computation)=%([\w.\-]+)",
+                                rest)
+            branches = re.search(r"branch_computations=\{([^}]*)\}", rest)
+            if op == "while":
+                body = re.search(r"body=%([\w.\-]+)", rest).group(1)
+                for k, v in total(body).items():
+                    acc[k] = acc.get(k, 0) + trip_count(rest) * v
+            elif branches or op == "conditional":
+                names = re.findall(r"%([\w.\-]+)", branches.group(1)) if branches else called
+                subs = [total(b) for b in names]
+                biggest = max(subs, key=lambda d: sum(d.values()), default={})
+                for k, v in biggest.items():
+                    acc[k] = acc.get(k, 0) + v
+            elif not op.endswith(("-done", "-update")):  # an async pair's computation runs once
+                for c in called:
+                    for k, v in total(c).items():
+                        acc[k] = acc.get(k, 0) + v
+        return acc
+
+    return total(entry) if entry else {}
 
 
 def check_step_shape(cfg, *, batch, frames, height, width, text_len, image_len=None, steps=1,
@@ -139,57 +263,46 @@ def check_step_shape(cfg, *, batch, frames, height, width, text_len, image_len=N
                          f"{cfg.pos_embed_seq_len or '>= 1'} image tokens")
 
 
-def compile_train_step(config, topology: str, *, batch: int, frames: int, height: int, width: int,
-                       text_len: int = 512) -> FitReport:
-    """Lower and compile `hallojax train`'s step for `topology`; returns the fit report."""
+def _topology(config, topology: str):
+    """(topology name, mesh over its devices, device kind, (peak TFLOP/s, HBM GiB) | None)."""
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # no chips are opened: no exclusive lock needed
     from jax.experimental import topologies
 
-    from hallojax.dit import DiTConfig
-    from hallojax.flops import device_spec, train_flops
-    from hallojax.sharding import batch_sharding, make_mesh, normalize_rules, use_rules
-    from hallojax.train import example_batch, jit_train_step, state_layout
+    from hallojax.flops import device_spec
+    from hallojax.sharding import make_mesh
 
-    cfg = DiTConfig.from_dict(config.model)
-    check_step_shape(cfg, batch=batch, frames=frames, height=height, width=width, text_len=text_len)
     name, chips = parse_topology(topology)
+    grid = tuple(int(d) for d in name.split(":")[1].split("x"))
+    # a slice smaller than one host (4 chips): the host is the slice (e.g. a single v5e chip)
+    kw = {"chips_per_host_bounds": grid + (1,) * (3 - len(grid))} if chips < 4 else {}
     try:
-        topo = topologies.get_topology_desc(name, "tpu")
+        topo = topologies.get_topology_desc(name, "tpu", **kw)
     except Exception as e:  # no libtpu, or a topology it does not know
         raise ValueError(f"cannot describe TPU topology {name!r} ({type(e).__name__}: {e}); the TPU compiler "
                          "comes with the tpu extra: pip install -e .[tpu]") from e
     devices = list(topo.devices)
-    t = config.train
-    rules = normalize_rules(config.rules)
-    mesh = make_mesh(dict(config.mesh), devices)
     kind = devices[0].device_kind
-    spec = device_spec(kind)
-    pt, ph, pw = cfg.patch_size
-    tokens = (frames // pt) * (height // ph) * (width // pw)
-    report = FitReport(topology=name, chips=len(devices), device_kind=kind, mesh=dict(mesh.shape), batch=batch,
-                       shape=(frames, height, width), tokens_per_sample=tokens, fits=False,
-                       hbm_gib=spec[1] if spec else None,
-                       flops_per_step=train_flops(cfg, batch=batch, frames=frames, height=height, width=width,
-                                                  text_len=text_len))
-    if batch % t.accum_steps:
-        raise ValueError(f"--batch {batch} must divide by train.accum_steps={t.accum_steps}")
-    graphdef, shardings, abstract = state_layout(cfg, t, config.seed, mesh, rules)
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    spec_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding(mesh, v.shape, rules))
-                  for k, v in example_batch(cfg, batch, frames, height, width, text_len=text_len, seed=None).items()}
+    return name, make_mesh(dict(config.mesh), devices), kind, device_spec(kind)
+
+
+def _compile(report: FitReport, lower, mesh, rules, hints) -> FitReport:
+    """Compile `lower()` (a Lowered) on the mesh and fill the report: memory per chip, XLA's FLOPs,
+    collective bytes; or the RESOURCE_EXHAUSTED line and `hints` when it does not fit."""
+    from hallojax.sharding import use_rules
+
     t0 = time.perf_counter()
     cache_on = jax.config.jax_enable_compilation_cache
     jax.config.update("jax_enable_compilation_cache", False)  # TPU executables would poison a host's cache
     try:
         with jax.set_mesh(mesh), use_rules(rules):
-            compiled = jit_train_step(graphdef, cfg, t, config.seed, shardings).lower(state, spec_batch).compile()
+            compiled = lower().compile()
     except Exception as e:  # XlaRuntimeError / ValueError carrying RESOURCE_EXHAUSTED
         msg = str(e)
         if "RESOURCE_EXHAUSTED" not in msg and "exceeds" not in msg:
             raise
         report.error = next((ln.strip() for ln in msg.splitlines() if "exceeds" in ln or "RESOURCE" in ln), msg[:300])
-        report.hints = fit_hints(cfg)
+        report.hints = hints
         report.compile_seconds = time.perf_counter() - t0
         return report
     finally:
@@ -209,8 +322,94 @@ def compile_train_step(config, topology: str, *, batch: int, frames: int, height
     report.fits = report.hbm_gib is None or report.total_gib <= report.hbm_gib
     if not report.fits:
         report.error = f"{report.total_gib:.2f} GiB needed"
-        report.hints = fit_hints(cfg)
+        report.hints = hints
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     report.xla_flops_per_chip = float((cost or {}).get("flops", 0.0))
+    report.collectives = collective_bytes(compiled.as_text())
     return report
+
+
+def _report(cfg, name, mesh, kind, spec, batch, shape, flops, **kw) -> FitReport:
+    f, h, w = shape
+    pt, ph, pw = cfg.patch_size
+    return FitReport(topology=name, chips=mesh.size, device_kind=kind, mesh=dict(mesh.shape), batch=batch,
+                     shape=shape, tokens_per_sample=(f // pt) * (h // ph) * (w // pw), fits=False,
+                     hbm_gib=spec[1] if spec else None, flops_per_step=flops, **kw)
+
+
+def compile_train_step(config, topology: str, *, batch: int, frames: int, height: int, width: int,
+                       text_len: int = 512) -> FitReport:
+    """Lower and compile `hallojax train`'s step for `topology`; returns the fit report."""
+    from hallojax.dit import DiTConfig
+    from hallojax.flops import train_flops
+    from hallojax.sharding import batch_sharding, normalize_rules
+    from hallojax.train import example_batch, jit_train_step, state_layout
+
+    cfg = DiTConfig.from_dict(config.model)
+    check_step_shape(cfg, batch=batch, frames=frames, height=height, width=width, text_len=text_len)
+    name, mesh, kind, spec = _topology(config, topology)
+    t = config.train
+    rules = normalize_rules(config.rules)
+    if batch % t.accum_steps:
+        raise ValueError(f"--batch {batch} must divide by train.accum_steps={t.accum_steps}")
+    report = _report(cfg, name, mesh, kind, spec, batch, (frames, height, width),
+                     train_flops(cfg, batch=batch, frames=frames, height=height, width=width, text_len=text_len))
+    graphdef, shardings, abstract = state_layout(cfg, t, config.seed, mesh, rules)
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    spec_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding(mesh, v.shape, rules))
+                  for k, v in example_batch(cfg, batch, frames, height, width, text_len=text_len, seed=None).items()}
+    step = jit_train_step(graphdef, cfg, t, config.seed, shardings)
+    return _compile(report, lambda: step.lower(state, spec_batch), mesh, rules,
+                    fit_hints(cfg, t.accum_steps, batch / mesh.size))
+
+
+def compile_sample_step(config, topology: str, *, batch: int = 1, frames: int, height: int, width: int,
+                        text_len: int = 512, guidance: str | None = None, steps: int = 50) -> FitReport:
+    """Lower and compile one denoising step of `hallojax generate` for `topology`: the model call of
+    `SamplingEngine.guided` over the live guidance branches of the guidance's widest phase (over `steps`),
+    stacked on the batch axis exactly as generation runs them, with the weights laid out by the config's
+    mesh and rules (set `model.param_dtype=bfloat16` for inference weights)."""
+    from flax import nnx
+
+    from hallojax.bench import sample_inputs
+    from hallojax.dit import DiTConfig, WanDiT
+    from hallojax.flops import forward_flops
+    from hallojax.generate import SamplingEngine
+    from hallojax.sample import parse_guidance
+    from hallojax.sharding import normalize_rules, state_shardings
+
+    cfg = DiTConfig.from_dict(config.model)
+    check_step_shape(cfg, batch=batch, frames=frames, height=height, width=width, text_len=text_len)
+    g = parse_guidance(config.sample.guidance if guidance is None else guidance)
+    drops = g.branches()
+    live = max((live for _, _, live in g.phases(steps)), key=len)
+    name, mesh, kind, spec = _topology(config, topology)
+    rules = normalize_rules(config.rules)
+    flops = forward_flops(cfg, batch=batch * len(live), frames=frames, height=height, width=width, text_len=text_len,
+                          reference_cached=True)["total"]
+    report = _report(cfg, name, mesh, kind, spec, batch, (frames, height, width), flops, branches=len(live))
+
+    engine = SamplingEngine(nnx.eval_shape(lambda: WanDiT(cfg, rngs=nnx.Rngs(config.seed))), mesh, rules)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    place = lambda tree: jax.tree.map(  # noqa: E731
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), tree)
+    state = jax.tree.map(lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)), engine.state,
+                         state_shardings(engine.state, mesh, rules), is_leaf=lambda x: isinstance(x, nnx.Variable))
+    full, null, reference = sample_inputs(cfg, frames, height, width, text_len, seed=None, batch=batch)
+    if cfg.reference_net:  # Hallo3: the reference network's per-layer features, computed once per video
+        cache = jax.eval_shape(lambda st, r: nnx.merge(engine.graphdef, st).encode_reference(r).features,
+                               engine.state, reference)
+        full["reference_cache"] = null["reference_cache"] = cache
+    lat = jax.ShapeDtypeStruct((batch, frames, height, width, cfg.out_channels), jax.numpy.float32)
+    masked = (jax.ShapeDtypeStruct(lat.shape[:4] + (4,), lat.dtype), lat) if engine.masked_input else None
+    scalar = jax.ShapeDtypeStruct((), jax.numpy.float32)
+    weights = jax.ShapeDtypeStruct((1, len(live)), jax.numpy.float32)
+    live_drops = [drops[k] for k in live]
+
+    def step(state, x, t, full, null, weights, masked):
+        return engine.guided(state, x, t, 0, full, null, live_drops, weights, masked)
+
+    args = (state, *place((lat, scalar, full, null, weights, masked)))
+    return _compile(report, lambda: jax.jit(step).lower(*args), mesh, rules,
+                    sample_fit_hints(cfg, dict(mesh.shape)))

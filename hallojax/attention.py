@@ -59,34 +59,39 @@ def _splash_block_size(n: int) -> int:
     return next((b for b in sizes if (-n) % b <= n // 64), SPLASH_BLOCK)
 
 
-def _splash_local(q: jax.Array, k: jax.Array, v: jax.Array, interpret: bool) -> jax.Array:
-    """Splash attention on one device: pad, transpose to the kernel's [N, L, K], vmap over batch."""
+def _splash_kernel(nq: int, m: int, interpret: bool, save_residuals: bool = False):
+    """The splash kernel for nq queries and m keys: (kernel, padded nq, padded m, segment ids or None)."""
     # the Pallas TPU module, imported on first use only
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
-    _, l, n, kd = q.shape
-    m = k.shape[1]
-    bq, bkv = _splash_block_size(l), _splash_block_size(m)
-    lp, mp = -(-l // bq) * bq, -(-m // bkv) * bkv
+    bq, bkv = _splash_block_size(nq), _splash_block_size(m)
+    lp, mp = -(-nq // bq) * bq, -(-m // bkv) * bkv
     sizes = sa.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq, block_kv_dkv=bkv,
                           block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
     # one head's mask, the kernel vmapped over heads: the mask metadata (in the core's small SMEM) stays one
     # head's size whatever the head count
     mask = sa.MultiHeadMask((sa.FullMask((lp, mp)),))
-    kernel = sa.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
-    per_head = jax.vmap(lambda q1, k1, v1, seg: kernel(q1[None], k1[None], v1[None], seg)[0],
-                        in_axes=(0, 0, 0, None))
-
-    def to_kernel(x, pad):  # [B, L, N, K] -> [B, N, L + pad, K]
-        return jnp.pad(jnp.swapaxes(x, 1, 2), ((0, 0), (0, 0), (0, pad), (0, 0)))
-
-    qt = to_kernel(q * jnp.asarray(kd ** -0.5, q.dtype), lp - l)
-    kt, vt = to_kernel(k, mp - m), to_kernel(v, mp - m)
+    kernel = sa.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret,
+                                save_residuals=save_residuals)
     segment_ids = None
     if mp != m:  # padded keys form their own segment; all queries (padded ones too) are segment 0
-        segment_ids = sa.SegmentIds(q=jnp.zeros((lp,), jnp.int32),
-                                    kv=(jnp.arange(mp) >= m).astype(jnp.int32))
-    out = jax.vmap(per_head, in_axes=(0, 0, 0, None))(qt, kt, vt, segment_ids)  # [B, N, Lp, K]
+        segment_ids = sa.SegmentIds(q=jnp.zeros((lp,), jnp.int32), kv=(jnp.arange(mp) >= m).astype(jnp.int32))
+    return kernel, lp, mp, segment_ids
+
+
+def _to_kernel(x: jax.Array, length: int) -> jax.Array:
+    """[B, L, N, K] -> the kernel's [B, N, length, K], zero-padded."""
+    return jnp.pad(jnp.swapaxes(x, 1, 2), ((0, 0), (0, 0), (0, length - x.shape[1]), (0, 0)))
+
+
+def _splash_local(q: jax.Array, k: jax.Array, v: jax.Array, interpret: bool) -> jax.Array:
+    """Splash attention on one device: pad, transpose to the kernel's [N, L, K], vmap over batch."""
+    _, l, n, kd = q.shape
+    kernel, lp, mp, segment_ids = _splash_kernel(l, k.shape[1], interpret)
+    per_head = jax.vmap(lambda q1, k1, v1, seg: kernel(q1[None], k1[None], v1[None], seg)[0],
+                        in_axes=(0, 0, 0, None))
+    qt = _to_kernel(q * jnp.asarray(kd ** -0.5, q.dtype), lp)
+    out = jax.vmap(per_head, in_axes=(0, 0, 0, None))(qt, _to_kernel(k, mp), _to_kernel(v, mp), segment_ids)
     return jnp.swapaxes(out[:, :, :l], 1, 2).astype(v.dtype)
 
 
@@ -175,10 +180,11 @@ class Attention(nnx.Module):
 
     def __init__(self, dim: int, num_heads: int, *, eps: float, added_kv_dim: int | None = None,
                  audio_dim: int | None = None, audio_bias: bool = False, rngs: nnx.Rngs, dtype=None,
-                 param_dtype=jnp.float32, impl: str = "xla"):
+                 param_dtype=jnp.float32, impl: str = "xla", context_parallel: str = "none"):
         inner = dim  # Wan: heads * head_dim == dim
         self.num_heads = num_heads
         self.impl = impl
+        self.context_parallel = context_parallel  # self-attention only (hallojax.context_parallel)
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.to_q = Dense(dim, inner, ("embed", "heads"), **kw)
         self.to_k = Dense(dim, inner, ("embed", "heads"), **kw)
@@ -222,7 +228,12 @@ class Attention(nnx.Module):
         if rope is not None:
             q = apply_rope(q, *rope)
             k = apply_rope(k, *rope)
-        out = dot_product_attention(q, k, v, self.impl)
+        if context is None:
+            from hallojax.context_parallel import self_attention  # it imports this module
+
+            out, _ = self_attention(q, k, v, self.impl, self.context_parallel)
+        else:
+            out = dot_product_attention(q, k, v, self.impl)
         if added_context is not None:
             if self.add_k_proj is None:
                 raise ValueError("image context given but the model has no added K/V projections "
@@ -276,12 +287,11 @@ class Attention(nnx.Module):
         if ref is not None:
             ks.append(self._heads(self.norm_k(self.to_k(ref))))
             vs.append(self._heads(self.to_v(ref)))
+        from hallojax.context_parallel import self_attention  # it imports this module
+
         k_x, v_x = jnp.concatenate(ks, axis=1), jnp.concatenate(vs, axis=1)
-        out = gated_joint_attention(q, k, v, k_x, v_x, gate, self.impl)
+        out, oe = self_attention(q, k, v, self.impl, self.context_parallel, k_x=k_x, v_x=v_x, gate=gate,
+                                 q_x=qe if extra is not None else None)
         out = self.to_out(out.reshape(*out.shape[:2], -1))
-        out_e = None
-        if extra is not None:
-            oe = dot_product_attention(qe, jnp.concatenate([k, k_x], axis=1), jnp.concatenate([v, v_x], axis=1),
-                                       self.impl)
-            out_e = self.to_out(oe.reshape(*oe.shape[:2], -1))
+        out_e = None if oe is None else self.to_out(oe.reshape(*oe.shape[:2], -1))
         return out, out_e

@@ -480,20 +480,22 @@ def bench_train_cli(argv) -> dict:
 
 
 # --- bench sample --------------------------------------------------------------------------------
-def _sample_inputs(cfg, frames, height, width, text_len, seed):
-    """Model inputs of one clip ([1, ...]) and their null versions, from the trainer's example batch."""
+def sample_inputs(cfg, frames, height, width, text_len, seed, batch: int = 1):
+    """Model inputs of `batch` clips and their null versions, from the trainer's example batch: numpy
+    arrays, or `jax.ShapeDtypeStruct`s with seed=None (`hallojax compile --sample`)."""
     from hallojax.train import example_batch
 
-    batch = example_batch(cfg, 1, frames, height, width, text_len=text_len, seed=seed)
-    full = {"context": batch["context"]}
+    example = example_batch(cfg, batch, frames, height, width, text_len=text_len, seed=seed)
+    full = {"context": example["context"]}
     for k in ("reference", "audio", "face_mask"):
-        if k in batch and not (k == "reference" and cfg.reference_net and not (
+        if k in example and not (k == "reference" and cfg.reference_net and not (
                 cfg.identity_tokens or cfg.identity_additive or cfg.symbiotic)):
-            full[k] = batch[k]
+            full[k] = example[k]
     if cfg.motion_frames:
-        full["motion"] = np.zeros((1, cfg.motion_frames, height, width, cfg.out_channels), np.float32)
-    null = {k: (v if k in ("face_mask", "motion") else np.zeros_like(v)) for k, v in full.items()}
-    return full, null, batch.get("reference")
+        motion = (batch, cfg.motion_frames, height, width, cfg.out_channels)
+        full["motion"] = np.zeros(motion, np.float32) if seed is not None else jax.ShapeDtypeStruct(motion, np.float32)
+    null = {k: (v if k in ("face_mask", "motion") or seed is None else np.zeros_like(v)) for k, v in full.items()}
+    return full, null, example.get("reference")
 
 
 def _run_ours_sample(cfg, config, mesh, rules, shape, sampler_name, steps, shift, guidance, repeats) -> dict:
@@ -509,7 +511,7 @@ def _run_ours_sample(cfg, config, mesh, rules, shape, sampler_name, steps, shift
     sampler = get_sampler(sampler_name)
     arrays = schedule_arrays(sampler, flow_schedule(sampler_name, steps, shift))
     weights = jax.numpy.asarray(g.weights(steps), jax.numpy.float32)
-    full, null, reference = _sample_inputs(cfg, frames, height, width, text_len, config.seed)
+    full, null, reference = sample_inputs(cfg, frames, height, width, text_len, config.seed)
     if cfg.reference_net:
         with engine.on_mesh():
             full["reference_cache"], null["reference_cache"] = engine.reference_caches(reference, True)

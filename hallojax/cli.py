@@ -11,6 +11,7 @@
     hallojax eval    --checkpoint DIR --videos HELDOUT_DIR --out OUT_DIR [--max-seconds 2] [--side-by-side]
     hallojax info    [--config configs/wan.py:wan2.1-t2v-14b,mesh=fsdp] [--devices 64]
     hallojax compile --config PRESET --topology v5p:2x2x2 [--batch 32 --frames 21 --height 60 --width 104]
+                     [--sample --guidance text=5]          one denoising step of generation instead
     hallojax bench   vae [--height 480 --width 832 --frames 17] [--vae DIR]
     hallojax bench   train [--config configs/wan.py:tiny --batch N --frames 3 --height 8 --width 8 --steps 5]
     hallojax synthetic OUT_DIR [--num-videos N --seed S]      synthetic talking faces (mp4 + sidecars)
@@ -99,15 +100,23 @@ def _train(args, overrides):
 
 
 def _compile(args, overrides):
-    """TPU fit check: compile the training step ahead of time for a TPU topology (per-chip HBM, FLOPs)."""
+    """TPU fit check: compile the training step (or with --sample one denoising step of generation) ahead of
+    time for a TPU topology (per-chip HBM, FLOPs, collective bytes)."""
     import shlex
 
-    from hallojax.aot import compile_train_step
+    from hallojax.aot import compile_sample_step, compile_train_step
     from hallojax.config import load_config
 
     print("$ hallojax " + " ".join(shlex.quote(a) for a in args.argv))
-    report = compile_train_step(load_config(args.config, overrides), args.topology, batch=args.batch,
-                                frames=args.frames, height=args.height, width=args.width, text_len=args.text_len)
+    config = load_config(args.config, overrides)
+    shape = dict(frames=args.frames, height=args.height, width=args.width, text_len=args.text_len)
+    if args.sample:
+        report = compile_sample_step(config, args.topology, batch=1 if args.batch is None else args.batch,
+                                     guidance=args.guidance, **shape)
+    elif args.guidance is not None:
+        raise ValueError("--guidance is for --sample (the branches of a denoising step)")
+    else:
+        report = compile_train_step(config, args.topology, batch=8 if args.batch is None else args.batch, **shape)
     print("\n".join(report.lines()))
     return 0 if report.fits else 1
 
@@ -179,7 +188,10 @@ def build_parser() -> ArgumentParser:
             p.add_argument("--devices", type=int, help="device count for -1 mesh axes (default: those present)")
         if name == "compile":
             p.add_argument("--topology", required=True, help="TPU slice: v5p:2x2x2 (chip grid) or v5p-16")
-            p.add_argument("--batch", type=int, default=8, help="global batch")
+            p.add_argument("--batch", type=int, help="global batch (default 8; --sample: videos per step, 1)")
+            p.add_argument("--sample", action="store_true",
+                           help="one denoising step of generation (all guidance branches) instead of a train step")
+            p.add_argument("--guidance", help="--sample: the guidance spec (default: the config's sample.guidance)")
             p.add_argument("--frames", type=int, default=21, help="latent frames (81 video frames: 21)")
             p.add_argument("--height", type=int, default=60, help="latent height (480 pixels: 60)")
             p.add_argument("--width", type=int, default=104, help="latent width (832 pixels: 104)")

@@ -23,6 +23,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from hallojax.attention import ATTENTION_IMPLS, Attention
 from hallojax.audio import AudioCrossAttention, AudioProjector
+from hallojax.context_parallel import MODES as CONTEXT_PARALLEL, RING_IMPLS
 from hallojax.echomimic import PROJECTORS, FlashProjector, PreviewProjector
 from hallojax.modelconfig import DTYPES, ModelConfig, check_dtypes, with_precision
 from hallojax.layers import MLP, Dense, LayerNorm, gelu_erf, gelu_tanh, timestep_embedding
@@ -53,7 +54,7 @@ class DiTConfig(ModelConfig):
 
     # fields that change numerics but no parameter shape (safe to override when loading)
     NUMERIC_FIELDS: ClassVar[tuple[str, ...]] = ("dtype", "param_dtype", "precision", "remat", "attention",
-                                                 "scan_unroll")
+                                                 "scan_unroll", "context_parallel")
 
     num_layers: int = 30
     num_heads: int = 12  # [num_attention_heads]
@@ -76,6 +77,7 @@ class DiTConfig(ModelConfig):
     precision: str = "auto"  # matmul precision: auto (highest for float32 compute) | default | high | highest
     remat: str = "none"  # one of REMAT_POLICIES
     attention: str = "xla"  # one of ATTENTION_IMPLS
+    context_parallel: str = "none"  # self-attention over tokens split on `context`: none | ulysses | ring
     scan_unroll: int = 1  # layers per step of the layer scan (num_layers: no loop; XLA's cost analysis counts
     # a loop body once, so `hallojax.flops` is checked against an unrolled program)
 
@@ -128,6 +130,10 @@ class DiTConfig(ModelConfig):
         if self.attention not in ATTENTION_IMPLS:
             raise ValueError(f"model.attention={self.attention!r}: expected one of {ATTENTION_IMPLS}")
         check_dtypes(self, "model")
+        if self.context_parallel not in CONTEXT_PARALLEL or (self.context_parallel == "ring"
+                                                            and self.attention not in RING_IMPLS):
+            raise ValueError(f"model.context_parallel={self.context_parallel!r}: expected one of {CONTEXT_PARALLEL}"
+                             f" (ring with attention in {RING_IMPLS})")
         if self.head_dim % 2 or self.head_dim < 6:
             raise ValueError(f"model.head_dim={self.head_dim}: must be even and >= 6 for 3D RoPE")
         if (self.image_dim is None) != (self.added_kv_proj_dim is None):
@@ -243,7 +249,7 @@ class WanBlock(nnx.Module):
 
     def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
         dim, dtype, pdt = cfg.dim, DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
-        kw = dict(rngs=rngs, dtype=dtype, param_dtype=pdt, impl=cfg.attention)
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=pdt, impl=cfg.attention, context_parallel=cfg.context_parallel)
         self.scale_shift_table = nnx.Param(  # float32 whatever param_dtype: it is the modulation
             jax.random.normal(rngs.params(), (1, 6, dim), jnp.float32) / dim**0.5,
             out_sharding=(None, None, "embed"), eager_sharding=False)

@@ -22,15 +22,16 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "context", "tensor")
 
-# The default table: batch over (data, fsdp); weights' model dim over fsdp (ZeRO-3 style);
-# heads and MLP hidden over tensor; the token axis of activations over context.
+# The default table: batch over (data, fsdp); weights' model dim over fsdp and context (ZeRO-3 style: the
+# chips that split a sample's tokens split its weights too, as MaxText does); heads and MLP hidden over
+# tensor; the token axis of activations over context.
 DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("act_batch", ("data", "fsdp")),
     ("act_len", "context"),
     ("act_heads", "tensor"),
     ("act_mlp", "tensor"),
     ("act_embed", None),
-    ("embed", "fsdp"),
+    ("embed", ("fsdp", "context")),
     ("heads", "tensor"),
     ("mlp", "tensor"),
     ("layers", None),

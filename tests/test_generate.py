@@ -138,7 +138,10 @@ def test_long_video_strategies(strategy, media, tmp_path):
 def test_sharded_generation_equals_one_device(demo_ckpt, media, devices):
     kw = dict(steps=2, guidance="audio=2", progress=False)
     one = Pipeline.load(demo_ckpt, devices=devices[:1]).generate(media["image"], media["audio"], **kw)
-    for overrides in ([], ["--config.mesh.context=2"]):  # FSDP x 8; FSDP x 4 with the tokens over context x 2
+    # FSDP x 8; FSDP x 4 with the tokens over context x 2: XLA's partitioning, then Ulysses and the ring
+    context = ["--config.mesh.context=2"]
+    for overrides in ([], context, context + ["--config.model.context_parallel=ulysses"],
+                      context + ["--config.model.context_parallel=ring"]):
         pipe = Pipeline.load(demo_ckpt, overrides=overrides)
         assert pipe.mesh.size == 8 and pipe.mesh.shape["context"] == (2 if overrides else 1)
         many = pipe.generate(media["image"], media["audio"], **kw)

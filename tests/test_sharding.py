@@ -21,7 +21,8 @@ EXPECTED = {
     "dp": (dict(data=8, fsdp=1, context=1, tensor=1), (L, D, D), (L, D, 128)),
     "fsdp": (dict(data=1, fsdp=8, context=1, tensor=1), (L, D // 8, D), (L, D // 8, 128)),
     "fsdp_tp": (dict(data=1, fsdp=4, context=1, tensor=2), (L, D // 4, D // 2), (L, D // 4, 64)),
-    "dp_context": (dict(data=4, fsdp=1, context=2, tensor=1), (L, D, D), (L, D, 128)),
+    # the chips that split a sample's tokens split its weights too (embed -> fsdp, context)
+    "dp_context": (dict(data=4, fsdp=1, context=2, tensor=1), (L, D // 2, D), (L, D // 2, 128)),
 }
 
 
