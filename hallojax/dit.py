@@ -26,7 +26,7 @@ from hallojax.audio import AudioCrossAttention, AudioProjector
 from hallojax.context_parallel import MODES as CONTEXT_PARALLEL, RING_IMPLS
 from hallojax.echomimic import PROJECTORS, FlashProjector, PreviewProjector
 from hallojax.modelconfig import DTYPES, ModelConfig, check_dtypes, with_precision
-from hallojax.layers import MLP, Dense, LayerNorm, gelu_erf, gelu_tanh, timestep_embedding
+from hallojax.layers import MLP, Dense, LayerNorm, gelu_erf, gelu_tanh, stacked, timestep_embedding
 from hallojax.rope import frame_coords, grid_coords, rope_cos_sin
 from hallojax.sharding import constrain
 
@@ -345,17 +345,6 @@ def _audio_projector(cfg: DiTConfig, kw: dict) -> nnx.Module:
                           align=cfg.audio_align, stride=cfg.audio_stride, **kw)
 
 
-def _stacked(cls, n: int, rngs: nnx.Rngs, *args, **kw):
-    """n instances of cls with a leading ``layers`` axis on every parameter (for scanning)."""
-
-    @nnx.split_rngs(splits=n)
-    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-    def make(r):
-        return cls(*args, rngs=r, **kw)
-
-    return make(rngs)
-
-
 @dataclasses.dataclass(frozen=True)
 class ReferenceCache:
     """Per-layer reference-network features [L, B, R, D] (Hallo3). Computed once per reference by
@@ -402,7 +391,7 @@ class WanDiT(nnx.Module):
             self.image_embedder = (ImageEmbedder(cfg.image_dim, dim, cfg.pos_embed_seq_len, rngs=rngs,
                                                  dtype=dtype, param_dtype=pdt)
                                    if cfg.image_dim is not None else None)
-            self.blocks = _stacked(WanBlock, cfg.num_layers, rngs, cfg)
+            self.blocks = stacked(WanBlock, cfg.num_layers, rngs, cfg)
             self.norm_out = LayerNorm(dim, cfg.eps, affine=False)
             self.proj_out = Dense(dim, cfg.out_channels * cfg.patch_volume, ("embed", "mlp"), rngs=rngs,
                                   dtype=dtype, param_dtype=pdt)
@@ -418,11 +407,11 @@ class WanDiT(nnx.Module):
                                   if additive else None)  # zero-init: no change at the start
             self.reference_embedding = (PatchEmbed(cfg.patch_size, cfg.embed_channels, dim, **kw)
                                         if cfg.reference_net else None)
-            self.reference_blocks = (_stacked(WanBlock, cfg.num_layers, rngs, cfg.replace(
+            self.reference_blocks = (stacked(WanBlock, cfg.num_layers, rngs, cfg.replace(
                 reference_net=False, identity_tokens=False, symbiotic=False, motion_mode="channels", audio="none",
                 audio_face_mask=False)) if cfg.reference_net else None)
             self.audio_proj = _audio_projector(cfg, kw) if cfg.audio != "none" else None
-            self.audio_adapters = (_stacked(AudioCrossAttention, cfg.num_layers // cfg.audio_every, rngs, dim,
+            self.audio_adapters = (stacked(AudioCrossAttention, cfg.num_layers // cfg.audio_every, rngs, dim,
                                             cfg.num_heads, cfg.audio_dim, eps=cfg.eps, dtype=dtype, param_dtype=pdt)
                                    if cfg.audio == "cross_attn" else None)
 

@@ -119,3 +119,14 @@ def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> j
     exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half
     args = t.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
     return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def stacked(cls, n: int, rngs: nnx.Rngs, *args, **kw):
+    """n instances of cls with a leading ``layers`` axis on every parameter (for scanning)."""
+
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make(r):
+        return cls(*args, rngs=r, **kw)
+
+    return make(rngs)

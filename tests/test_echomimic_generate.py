@@ -8,7 +8,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from hallojax import cli
 from hallojax.echomimic import RECIPES
@@ -16,7 +15,7 @@ from hallojax.generate import SampleConfig
 from hallojax.sample import long_video
 from hallojax.sample.guidance import parse_guidance
 from hallojax.sample.schedules import flow_schedule
-from test_generate import media, probe  # noqa: F401  (the portrait + speech fixture)
+from test_generate import media, probe, tiny_wan_vae  # noqa: F401  (the portrait + speech fixture)
 
 FPS = 25
 
@@ -55,19 +54,13 @@ def test_loudness_normalisation_reaches_minus_23_lufs():
 @pytest.fixture(scope="module")
 def encoders(tmp_path_factory):
     """Tiny converted Wan VAE (4 latent channels), CLIP (160 wide) and wav2vec2 (full conv stack: 50 Hz, 8 wide)."""
-    from diffusers import AutoencoderKLWan
     from transformers import CLIPVisionConfig, CLIPVisionModel, Wav2Vec2Config, Wav2Vec2Model
 
     from hallojax.convert.clip import convert_clip
-    from hallojax.convert.wan_vae import convert_wan_vae
     from hallojax.convert.wav2vec2 import convert_wav2vec2
 
     tmp = tmp_path_factory.mktemp("encoders")
-    torch.manual_seed(0)
-    AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
-                     temperal_downsample=[False, True, True], latents_mean=[0.0] * 4,
-                     latents_std=[1.0] * 4).save_pretrained(tmp / "vae_hf")
-    convert_wan_vae(tmp / "vae_hf", tmp / "vae", progress=False)
+    tiny_wan_vae(tmp)
     CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                                      image_size=28, patch_size=14, hidden_act="gelu")).save_pretrained(tmp / "clip_hf")
     convert_clip(tmp / "clip_hf", tmp / "clip", progress=False)

@@ -44,6 +44,21 @@ def write_workdir(path, seed=0, **model):
     return path
 
 
+def tiny_wan_vae(tmp):
+    """diffusers' Wan VAE at a tiny width (4 latent channels, seed 0) in tmp/vae_hf, converted to tmp/vae."""
+    import torch
+    from diffusers import AutoencoderKLWan
+
+    from hallojax.convert.wan_vae import convert_wan_vae
+
+    torch.manual_seed(0)
+    AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
+                     temperal_downsample=[False, True, True], latents_mean=[0.0] * 4,
+                     latents_std=[1.0] * 4).save_pretrained(tmp / "vae_hf")
+    convert_wan_vae(tmp / "vae_hf", tmp / "vae", progress=False)
+    return tmp / "vae"
+
+
 @pytest.fixture(scope="module")
 def media(tmp_path_factory):
     """A synthetic person not in any training set: the portrait (png + face sidecar) and 1.2 s of their
@@ -157,23 +172,16 @@ def test_sharded_generation_equals_one_device(demo_ckpt, media, devices):
 def test_real_codec_audio_and_text_encoders(media, tmp_path):
     """A converted DiT with the Wan VAE as codec, wav2vec2 features and a umT5 prompt, all from converted
     directories; three guidance passes (EchoMimicV3's chain)."""
-    import torch
-    from diffusers import AutoencoderKLWan
     from flax import nnx
     from transformers import UMT5Config, UMT5EncoderModel, Wav2Vec2Config, Wav2Vec2Model
 
     from hallojax.checkpoint import flat_params, save_pretrained
     from hallojax.convert.t5 import convert_umt5
-    from hallojax.convert.wan_vae import convert_wan_vae
     from hallojax.convert.wav2vec2 import convert_wav2vec2
     from hallojax.dit import WanDiT
     from test_t5 import TINY, make_tokenizer
 
-    torch.manual_seed(0)
-    AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
-                     temperal_downsample=[False, True, True], latents_mean=[0.0] * 4,
-                     latents_std=[1.0] * 4).save_pretrained(tmp_path / "vae_hf")
-    convert_wan_vae(tmp_path / "vae_hf", tmp_path / "vae", progress=False)
+    tiny_wan_vae(tmp_path)
     Wav2Vec2Model(Wav2Vec2Config(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
                                  conv_dim=(8, 8), conv_kernel=(10, 3), conv_stride=(5, 2),
                                  num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2)).save_pretrained(

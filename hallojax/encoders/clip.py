@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from hallojax.encoders.common import activation, attention
-from hallojax.layers import MLP, Dense, LayerNorm
+from hallojax.layers import MLP, Dense, LayerNorm, stacked
 from hallojax.modelconfig import DTYPES, ModelConfig, check_dtypes, with_precision
 from hallojax.sharding import constrain
 
@@ -104,12 +104,7 @@ class CLIPVision(nnx.Module):
                                                 out_sharding=(None, "embed"))
             self.pre_norm = LayerNorm(d, cfg.layer_norm_eps, affine=True, axis_name="embed")
 
-            @nnx.split_rngs(splits=cfg.num_layers)
-            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-            def make_layers(r):
-                return CLIPLayer(cfg, rngs=r)
-
-            self.layers = make_layers(rngs)
+            self.layers = stacked(CLIPLayer, cfg.num_layers, rngs, cfg)
         self.dtype = dtype
 
     @with_precision

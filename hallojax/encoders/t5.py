@@ -29,7 +29,7 @@ from flax import nnx
 
 from hallojax.encoders.common import activation, attention
 from hallojax.modelconfig import DTYPES, ModelConfig, check_dtypes, with_precision
-from hallojax.layers import Dense, RMSNorm
+from hallojax.layers import Dense, RMSNorm, stacked
 from hallojax.sharding import constrain
 
 
@@ -202,12 +202,7 @@ class T5Encoder(nnx.Module):
                                   PositionBias(cfg.num_buckets, cfg.num_heads, cfg.max_distance, rngs=rngs,
                                                param_dtype=pdt))
 
-            @nnx.split_rngs(splits=cfg.num_layers)
-            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-            def make_blocks(r):
-                return T5Block(cfg, rngs=r)
-
-            self.blocks = make_blocks(rngs)
+            self.blocks = stacked(T5Block, cfg.num_layers, rngs, cfg)
             self.final_norm = RMSNorm(cfg.dim, cfg.eps, axis_name="embed")
 
     def check_inputs(self, input_ids, attention_mask):

@@ -31,7 +31,7 @@ from flax import nnx
 
 from hallojax.encoders.common import activation, attention
 from hallojax.modelconfig import DTYPES, ModelConfig, check_dtypes, with_precision
-from hallojax.layers import MLP, Dense, LayerNorm
+from hallojax.layers import MLP, Dense, LayerNorm, stacked
 from hallojax.sharding import constrain
 
 FEAT_EXTRACT_NORMS = ("group", "layer")
@@ -274,12 +274,7 @@ class Wav2Vec2(nnx.Module):
                                            cfg.feat_extract_activation, rngs=rngs, dtype=dtype, param_dtype=pdt)
             self.enc_norm = LayerNorm(d, cfg.layer_norm_eps, affine=True, axis_name="embed")
 
-            @nnx.split_rngs(splits=cfg.num_layers)
-            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-            def make_layers(r):
-                return EncoderLayer(cfg, rngs=r)
-
-            self.layers = make_layers(rngs)
+            self.layers = stacked(EncoderLayer, cfg.num_layers, rngs, cfg)
 
     def check_inputs(self, input_values, attention_mask, num_frames):
         cfg = self.cfg
