@@ -143,7 +143,7 @@ def one_device():
     return params, _model_grads(CFG, params, mesh, None)
 
 
-@pytest.mark.parametrize("mode,context", [("ulysses", 4), ("ring", 2)])
+@pytest.mark.parametrize("mode,context", [("ulysses", 4), ("ring", 2), ("ring", 4)])
 def test_model_with_identity_tokens_and_audio_equals_one_device(one_device, mode, context, devices):
     params, (ref_out, ref_grads) = one_device
     out, grads = _model_grads(CFG.replace(context_parallel=mode), params, make_mesh(MESHES[context]), RULES)
