@@ -7,39 +7,48 @@ its own."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 from data_pipeline import synthetic
-from hallojax import cli
+
+ROOT = Path(__file__).resolve().parents[1]
 
 STEPS = 800
 LR = 8e-3  # 2.7x the recipe's: sync appears within 800 steps (at 3e-3, 600 steps: r own 0.08 for 2 of 3 seeds)
-# Thresholds from `python tests/test_learning.py 0 1 2 3 4` (step 800: r own / r shuffled):
-#   seed 0: 0.795 / 0.272     seed 1: 0.805 / 0.073     seed 2: 0.816 / 0.470 (the 4 speeches share r 0.51)
-#   seed 3: 0.756 / 0.133     seed 4: 0.827 / 0.021
-# so r own 0.76-0.83 and a margin of 0.35-0.81; at step 400, before sync appears (seeds 1, 2): r own 0.06 / 0.36,
-# margin 0.09 / 0.15. An audio-blind model has a margin of 0 (tests/test_evaluate.py).
-MIN_OWN = 0.5  # r own at the last checkpoint
+# Thresholds from `python tests/test_learning.py 0 1 2 3 4 5 --config.checkpoint.every=400` (one device):
+#   step 800, r own / r shuffled: seed 0: 0.870 / 0.269   seed 1: 0.832 / 0.052   seed 2: 0.816 / 0.461 (these
+#   4 speeches share r 0.51)   seed 3: 0.754 / 0.123   seed 4: 0.701 / -0.005   seed 5: 0.556 / 0.083
+# so r own 0.56-0.87 and a margin of 0.36-0.78; at step 400, as sync appears: margin 0.06-0.23. A model that
+# ignores the audio draws the same video for any speech: a margin of exactly 0 (tests/test_evaluate.py).
+MIN_OWN = 0.4  # r own at the last checkpoint
 MIN_GAP = 0.2  # r own - r shuffled at the last checkpoint
 
 
+def _hallojax(*args):
+    """`hallojax ARGS` as a user on a small machine runs it: its own process, one CPU device."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-m", "hallojax.cli", *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
 def learn_and_score(tmp, seed: int, steps: int = STEPS, overrides=()) -> list[dict]:
-    """Train lipsync-small (16 px, 1-frame clips, batch 16) for `steps` from `seed` and score the last
-    checkpoint on 4 held-out synthetic videos x 1.2 s (seed 1000 + seed: other people, other speech); the
-    README's "Does it learn?" block runs at these shapes, so each program compiles once."""
+    """Train lipsync-small (16 px, 1-frame clips, batch 16) for `steps` from `seed` on one device and score
+    its checkpoints on 4 held-out synthetic videos x 1.2 s (seed 1000 + seed: other people, other speech)."""
     workdir = tmp / "run"
-    rc = cli.main(["train", "--config", "configs/wan.py:lipsync-small", "--workdir", str(workdir),
-                   f"--config.seed={seed}", f"--config.data.workdir={tmp / 'data'}", "--config.data.size=16",
-                   "--config.data.frames=1", "--config.train.batch_size=16", f"--config.train.steps={steps}",
-                   f"--config.train.learning_rate={LR}", f"--config.checkpoint.every={steps}",
-                   "--config.checkpoint.async_save=False", *overrides])
-    assert rc == 0
+    _hallojax("train", "--config", "configs/wan.py:lipsync-small", "--workdir", workdir, f"--config.seed={seed}",
+              f"--config.data.workdir={tmp / 'data'}", "--config.data.size=16", "--config.data.frames=1",
+              "--config.train.batch_size=16", f"--config.train.steps={steps}", f"--config.train.learning_rate={LR}",
+              f"--config.checkpoint.every={steps}", *overrides)
     heldout = tmp / "heldout"
     synthetic.generate(heldout, num_videos=4, seed=1000 + seed,
                        cfg=synthetic.SyntheticConfig(min_seconds=1.6, max_seconds=1.6))
     out = tmp / "curve"
-    rc = cli.main(["eval", "--checkpoint", str(workdir), "--videos", str(heldout), "--out", str(out),
-                   "--every-checkpoint", "--weights", "params", "--steps", "10", "--max-seconds", "1.2"])
-    assert rc == 0
+    _hallojax("eval", "--checkpoint", workdir, "--videos", heldout, "--out", out, "--every-checkpoint",
+              "--weights", "params", "--steps", "10", "--max-seconds", "1.2")
     return json.loads((out / "curve.json").read_text())["points"]
 
 
@@ -53,9 +62,7 @@ def test_a_short_run_learns_lip_sync_beyond_chance(tmp_path):
 
 
 if __name__ == "__main__":  # measure: python tests/test_learning.py SEED [SEED ...] [--config.KEY=VALUE ...]
-    import sys
     import tempfile
-    from pathlib import Path
 
     extra = [a for a in sys.argv[1:] if a.startswith("--")]
     for s in [int(a) for a in sys.argv[1:] if not a.startswith("--")]:
