@@ -165,7 +165,7 @@ def evaluate(pipe, videos: list[dict], *, max_seconds: float | None = None, seed
         measured = {name: measure_mouth_opening(r.frames[:n], box) for name, r in
                     (("own", own), ("shuffled", shuffled), ("silence", silent))}
         m = min(n, len(measured["shuffled"]))
-        k = min(n, len(other["truth"]))
+        k = min(m, len(other["truth"]))  # the frames r_shuffled is measured on
         # the ground truth cropped exactly as the portrait was (same region, same resize)
         gt = _frames(p["path"], n)
         region_frames = np.stack([prepare_portrait(f, w, h, box=p["box"], box_scale=pipe.spec.box_scale).frame
