@@ -85,7 +85,7 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
-    from hallojax.cli import ArgumentParser, print_error
+    from hallojax.usage import ArgumentParser, print_error
 
     p = ArgumentParser(prog="python -m data_pipeline.prepare", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)

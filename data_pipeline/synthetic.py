@@ -298,7 +298,7 @@ def run(args) -> list[Path]:
 
 
 def main(argv=None) -> int:
-    from hallojax.cli import ArgumentParser, print_error
+    from hallojax.usage import ArgumentParser, print_error
 
     p = ArgumentParser(prog="python -m data_pipeline.synthetic", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -372,7 +372,7 @@ def compile_sample_step(config, topology: str, *, batch: int = 1, frames: int, h
     mesh and rules (set `model.param_dtype=bfloat16` for inference weights)."""
     from flax import nnx
 
-    from hallojax.bench import sample_inputs
+    from hallojax.data import sample_inputs
     from hallojax.dit import DiTConfig, WanDiT
     from hallojax.flops import forward_flops
     from hallojax.generate import SamplingEngine

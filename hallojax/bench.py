@@ -45,7 +45,7 @@ import numpy as np
 from flax import nnx
 
 from hallojax.aot import check_step_shape as _check_shape  # shared with `hallojax compile`
-from hallojax.cli import ArgumentParser, UsageError
+from hallojax.usage import ArgumentParser, UsageError
 
 
 def _timed(fn, *args, repeats: int):
@@ -480,26 +480,9 @@ def bench_train_cli(argv) -> dict:
 
 
 # --- bench sample --------------------------------------------------------------------------------
-def sample_inputs(cfg, frames, height, width, text_len, seed, batch: int = 1):
-    """Model inputs of `batch` clips and their null versions, from the trainer's example batch: numpy
-    arrays, or `jax.ShapeDtypeStruct`s with seed=None (`hallojax compile --sample`)."""
-    from hallojax.train import example_batch
-
-    example = example_batch(cfg, batch, frames, height, width, text_len=text_len, seed=seed)
-    full = {"context": example["context"]}
-    for k in ("reference", "audio", "face_mask"):
-        if k in example and not (k == "reference" and cfg.reference_net and not (
-                cfg.identity_tokens or cfg.identity_additive or cfg.symbiotic)):
-            full[k] = example[k]
-    if cfg.motion_frames:
-        motion = (batch, cfg.motion_frames, height, width, cfg.out_channels)
-        full["motion"] = np.zeros(motion, np.float32) if seed is not None else jax.ShapeDtypeStruct(motion, np.float32)
-    null = {k: (v if k in ("face_mask", "motion") or seed is None else np.zeros_like(v)) for k, v in full.items()}
-    return full, null, example.get("reference")
-
-
 def _run_ours_sample(cfg, config, mesh, rules, shape, sampler_name, steps, shift, guidance, repeats) -> dict:
     from hallojax.dit import WanDiT, param_count
+    from hallojax.data import sample_inputs
     from hallojax.generate import SamplingEngine
     from hallojax.sample import flow_schedule, get_sampler, parse_guidance, schedule_arrays
     from hallojax.sharding import create_sharded

@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from hallojax import attention
 from hallojax.attention import (_logits, _splash_kernel, _to_kernel, dot_product_attention,
                                 gated_joint_attention)
 from hallojax.sharding import DEFAULT_RULES, current_rules, logical_to_spec, normalize_rules
@@ -220,9 +221,7 @@ def self_attention(q, k, v, impl: str = "xla", mode: str = "none", *, k_x=None, 
         return _plain(q, k, v, impl, k_x, v_x, gate, q_x)
     mesh_shape, spec, axes, size = layout
     if interpret is None:
-        from hallojax import attention
-
-        interpret = attention.SPLASH_INTERPRET
+        interpret = attention.SPLASH_INTERPRET  # read at call time: tests switch it on
     full = P(spec[0], None, spec[2], None)  # extra tokens: whole on every token shard
     names = ["q", "k", "v"] + [n for n, x in (("k_x", k_x), ("v_x", v_x), ("gate", gate), ("q_x", q_x))
                                if x is not None]

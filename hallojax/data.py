@@ -152,6 +152,22 @@ def example_batch(cfg: DiTConfig, batch: int, frames: int, height: int, width: i
     return out
 
 
+def sample_inputs(cfg, frames, height, width, text_len, seed, batch: int = 1):
+    """Model inputs of `batch` clips and their null versions, from the trainer's example batch: numpy
+    arrays, or `jax.ShapeDtypeStruct`s with seed=None (`hallojax compile --sample`)."""
+    example = example_batch(cfg, batch, frames, height, width, text_len=text_len, seed=seed)
+    full = {"context": example["context"]}
+    for k in ("reference", "audio", "face_mask"):
+        if k in example and not (k == "reference" and cfg.reference_net and not (
+                cfg.identity_tokens or cfg.identity_additive or cfg.symbiotic)):
+            full[k] = example[k]
+    if cfg.motion_frames:
+        motion = (batch, cfg.motion_frames, height, width, cfg.out_channels)
+        full["motion"] = np.zeros(motion, np.float32) if seed is not None else jax.ShapeDtypeStruct(motion, np.float32)
+    null = {k: (v if k in ("face_mask", "motion") or seed is None else np.zeros_like(v)) for k, v in full.items()}
+    return full, null, example.get("reference")
+
+
 class FixedBatches:
     """data.source = "random": one fixed global batch, repeated; `next` gives this process's `rows` of it.
     Latents and text are `synthetic_batch`'s (learnable); other inputs the model needs are random."""

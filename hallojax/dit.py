@@ -21,13 +21,13 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from hallojax.attention import ATTENTION_IMPLS, Attention
-from hallojax.audio import AudioCrossAttention, AudioProjector
-from hallojax.context_parallel import MODES as CONTEXT_PARALLEL, RING_IMPLS
+from hallojax.attention import ATTENTION_IMPLS, dot_product_attention
+from hallojax.audio import AudioCrossAttention, AudioProjector, frame_windows, local_attention
+from hallojax.context_parallel import MODES as CONTEXT_PARALLEL, RING_IMPLS, self_attention
 from hallojax.echomimic import PROJECTORS, FlashProjector, PreviewProjector
 from hallojax.modelconfig import DTYPES, ModelConfig, check_dtypes, with_precision
-from hallojax.layers import MLP, Dense, LayerNorm, gelu_erf, gelu_tanh, stacked, timestep_embedding
-from hallojax.rope import frame_coords, grid_coords, rope_cos_sin
+from hallojax.layers import MLP, Dense, LayerNorm, RMSNorm, gelu_erf, gelu_tanh, stacked, timestep_embedding
+from hallojax.rope import apply_rope, frame_coords, grid_coords, rope_cos_sin
 from hallojax.sharding import constrain
 
 REMAT_POLICIES = {
@@ -237,6 +237,123 @@ class ImageEmbedder(nnx.Module):
         h = self.norm1(x).astype(self.dtype)
         h = self.ff(h)
         return self.norm2(h).astype(self.dtype)
+
+
+class Attention(nnx.Module):
+    """Wan attention: q/k/v projections, RMSNorm over all heads on q and k, optional RoPE, and for
+    I2V cross-attention an added K/V path over image tokens summed before the output projection."""
+
+    def __init__(self, dim: int, num_heads: int, *, eps: float, added_kv_dim: int | None = None,
+                 audio_dim: int | None = None, audio_bias: bool = False, rngs: nnx.Rngs, dtype=None,
+                 param_dtype=jnp.float32, impl: str = "xla", context_parallel: str = "none"):
+        inner = dim  # Wan: heads * head_dim == dim
+        self.num_heads = num_heads
+        self.impl = impl
+        self.context_parallel = context_parallel  # self-attention only (hallojax.context_parallel)
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.to_q = Dense(dim, inner, ("embed", "heads"), **kw)
+        self.to_k = Dense(dim, inner, ("embed", "heads"), **kw)
+        self.to_v = Dense(dim, inner, ("embed", "heads"), **kw)
+        self.to_out = Dense(inner, dim, ("heads", "embed"), **kw)
+        self.norm_q = RMSNorm(inner, eps, axis_name="heads")
+        self.norm_k = RMSNorm(inner, eps, axis_name="heads")
+        if added_kv_dim is not None:
+            self.add_k_proj = Dense(added_kv_dim, inner, ("embed", "heads"), **kw)
+            self.add_v_proj = Dense(added_kv_dim, inner, ("embed", "heads"), **kw)
+            self.norm_added_k = RMSNorm(inner, eps, axis_name="heads")
+        else:
+            self.add_k_proj = self.add_v_proj = self.norm_added_k = None
+        if audio_dim is not None:  # EchoMimicV3 decoupled audio K/V: bias-free (Flash: biased), V zero-initialised
+            # input dim sharded by FSDP as the image K/V's (replicated at 1.3B: 2.1 GiB of fp32 state on every chip)
+            self.audio_k_proj = Dense(audio_dim, inner, ("embed", "heads"), use_bias=audio_bias, **kw)
+            self.audio_v_proj = Dense(audio_dim, inner, ("embed", "heads"), use_bias=audio_bias,
+                                      kernel_init=nnx.initializers.zeros_init(), **kw)
+            self.norm_audio_k = RMSNorm(inner, eps, axis_name="heads")
+        else:
+            self.audio_k_proj = self.audio_v_proj = self.norm_audio_k = None
+        # EchoMimicV3 Flash's q_audio: its released forward computes it and then uses the shared query
+        # instead, so it is kept (checkpoints round-trip, parameter counts match) and never applied
+        self.audio_q_proj = (Dense(inner, inner, ("heads", "embed"), **kw) if audio_dim is not None and audio_bias
+                             else None)
+
+    def _heads(self, x: jax.Array) -> jax.Array:
+        x = x.reshape(*x.shape[:-1], self.num_heads, -1)  # [B, L, N, K]
+        return constrain(x, ("act_batch", "act_len", "act_heads", None))
+
+    def __call__(self, x: jax.Array, context: jax.Array | None = None, *,
+                 rope: tuple[jax.Array, jax.Array] | None = None,
+                 added_context: jax.Array | None = None, audio: dict | None = None) -> jax.Array:
+        """x [B, L, D]; context [B, M, D] (None: self-attention); rope (cos, sin) [B|1, L, K/2];
+        added_context [B, M', D_img] for the I2V image path; audio (decoupled mode) a dict with
+        tokens [B, F, M_a, D_a], frames, neighbors, scale and face_mask [B, L] | None."""
+        kv_in = x if context is None else context
+        q = self._heads(self.norm_q(self.to_q(x)))
+        k = self._heads(self.norm_k(self.to_k(kv_in)))
+        v = self._heads(self.to_v(kv_in))
+        if rope is not None:
+            q = apply_rope(q, *rope)
+            k = apply_rope(k, *rope)
+        if context is None:
+            out, _ = self_attention(q, k, v, self.impl, self.context_parallel)
+        else:
+            out = dot_product_attention(q, k, v, self.impl)
+        if added_context is not None:
+            if self.add_k_proj is None:
+                raise ValueError("image context given but the model has no added K/V projections "
+                                 "(added_kv_proj_dim is None)")
+            k_img = self._heads(self.norm_added_k(self.add_k_proj(added_context)))
+            v_img = self._heads(self.add_v_proj(added_context))
+            out = out + dot_product_attention(q, k_img, v_img, self.impl)
+        if audio is not None:
+            out = out + self._decoupled_audio(q, audio)
+        out = out.reshape(*out.shape[:2], -1)  # [B, L, N·K]
+        return self.to_out(out)
+
+    def _decoupled_audio(self, q: jax.Array, audio: dict) -> jax.Array:
+        """audio_scale · face_mask ⊙ (per-latent-frame attention of the shared query over audio K/V)."""
+        if self.audio_k_proj is None:
+            raise ValueError("audio given to cross-attention without decoupled audio projections")
+        b, l, n, kd = q.shape
+        frames = audio["frames"]
+        kv, valid = frame_windows(audio["tokens"], audio["neighbors"])
+        k = self.norm_audio_k(self.audio_k_proj(kv)).reshape(*kv.shape[:3], n, kd)
+        v = self.audio_v_proj(kv).reshape(*kv.shape[:3], n, kd)
+        out = local_attention(q.reshape(b, frames, l // frames, n, kd), k, v, valid).reshape(b, l, n, kd)
+        out = out * jnp.asarray(audio["scale"], out.dtype)
+        if audio.get("face_mask") is not None:
+            out = out * audio["face_mask"][:, :, None, None].astype(out.dtype)
+        return out
+
+    def _qkv(self, x: jax.Array, rope) -> tuple[jax.Array, jax.Array, jax.Array]:
+        q = self._heads(self.norm_q(self.to_q(x)))
+        k = self._heads(self.norm_k(self.to_k(x)))
+        v = self._heads(self.to_v(x))
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return q, k, v
+
+    def self_attention_with_extras(self, x: jax.Array, rope, gate: jax.Array, *, extra: jax.Array | None = None,
+                                   extra_rope=None, ref: jax.Array | None = None):
+        """Self-attention of the video tokens x [B, L, D] that also sees extra tokens through
+        `gated_joint_attention`: a token stream `extra` [B, E, D] (identity frame, per-frame reference
+        copies, prefix motion frames; RoPE `extra_rope`), which also forms queries over everything, and
+        reference-network features `ref` [B, R, D] (keys and values only, no RoPE; Hallo3).
+        Returns (video output [B, L, D], extra-stream output [B, E, D] | None)."""
+        q, k, v = self._qkv(x, rope)
+        ks, vs = [], []
+        if extra is not None:
+            qe, ke, ve = self._qkv(extra, extra_rope)
+            ks.append(ke)
+            vs.append(ve)
+        if ref is not None:
+            ks.append(self._heads(self.norm_k(self.to_k(ref))))
+            vs.append(self._heads(self.to_v(ref)))
+        k_x, v_x = jnp.concatenate(ks, axis=1), jnp.concatenate(vs, axis=1)
+        out, oe = self_attention(q, k, v, self.impl, self.context_parallel, k_x=k_x, v_x=v_x, gate=gate,
+                                 q_x=qe if extra is not None else None)
+        out = self.to_out(out.reshape(*out.shape[:2], -1))
+        out_e = None if oe is None else self.to_out(oe.reshape(*oe.shape[:2], -1))
+        return out, out_e
 
 
 class WanBlock(nnx.Module):

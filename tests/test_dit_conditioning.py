@@ -9,10 +9,10 @@ import pytest
 from flax import nnx
 
 from hallojax.adapt import load_base
-from hallojax.attention import Attention, dot_product_attention, gated_joint_attention
+from hallojax.attention import dot_product_attention, gated_joint_attention
 from hallojax.audio import AudioCrossAttention
 from hallojax.config import load_config
-from hallojax.dit import DiTConfig, WanDiT
+from hallojax.dit import Attention, DiTConfig, WanDiT
 from hallojax.rope import frame_coords, grid_coords
 from hallojax.sharding import batch_sharding, create_sharded, make_mesh, normalize_rules, use_rules
 
