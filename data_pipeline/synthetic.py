@@ -25,13 +25,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import json
 import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from hallojax.fsutil import write_json
 from hallojax.media import write_mp4
 
 SKIN = np.array([[255, 224, 196], [241, 194, 160], [224, 172, 130], [198, 134, 90], [160, 110, 75],
@@ -224,12 +224,6 @@ def lipsync_correlation(measured, truth) -> float:
     return float((x * y).sum() / denom) if denom > 0 else 0.0
 
 
-def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def make_video(out_dir: str | os.PathLike, index: int, seed: int, cfg: SyntheticConfig = SyntheticConfig()) -> Path:
     """Write video `index` of the set drawn with `seed` (independent of how many others there are)."""
     cfg.validate()
@@ -250,11 +244,12 @@ def make_video(out_dir: str | os.PathLike, index: int, seed: int, cfg: Synthetic
 
     stem = out_dir / f"talk_{index:05d}"
     # sidecars first, video last: a finished mp4 always has its sidecars
-    _write_json(stem.with_suffix(".face.json"), {"box": face_box(identity, motion, cfg.height, cfg.width)})
-    _write_json(stem.with_suffix(".mouth.json"), {
+    write_json(stem.with_suffix(".face.json"), {"box": face_box(identity, motion, cfg.height, cfg.width)},
+               sort_keys=True)
+    write_json(stem.with_suffix(".mouth.json"), {
         "fps": cfg.fps, "num_frames": num_frames, "seed": seed, "index": index,
         "mouth_open": [round(float(v), 4) for v in mouth], "blinks": np.flatnonzero(blinks).tolist(),
-        "identity": identity})
+        "identity": identity}, sort_keys=True)
     path = stem.with_suffix(".mp4")
     write_mp4(path, frames, wave, cfg.fps, cfg.audio_rate, cfg.crf)
     return path

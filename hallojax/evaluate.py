@@ -32,11 +32,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
 import numpy as np
+
+from hallojax.fsutil import atomic_file, write_json
 
 log = logging.getLogger("hallojax.evaluate")
 
@@ -232,10 +233,9 @@ def plot_tracks(result: dict, path: Path) -> Path:
         ax.legend(fontsize=7, loc="upper right")
     axes[-1, 0].set_xlabel("frame")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=90)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=90)
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
@@ -253,10 +253,7 @@ def save(result: dict, out_dir, settings: dict, side_by_side: bool = False, fps:
             write_mp4(out / f"{Path(r['video']).stem}.mp4", video, wave, fps, rate)
     clean = {"settings": settings, "mean": result["mean"],
              "videos": [{k: v for k, v in r.items() if not k.startswith("_")} for r in result["videos"]]}
-    tmp = out / f".eval.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(clean, indent=1) + "\n")
-    os.replace(tmp, out / "eval.json")
-    paths["json"] = str(out / "eval.json")
+    paths["json"] = str(write_json(out / "eval.json", clean))
     return paths
 
 
@@ -322,9 +319,7 @@ def _curve(pipe, videos, args, sample_kw) -> int:
                  points[-1]["weights"], mean["r_own"], mean["r_shuffled"], mean["r_truths"], mean["r_silence"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".curve.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps({"checkpoint": str(workdir), "videos": args.videos, "points": points}, indent=1) + "\n")
-    os.replace(tmp, out / "curve.json")
+    write_json(out / "curve.json", {"checkpoint": str(workdir), "videos": args.videos, "points": points})
     import matplotlib
 
     matplotlib.use("Agg")
@@ -339,10 +334,9 @@ def _curve(pipe, videos, args, sample_kw) -> int:
     ax.set_ylabel("lip-sync r")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = out / f".curve.png.tmp-{os.getpid()}.png"
-    fig.savefig(tmp, dpi=90)
+    with atomic_file(out / "curve.png") as tmp:
+        fig.savefig(tmp, dpi=90)
     plt.close(fig)
-    os.replace(tmp, out / "curve.png")
     print("| step | weights | r own | r shuffled (speeches) | r silence | identity own / others |")
     print("|---|---|---|---|---|---|")
     for p in points:

@@ -36,6 +36,26 @@ def atomic_directory(out_dir: str | os.PathLike, *, overwrite: bool = False, inp
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike):
+    """Yield a temporary path beside `path` (same suffix, so writers that go by it pick the format); on
+    success it replaces `path`, on error it is removed."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: str | os.PathLike, data, **dumps_kw) -> Path:
+    """`data` as indented JSON at `path`, written atomically."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=1, **dumps_kw) + "\n", encoding="utf-8")
+    return Path(path)
+
+
 def read_json_object(path: Path, what: str, error: type[Exception] = ValueError) -> dict:
     """The JSON object in `path`; `error` naming the file if it is missing, invalid or not an object."""
     path = Path(path)

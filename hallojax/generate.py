@@ -40,6 +40,7 @@ from flax import nnx
 
 from hallojax.checkpoint import CheckpointError
 from hallojax.dit import DiTConfig, ReferenceCache, WanDiT
+from hallojax.fsutil import write_json
 from hallojax.media import MediaError, normalize_loudness, read_audio, read_image, speech_16k, write_mp4
 from hallojax.sample import guidance as guidance_lib
 from hallojax.sample import long_video
@@ -1030,12 +1031,9 @@ class Pipeline:
         t0 = time.perf_counter()
         write_mp4(out, result.frames, result.audio, result.fps, result.audio_rate, threads=0)
         result.timings["mux_s"] = time.perf_counter() - t0
-        sidecar = out.with_suffix(".json")
-        tmp = sidecar.with_name(f".{sidecar.name}.tmp-{os.getpid()}")
         info = {"output": str(out), "settings": result.settings, "timings": result.timings,
                 "plan": result.plan.describe().splitlines(), "warnings": result.warnings}
-        tmp.write_text(json.dumps(info, indent=1, default=str) + "\n")
-        os.replace(tmp, sidecar)
+        write_json(out.with_suffix(".json"), info, default=str)
         return out
 
 
