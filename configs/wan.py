@@ -1,4 +1,4 @@
-"""Wan2.1 DiT presets (model sizes as published; diffusers config names in hallojax.dit.DiTConfig).
+"""Wan2.1 DiT presets (model sizes as published; diffusers config names in hallojax.models.wan.DiTConfig).
 
     hallojax demo                                  # = configs/wan.py:demo (synthetic talking faces)
     hallojax demo  --config configs/wan.py:tiny,mesh=fsdp_tp --config.train.steps=20
@@ -18,8 +18,8 @@ import dataclasses
 
 import ml_collections
 
-from hallojax.dit import DiTConfig
-from hallojax.echomimic import VARIANTS
+from hallojax.models.wan import DiTConfig
+from hallojax.models.echomimic import VARIANTS
 from hallojax.generate import SampleConfig
 from hallojax.sharding import DEFAULT_RULES
 
@@ -53,7 +53,7 @@ STYLE_GUIDANCE = {"hallo3-style": "hallo3", "hyavatar-style": "hyavatar", "echom
 AUDIO_TINY = dict(audio_in_layers=2, audio_in_dim=8, audio_hidden=16, audio_tokens=2, audio_dim=16)
 SIZES = {"tiny": "tiny", "1.3b": "wan2.1-t2v-1.3b"}
 
-# EchoMimicV3 as released (hallojax.echomimic; shared/research/echomimic_v3.md): Wan2.1-Fun-1.3B-InP (36 input
+# EchoMimicV3 as released (hallojax.models.echomimic; shared/research/echomimic_v3.md): Wan2.1-Fun-1.3B-InP (36 input
 # channels, CLIP image path) + decoupled audio K/V with the released projectors. `hallojax convert echomimic-v3`
 # writes these configs; at size=tiny the widths shrink (2 tokens per frame stay: the preview's 50 Hz layout).
 ECHOMIMIC = {f"echomimic-v3-{k}": v for k, v in VARIANTS.items()}

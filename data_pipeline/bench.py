@@ -108,7 +108,7 @@ def train_input(args, argv) -> int:
     """Clips/s of the trainer's input: process 0's rows of every global batch, after a warm-up batch."""
     from hallojax import data
     from hallojax.config import load_config
-    from hallojax.dit import DiTConfig
+    from hallojax.models.wan import DiTConfig
 
     pinned = "not pinned" if args.no_pin else pin_to_one_core()
     config = load_config(args.config, [f"--config.data.prepared={args.train_input}",

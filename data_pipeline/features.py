@@ -32,13 +32,13 @@ def rms_features(waveform: np.ndarray, fps: float, num_frames: int) -> np.ndarra
 
 
 def _wav2vec2(arg: str | None) -> AudioFeatureFn:
-    from hallojax.encoders.wav2vec2 import Wav2Vec2Features  # imported on use
+    from hallojax.models.encoders.wav2vec2 import Wav2Vec2Features  # imported on use
 
     return Wav2Vec2Features.load(arg)
 
 
 def _wav2vec2_tokens(arg: str | None) -> AudioFeatureFn:
-    from hallojax.encoders.wav2vec2 import Wav2Vec2Tokens  # imported on use
+    from hallojax.models.encoders.wav2vec2 import Wav2Vec2Tokens  # imported on use
 
     return Wav2Vec2Tokens.load(arg)
 

@@ -6,7 +6,7 @@
 """
 
 from hallojax.checkpoint import load_pretrained, save_pretrained
-from hallojax.dit import DiTConfig, WanDiT
+from hallojax.models.wan import DiTConfig, WanDiT
 
 __all__ = ["DiTConfig", "WanDiT", "load_pretrained", "save_pretrained"]
 __version__ = "0.1.0"

@@ -341,7 +341,7 @@ def _report(cfg, name, mesh, kind, spec, batch, shape, flops, **kw) -> FitReport
 def compile_train_step(config, topology: str, *, batch: int, frames: int, height: int, width: int,
                        text_len: int = 512) -> FitReport:
     """Lower and compile `hallojax train`'s step for `topology`; returns the fit report."""
-    from hallojax.dit import DiTConfig
+    from hallojax.models.wan import DiTConfig
     from hallojax.flops import train_flops
     from hallojax.sharding import batch_sharding, normalize_rules
     from hallojax.train import example_batch, jit_train_step, state_layout
@@ -373,7 +373,7 @@ def compile_sample_step(config, topology: str, *, batch: int = 1, frames: int, h
     from flax import nnx
 
     from hallojax.data import sample_inputs
-    from hallojax.dit import DiTConfig, WanDiT
+    from hallojax.models.wan import DiTConfig, WanDiT
     from hallojax.flops import forward_flops
     from hallojax.generate import SamplingEngine
     from hallojax.sample import parse_guidance

@@ -69,7 +69,7 @@ def _peak(device) -> int | None:
 
 
 def bench_vae(argv) -> dict:
-    from hallojax.vae import VAEConfig, WanVAE
+    from hallojax.models.wan_vae import VAEConfig, WanVAE
 
     p = ArgumentParser(prog="hallojax bench vae")
     p.add_argument("--height", type=int, default=480)
@@ -195,7 +195,7 @@ def _command_line(argv, bench: str = "train") -> str:
 
 
 def _run_ours(cfg, config, mesh, rules, np_batch, steps: int, warmup: int) -> dict:
-    from hallojax.dit import param_count
+    from hallojax.models.wan import param_count
     from hallojax.sharding import batch_sharding, use_rules
     from hallojax.train import create_state, jit_train_step
 
@@ -320,7 +320,7 @@ def bench_train(config, *, batch: int | None = None, frames: int = 3, height: in
     "torch" diffusers' row (None with the reason in "torch_skipped"), "ratio" = its step time / ours.
     On a GPU, start Python with XLA_PYTHON_CLIENT_PREALLOCATE=false (the CLI does) so both sides fit."""
     from hallojax.config import load_config
-    from hallojax.dit import DiTConfig
+    from hallojax.models.wan import DiTConfig
     from hallojax.flops import format_flops, mfu, train_flops
     from hallojax.sharding import normalize_rules
     from hallojax.train import check_channels, example_batch
@@ -481,7 +481,7 @@ def bench_train_cli(argv) -> dict:
 
 # --- bench sample --------------------------------------------------------------------------------
 def _run_ours_sample(cfg, config, mesh, rules, shape, sampler_name, steps, shift, guidance, repeats) -> dict:
-    from hallojax.dit import WanDiT, param_count
+    from hallojax.models.wan import WanDiT, param_count
     from hallojax.data import sample_inputs
     from hallojax.generate import SamplingEngine
     from hallojax.sample import flow_schedule, get_sampler, parse_guidance, schedule_arrays
@@ -580,7 +580,7 @@ def bench_sample(config, *, frames: int = 3, height: int = 8, width: int = 8, te
     """Time one clip's whole denoising loop (our jitted program, every guidance branch of a step in one
     batched call) and diffusers' eager loop on the same transformer sizes, scheduler, steps and guidance
     passes; print denoise steps/s, seconds per clip and the ratio. Sizes are latent-grid sizes."""
-    from hallojax.dit import DiTConfig
+    from hallojax.models.wan import DiTConfig
     from hallojax.sample import parse_guidance
     from hallojax.sample.solvers import SAMPLERS
     from hallojax.sharding import normalize_rules

@@ -104,7 +104,7 @@ def _info(args, overrides):
     from flax import nnx
 
     from hallojax.config import load_config
-    from hallojax.dit import DiTConfig, abstract_model, param_count
+    from hallojax.models.wan import DiTConfig, abstract_model, param_count
     from hallojax.sharding import logical_to_spec, normalize_rules, resolve_mesh_shape, shard_shape
 
     if args.devices is not None and args.devices < 1:

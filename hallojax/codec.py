@@ -110,7 +110,7 @@ def _pixel(arg: str | None) -> PixelCodec:
 
 
 def _wan_vae(arg: str | None) -> Codec:
-    from hallojax.vae import WanVAECodec  # imported on use: building the pixel codec needs no jax
+    from hallojax.models.wan_vae import WanVAECodec  # imported on use: building the pixel codec needs no jax
 
     return WanVAECodec.load(arg)
 

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hallojax.dit import DiTConfig
+from hallojax.models.wan import DiTConfig
 from hallojax.sharding import batch_sharding
 
 log = logging.getLogger("hallojax.data")

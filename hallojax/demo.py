@@ -22,7 +22,7 @@ from flax import nnx
 
 from hallojax import data, train
 from hallojax.data import load_clips, synthetic_batch
-from hallojax.dit import DiTConfig, WanDiT, param_count
+from hallojax.models.wan import DiTConfig, WanDiT, param_count
 from hallojax.sharding import batch_sharding, create_sharded, make_mesh, normalize_rules, use_rules
 
 log = logging.getLogger("hallojax.demo")

@@ -12,7 +12,7 @@ FLOPs, so MFU = model FLOPs per step / (step time × peak) compares settings fai
 
 from __future__ import annotations
 
-from hallojax.dit import DiTConfig
+from hallojax.models.wan import DiTConfig
 
 # bf16 dense peak TFLOP/s per chip / GPU and HBM GiB, by substrings of `jax.Device.device_kind`
 # (first match wins: "v5 lite" before "v5")

@@ -39,7 +39,7 @@ import numpy as np
 from flax import nnx
 
 from hallojax.checkpoint import CheckpointError
-from hallojax.dit import DiTConfig, ReferenceCache, WanDiT
+from hallojax.models.wan import DiTConfig, ReferenceCache, WanDiT
 from hallojax.fsutil import write_json
 from hallojax.media import MediaError, normalize_loudness, read_audio, read_image, speech_16k, write_mp4
 from hallojax.sample import guidance as guidance_lib
@@ -615,7 +615,7 @@ class Pipeline:
                 raise ValueError("--text-encoder and --tokenizer go together (a converted umT5 directory and its "
                                  "local tokenizer directory)")
             from hallojax.checkpoint import load_pretrained
-            from hallojax.encoders.t5 import T5Encoder, load_tokenizer
+            from hallojax.models.encoders.t5 import T5Encoder, load_tokenizer
 
             enc, enc_cfg = load_pretrained(text_encoder)
             if not isinstance(enc, T5Encoder):
@@ -627,7 +627,7 @@ class Pipeline:
         clip = None
         if image_encoder:
             from hallojax.checkpoint import load_pretrained
-            from hallojax.encoders.clip import CLIPVision
+            from hallojax.models.encoders.clip import CLIPVision
 
             clip, clip_cfg = load_pretrained(image_encoder)
             if not isinstance(clip, CLIPVision):
@@ -749,7 +749,7 @@ class Pipeline:
             return z, z
         if self.text is None:
             raise ValueError("--prompt needs a text encoder: --text-encoder DIR (converted umT5) --tokenizer DIR")
-        from hallojax.encoders.t5 import encode_text
+        from hallojax.models.encoders.t5 import encode_text
 
         enc, tok = self.text
         ctx = np.asarray(encode_text(enc, tok, [prompt]), np.float32)
@@ -837,7 +837,7 @@ class Pipeline:
         full = {"context": ctx}
         null = {"context": null_ctx}
         if self.image_encoder is not None:  # the original portrait's CLIP tokens, in every branch and clip
-            from hallojax.encoders.clip import encode_image
+            from hallojax.models.encoders.clip import encode_image
 
             full["image_context"] = null["image_context"] = np.asarray(encode_image(self.image_encoder, portrait.frame))
         if cfg.identity_tokens or cfg.identity_additive or cfg.symbiotic:

@@ -12,11 +12,11 @@ import importlib
 from flax import nnx
 
 KINDS: dict[str, tuple[str, str, str]] = {
-    "wan-dit": ("hallojax.dit", "DiTConfig", "WanDiT"),
-    "wav2vec2": ("hallojax.encoders.wav2vec2", "Wav2Vec2Config", "Wav2Vec2"),
-    "t5-encoder": ("hallojax.encoders.t5", "T5EncoderConfig", "T5Encoder"),
-    "wan-vae": ("hallojax.vae", "VAEConfig", "WanVAE"),
-    "clip-vision": ("hallojax.encoders.clip", "CLIPVisionConfig", "CLIPVision"),
+    "wan-dit": ("hallojax.models.wan", "DiTConfig", "WanDiT"),
+    "wav2vec2": ("hallojax.models.encoders.wav2vec2", "Wav2Vec2Config", "Wav2Vec2"),
+    "t5-encoder": ("hallojax.models.encoders.t5", "T5EncoderConfig", "T5Encoder"),
+    "wan-vae": ("hallojax.models.wan_vae", "VAEConfig", "WanVAE"),
+    "clip-vision": ("hallojax.models.encoders.clip", "CLIPVisionConfig", "CLIPVision"),
 }
 
 

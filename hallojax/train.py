@@ -36,7 +36,7 @@ from flax import nnx
 
 from hallojax import data
 from hallojax.data import example_batch  # noqa: F401  (the trainer's batch; aot and bench take it from here)
-from hallojax.dit import DiTConfig, WanDiT, param_count
+from hallojax.models.wan import DiTConfig, WanDiT, param_count
 from hallojax.flops import device_peak, format_flops, mfu, train_flops
 from hallojax.flow import sample_noise
 from hallojax.metrics import MetricWriter, StepTimer, progress_line

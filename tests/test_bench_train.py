@@ -18,7 +18,7 @@ import pytest
 from hallojax import cli
 from hallojax.bench import bench_train
 from hallojax.config import load_config
-from hallojax.dit import DiTConfig
+from hallojax.models.wan import DiTConfig
 from hallojax.flops import train_flops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from encoder_reference import assert_parity, perturb_
 from hallojax import cli, load_pretrained
 from hallojax.checkpoint import load_params_numpy
-from hallojax.encoders.clip import MEAN, STD, encode_image, preprocess
+from hallojax.models.encoders.clip import MEAN, STD, encode_image, preprocess
 
 TINY = dict(hidden_size=160, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=28,
             patch_size=14, hidden_act="gelu", layer_norm_eps=1e-5)

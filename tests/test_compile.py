@@ -11,7 +11,7 @@ from hallojax.aot import (FitReport, collective_bytes, compile_sample_step, comp
                           parse_topology, sample_fit_hints)
 from hallojax.cli import main
 from hallojax.config import load_config
-from hallojax.dit import DiTConfig
+from hallojax.models.wan import DiTConfig
 from hallojax.flops import train_flops
 from hallojax.sharding import make_mesh
 

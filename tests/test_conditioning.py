@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from hallojax.audio import AudioProjector, frame_windows, frames_to_latent, window_features
+from hallojax.nn.audio import AudioProjector, frame_windows, frames_to_latent, window_features
 from hallojax.conditioning import (DropoutConfig, apply_keep, condition_dropout, face_mask_tokens, inpainting_input,
                                    latent_mask, masked_video, motion_channels, motion_from_clip, pixel_mask)
 

@@ -5,7 +5,7 @@ import torch
 
 from hallojax.config import ConfigError, apply_overrides, load_config
 from hallojax.convert.wan import config_to_diffusers
-from hallojax.dit import DiTConfig, abstract_model, param_count
+from hallojax.models.wan import DiTConfig, abstract_model, param_count
 from hallojax.sharding import make_mesh
 
 PRESETS = ["tiny", "wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan2.1-i2v-14b", "hallo3-style,size=1.3b",

@@ -11,10 +11,10 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from hallojax import attention, context_parallel
+from hallojax.nn import attention, context_parallel
 from hallojax.config import load_config
-from hallojax.context_parallel import HEADS, self_attention
-from hallojax.dit import DiTConfig, WanDiT
+from hallojax.nn.context_parallel import HEADS, self_attention
+from hallojax.models.wan import DiTConfig, WanDiT
 from hallojax.data import example_batch
 from hallojax.sharding import (DEFAULT_RULES, batch_sharding, create_sharded, logical_to_spec, make_mesh,
                                normalize_rules, state_shardings, use_rules)

@@ -10,7 +10,7 @@ from hallojax import cli, load_pretrained, save_pretrained
 from hallojax.checkpoint import CheckpointError, flat_params
 from hallojax.config import load_config
 from hallojax.demo import run
-from hallojax.dit import DiTConfig, WanDiT
+from hallojax.models.wan import DiTConfig, WanDiT
 
 
 @pytest.mark.parametrize("mesh", ["fsdp", "fsdp_tp"])

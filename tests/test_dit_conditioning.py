@@ -9,11 +9,11 @@ import pytest
 from flax import nnx
 
 from hallojax.adapt import load_base
-from hallojax.attention import dot_product_attention, gated_joint_attention
-from hallojax.audio import AudioCrossAttention
+from hallojax.nn.attention import dot_product_attention, gated_joint_attention
+from hallojax.nn.audio import AudioCrossAttention
 from hallojax.config import load_config
-from hallojax.dit import Attention, DiTConfig, WanDiT
-from hallojax.rope import frame_coords, grid_coords
+from hallojax.models.wan import Attention, DiTConfig, WanDiT
+from hallojax.nn.rope import frame_coords, grid_coords
 from hallojax.sharding import batch_sharding, create_sharded, make_mesh, normalize_rules, use_rules
 
 BASE = DiTConfig.from_dict(load_config("configs/wan.py:tiny,dtype=float32").model)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from hallojax import cli
-from hallojax.echomimic import RECIPES
+from hallojax.models.echomimic import RECIPES
 from hallojax.generate import SampleConfig
 from hallojax.sample import long_video
 from hallojax.sample.guidance import parse_guidance
@@ -78,7 +78,7 @@ def echomimic_dit(path, variant: str):
 
     from hallojax.checkpoint import flat_params, save_pretrained
     from hallojax.config import load_config
-    from hallojax.dit import DiTConfig, WanDiT
+    from hallojax.models.wan import DiTConfig, WanDiT
 
     model = dict(load_config(f"configs/wan.py:echomimic-v3-{variant},dtype=float32").model)
     model.update(num_layers=1, in_channels=12, out_channels=4, image_dim=32, audio_in_dim=8)

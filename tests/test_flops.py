@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from hallojax.dit import DiTConfig, WanDiT
+from hallojax.models.wan import DiTConfig, WanDiT
 from hallojax.flops import device_spec, forward_flops, mfu, train_flops
 from hallojax.flow import velocity_loss
 from hallojax.sharding import DEFAULT_RULES, make_mesh, normalize_rules, shard_module, use_rules

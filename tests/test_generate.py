@@ -13,7 +13,7 @@ import soundfile as sf
 from data_pipeline import synthetic
 from hallojax import cli
 from hallojax.config import load_config
-from hallojax.dit import DiTConfig
+from hallojax.models.wan import DiTConfig
 from hallojax.generate import Pipeline
 from hallojax.train import checkpoint_manager, init_state, save
 
@@ -178,7 +178,7 @@ def test_real_codec_audio_and_text_encoders(media, tmp_path):
     from hallojax.checkpoint import flat_params, save_pretrained
     from hallojax.convert.t5 import convert_umt5
     from hallojax.convert.wav2vec2 import convert_wav2vec2
-    from hallojax.dit import WanDiT
+    from hallojax.models.wan import WanDiT
     from test_t5 import TINY, make_tokenizer
 
     tiny_wan_vae(tmp_path)
@@ -226,14 +226,14 @@ def bad_files(tmp_path_factory, media):
     sf.write(tmp / "tick.wav", 0.5 * np.ones(160, np.float32), 16000)  # 10 ms: shorter than one frame
     vae = tmp / "vae_dir"
     vae.mkdir()
-    from hallojax.vae import VAEConfig
+    from hallojax.models.wan_vae import VAEConfig
 
     (vae / "config.json").write_text(json.dumps({"format": "hallojax-pretrained", "version": 1, "kind": "wan-vae",
                                                  "model": VAEConfig().to_dict()}))
     from flax import nnx
 
     from hallojax.checkpoint import flat_params, save_pretrained
-    from hallojax.dit import WanDiT
+    from hallojax.models.wan import WanDiT
 
     cfg = DiTConfig(num_layers=1, num_heads=2, head_dim=8, ffn_dim=16, in_channels=12, out_channels=12, text_dim=8,
                     freq_dim=16, dtype="float32")

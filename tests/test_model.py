@@ -9,9 +9,9 @@ import pytest
 from flax import nnx
 
 from hallojax.config import load_config
-from hallojax.dit import REMAT_POLICIES, DiTConfig, WanDiT
+from hallojax.models.wan import REMAT_POLICIES, DiTConfig, WanDiT
 from hallojax.flow import flow_matching_loss
-from hallojax.rope import grid_coords
+from hallojax.nn.rope import grid_coords
 
 TINY = DiTConfig.from_dict(load_config("configs/wan.py:tiny,dtype=float32").model)
 

@@ -9,7 +9,7 @@ import pytest
 
 from hallojax import cli
 from hallojax.config import load_config
-from hallojax.dit import DiTConfig
+from hallojax.models.wan import DiTConfig
 from hallojax.sharding import make_mesh, normalize_rules
 from hallojax.train import NonFiniteStep, create_state, jit_train_step, run
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from hallojax.rope import apply_rope, axis_dims, frame_coords, grid_coords, rope_cos_sin
+from hallojax.nn.rope import apply_rope, axis_dims, frame_coords, grid_coords, rope_cos_sin
 
 
 def test_axis_split_matches_wan():

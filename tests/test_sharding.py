@@ -10,7 +10,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from hallojax.config import load_config
-from hallojax.dit import DiTConfig, WanDiT
+from hallojax.models.wan import DiTConfig, WanDiT
 from hallojax.flow import flow_matching_loss
 from hallojax.sharding import (batch_sharding, constrain, create_sharded, logical_to_spec, make_mesh,
                                normalize_rules, shard_module, use_rules)

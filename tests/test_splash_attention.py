@@ -10,10 +10,10 @@ from flax import nnx
 from jax.experimental import topologies
 from jax.sharding import AxisType, Mesh, NamedSharding
 
-from hallojax import attention
-from hallojax.attention import dot_product_attention, gated_joint_attention
+from hallojax.nn import attention
+from hallojax.nn.attention import dot_product_attention, gated_joint_attention
 from hallojax.config import load_config
-from hallojax.dit import DiTConfig, WanDiT
+from hallojax.models.wan import DiTConfig, WanDiT
 from hallojax.flow import flow_matching_loss
 from hallojax.sharding import (
     DEFAULT_RULES,

@@ -27,7 +27,7 @@ from hallojax.checkpoint import load_params_numpy
 from hallojax.convert.safetensors_io import TensorStore
 from hallojax.convert.t5 import config_from_hf, convert_t5, convert_umt5, export_t5, export_umt5
 from hallojax.convert.table import ConversionError
-from hallojax.encoders.t5 import T5Encoder, T5EncoderConfig, encode_text, load_tokenizer, relative_position_buckets
+from hallojax.models.encoders.t5 import T5Encoder, T5EncoderConfig, encode_text, load_tokenizer, relative_position_buckets
 from hallojax.sharding import DEFAULT_RULES, batch_sharding, make_mesh, use_rules
 
 TINY = dict(vocab_size=40, d_model=32, d_kv=8, num_heads=4, d_ff=48, num_layers=2,

@@ -27,7 +27,7 @@ from hallojax import cli
 from hallojax.checkpoint import restore_numpy
 from hallojax.config import load_config
 from hallojax.data import make_dataset, prepare_synthetic
-from hallojax.dit import DiTConfig
+from hallojax.models.wan import DiTConfig
 from hallojax.train import init_state, make_train_step, run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -313,7 +313,7 @@ def test_global_batches_depend_on_seed_and_step_only(prepared, capsys):
 def _step_setup(**train_kw):
     from flax import nnx
 
-    from hallojax.dit import WanDiT
+    from hallojax.models.wan import WanDiT
 
     config = load_config(DEMO)
     for k, v in train_kw.items():

@@ -8,7 +8,7 @@ import pytest
 
 from hallojax.config import load_config
 from hallojax.data import example_batch, make_dataset
-from hallojax.dit import DiTConfig, WanDiT
+from hallojax.models.wan import DiTConfig, WanDiT
 from hallojax.flow import loss_weight, masked_mse
 from hallojax.sharding import batch_sharding, make_mesh, normalize_rules, use_rules
 from hallojax.train import create_state, flow_loss, jit_train_step, known_frames, step_randomness

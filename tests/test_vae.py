@@ -13,9 +13,9 @@ from hallojax import cli, load_pretrained
 from hallojax.convert.safetensors_io import TensorStore
 from hallojax.convert.wan_vae import config_to_diffusers, export_wan_vae
 from hallojax.registry import abstract
-from hallojax.dit import param_count
+from hallojax.models.wan import param_count
 from hallojax.sharding import batch_sharding, make_mesh
-from hallojax.vae import VAEConfig
+from hallojax.models.wan_vae import VAEConfig
 
 TINY = dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
             temperal_downsample=[False, True, True], latents_mean=[0.1, -0.2, 0.3, 0.0],

@@ -26,7 +26,7 @@ from hallojax.checkpoint import load_params_numpy
 from hallojax.convert.safetensors_io import TensorStore
 from hallojax.convert.table import ConversionError
 from hallojax.convert.wav2vec2 import config_from_hf, convert_wav2vec2, export_wav2vec2
-from hallojax.encoders.wav2vec2 import Wav2Vec2, Wav2Vec2Config, encode_audio, interpolate_features
+from hallojax.models.encoders.wav2vec2 import Wav2Vec2, Wav2Vec2Config, encode_audio, interpolate_features
 from hallojax.sharding import DEFAULT_RULES, batch_sharding, make_mesh, use_rules
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,

@@ -21,7 +21,7 @@ import numpy as np
 
 from hallojax.convert.hf import RenamedSource, open_weights
 from hallojax.convert.table import ConversionError, Rule, Transform, import_tensors, linear, norm
-from hallojax.encoders.clip import CLIPVisionConfig
+from hallojax.models.encoders.clip import CLIPVisionConfig
 
 V = "vision_model."
 # torch Conv2d weight [D, 3, p, p] <-> our patch kernel [p, p, 3, D]

@@ -1,4 +1,4 @@
-"""EchoMimicV3's released transformer files -> hallojax `WanDiT` (with `hallojax.echomimic`'s projectors).
+"""EchoMimicV3's released transformer files -> hallojax `WanDiT` (with `hallojax.models.echomimic`'s projectors).
 
     hallojax convert echomimic-v3 BASE_DIR ECHO_FILE OUT
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from hallojax.convert.table import LINEAR, ConversionError, Rule, linear, norm
 from hallojax.convert.wan_original import ORIGINAL_RULES, open_checkpoint, config_from_original
-from hallojax.echomimic import RECIPES, VARIANTS
+from hallojax.models.echomimic import RECIPES, VARIANTS
 
 # the released audio modules, in the released names (shared/research/echomimic_v3.md §1.3-1.4)
 _KV: tuple[Rule, ...] = tuple(

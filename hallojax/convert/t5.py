@@ -18,7 +18,7 @@ from typing import Any, Mapping
 from hallojax.checkpoint import load_params_numpy, param_shapes, read_config, save_pretrained
 from hallojax.convert.hf import RenamedSource, open_weights, read_json, write_directory
 from hallojax.convert.table import ConversionError, Rule, export_tensors, import_tensors, linear, norm
-from hallojax.encoders.t5 import T5EncoderConfig
+from hallojax.models.encoders.t5 import T5EncoderConfig
 
 MODEL_TYPES = {"t5": "T5EncoderModel", "umt5": "UMT5EncoderModel"}
 IGNORED = ("decoder.*", "lm_head.*")

@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 from hallojax.convert.common import convert_directory, export_directory, read_json_config
 from hallojax.convert.table import CONV3D, ConversionError, Rule, linear, norm
-from hallojax.dit import DiTConfig
+from hallojax.models.wan import DiTConfig
 
 DIFFUSERS_CLASS = "WanTransformer3DModel"
 DIFFUSERS_VERSION = "0.42.1"  # the version the parity tests run against

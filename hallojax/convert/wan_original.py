@@ -26,7 +26,7 @@ from hallojax.convert.common import read_json
 from hallojax.convert.hf import DictSource, RenamedSource, _torch_load
 from hallojax.convert.safetensors_io import SafetensorsError, SafetensorsFile, TensorStore
 from hallojax.convert.table import CONV3D, ConversionError, Rule, linear, norm
-from hallojax.dit import DiTConfig
+from hallojax.models.wan import DiTConfig
 
 ORIGINAL_CLASS = "WanModel"
 WEIGHTS_STEM = "diffusion_pytorch_model"

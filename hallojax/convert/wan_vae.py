@@ -17,7 +17,7 @@ from typing import Any, Mapping
 from hallojax.checkpoint import param_shapes
 from hallojax.convert.common import convert_directory, export_directory, read_json_config
 from hallojax.convert.table import CONV3D, IDENTITY, ConversionError, Rule, Transform
-from hallojax.vae import VAEConfig
+from hallojax.models.wan_vae import VAEConfig
 
 DIFFUSERS_CLASS = "AutoencoderKLWan"
 DIFFUSERS_VERSION = "0.42.1"

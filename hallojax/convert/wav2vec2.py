@@ -18,7 +18,7 @@ from typing import Any, Mapping
 from hallojax.checkpoint import load_params_numpy, param_shapes, read_config, save_pretrained
 from hallojax.convert.hf import CONV1D, RenamedSource, matches, open_weights, read_json, write_directory
 from hallojax.convert.table import ConversionError, Rule, Transform, export_tensors, import_tensors, linear, norm
-from hallojax.encoders.wav2vec2 import Wav2Vec2Config
+from hallojax.models.encoders.wav2vec2 import Wav2Vec2Config
 
 MODEL_TYPE = "wav2vec2"
 PREFIX = "wav2vec2."  # the base model inside Wav2Vec2ForCTC / ForPreTraining checkpoints

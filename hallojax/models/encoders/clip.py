@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from hallojax.encoders.common import activation, attention
-from hallojax.layers import MLP, Dense, LayerNorm, stacked
+from hallojax.models.encoders.common import activation, attention
+from hallojax.nn.layers import MLP, Dense, LayerNorm, stacked
 from hallojax.modelconfig import DTYPES, ModelConfig, check_dtypes, with_precision
 from hallojax.sharding import constrain
 

@@ -40,8 +40,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from hallojax import attention
-from hallojax.attention import (_logits, _splash_kernel, _to_kernel, dot_product_attention,
+from hallojax.nn import attention
+from hallojax.nn.attention import (_logits, _splash_kernel, _to_kernel, dot_product_attention,
                                 gated_joint_attention)
 from hallojax.sharding import DEFAULT_RULES, current_rules, logical_to_spec, normalize_rules
 

@@ -1,5 +1,5 @@
 """Attention kernels: the dispatch by name and the gated joint attention (Wan's attention module, which
-uses them, is `hallojax.dit.Attention`).
+uses them, is `hallojax.models.wan.Attention`).
 
 Layout is [B, L, N, K] throughout. `dot_product_attention` picks the kernel by name:
 ``xla`` (portable einsum + float32 softmax, the CPU/TPU default), ``cudnn`` (fused cuDNN flash

@@ -21,13 +21,13 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from hallojax.attention import ATTENTION_IMPLS, dot_product_attention
-from hallojax.audio import AudioCrossAttention, AudioProjector, frame_windows, local_attention
-from hallojax.context_parallel import MODES as CONTEXT_PARALLEL, RING_IMPLS, self_attention
-from hallojax.echomimic import PROJECTORS, FlashProjector, PreviewProjector
+from hallojax.nn.attention import ATTENTION_IMPLS, dot_product_attention
+from hallojax.nn.audio import AudioCrossAttention, AudioProjector, frame_windows, local_attention
+from hallojax.nn.context_parallel import MODES as CONTEXT_PARALLEL, RING_IMPLS, self_attention
+from hallojax.models.echomimic import PROJECTORS, FlashProjector, PreviewProjector
 from hallojax.modelconfig import DTYPES, ModelConfig, check_dtypes, with_precision
-from hallojax.layers import MLP, Dense, LayerNorm, RMSNorm, gelu_erf, gelu_tanh, stacked, timestep_embedding
-from hallojax.rope import apply_rope, frame_coords, grid_coords, rope_cos_sin
+from hallojax.nn.layers import MLP, Dense, LayerNorm, RMSNorm, gelu_erf, gelu_tanh, stacked, timestep_embedding
+from hallojax.nn.rope import apply_rope, frame_coords, grid_coords, rope_cos_sin
 from hallojax.sharding import constrain
 
 REMAT_POLICIES = {
@@ -107,7 +107,7 @@ class DiTConfig(ModelConfig):
     audio_face_mask: bool = False  # multiply the audio output by a face mask (face-aware adapter)
     audio_scale: float = 1.0
     # "window_mlp" (the window MLP above) | "echomimic_preview" | "echomimic_flash" (EchoMimicV3's released
-    # projectors, hallojax.echomimic; decoupled audio only)
+    # projectors, hallojax.models.echomimic; decoupled audio only)
     audio_projector: str = "window_mlp"
     audio_kv_bias: bool = False  # decoupled audio K/V with biases + the released Flash q_audio (kept, never applied)
     # the 6-way time projection in float32 on the float32 embedding, its output (and the embedding) then
@@ -249,7 +249,7 @@ class Attention(nnx.Module):
         inner = dim  # Wan: heads * head_dim == dim
         self.num_heads = num_heads
         self.impl = impl
-        self.context_parallel = context_parallel  # self-attention only (hallojax.context_parallel)
+        self.context_parallel = context_parallel  # self-attention only (hallojax.nn.context_parallel)
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.to_q = Dense(dim, inner, ("embed", "heads"), **kw)
         self.to_k = Dense(dim, inner, ("embed", "heads"), **kw)

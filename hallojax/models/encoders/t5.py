@@ -27,9 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from hallojax.encoders.common import activation, attention
+from hallojax.models.encoders.common import activation, attention
 from hallojax.modelconfig import DTYPES, ModelConfig, check_dtypes, with_precision
-from hallojax.layers import Dense, RMSNorm, stacked
+from hallojax.nn.layers import Dense, RMSNorm, stacked
 from hallojax.sharding import constrain
 
 

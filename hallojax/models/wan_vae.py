@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from hallojax.layers import Dense
+from hallojax.nn.layers import Dense
 from hallojax.modelconfig import DTYPES, ModelConfig, check_dtypes, with_precision
 
 WAN21_LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,

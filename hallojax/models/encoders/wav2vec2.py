@@ -29,9 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from hallojax.encoders.common import activation, attention
+from hallojax.models.encoders.common import activation, attention
 from hallojax.modelconfig import DTYPES, ModelConfig, check_dtypes, with_precision
-from hallojax.layers import MLP, Dense, LayerNorm, stacked
+from hallojax.nn.layers import MLP, Dense, LayerNorm, stacked
 from hallojax.sharding import constrain
 
 FEAT_EXTRACT_NORMS = ("group", "layer")

@@ -2,7 +2,7 @@
 frame, and attending to them locally in time.
 
 Input features are `[B, T, layers, D_a]`: wav2vec2 hidden states interpolated to the video fps
-(`hallojax.encoders.wav2vec2.encode_audio`). For every video frame a window of ±w frames (clamped at
+(`hallojax.models.encoders.wav2vec2.encode_audio`). For every video frame a window of ±w frames (clamped at
 the ends) over all layers goes through an MLP to K tokens (Hallo3: w = 2, 12 layers, 32 tokens). The
 video has T = 1 + 4(F − 1) frames for F latent frames of a causal VAE with temporal stride 4: the first
 latent frame holds the first video frame alone, every later one 4 video frames. Two ways to align:
@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hallojax.layers import Dense, LayerNorm, RMSNorm
+from hallojax.nn.layers import Dense, LayerNorm, RMSNorm
 
 ALIGN_MODES = ("group", "conv")
 

@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from hallojax.audio import window_features
-from hallojax.layers import Dense, LayerNorm
+from hallojax.nn.audio import window_features
+from hallojax.nn.layers import Dense, LayerNorm
 
 PROJECTORS = ("window_mlp", "echomimic_preview", "echomimic_flash")
 
