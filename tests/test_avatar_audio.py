@@ -22,6 +22,7 @@ from hallojax.models.avatar_audio import (
     AudioProjection,
     FaceAwareAudioAdapter,
     audio_windows,
+    encode_avatar_audio,
     face_box_mask,
     face_mask_tokens,
     latent_audio_tokens,
@@ -151,11 +152,10 @@ def test_audio_path_matches_reference(paths, scale):
 
 
 def test_fresh_adapter_is_identity_and_shapes():
-    adapter = FaceAwareAudioAdapter(rngs=nnx.Rngs(0))  # released sizes: 3072, inner 1024
+    adapter = nnx.eval_shape(lambda: FaceAwareAudioAdapter(rngs=nnx.Rngs(0)))  # released sizes: 3072, inner 1024
     shapes = {k: tuple(v.shape) for k, v in flat_params(adapter).items()}
     assert shapes == {"norm1.scale": (3072,), "norm1.bias": (3072,), "norm2.scale": (3072,), "norm2.bias": (3072,),
                       "to_q.kernel": (3072, 1024), "to_kv.kernel": (3072, 2048), "to_out.kernel": (1024, 3072)}
-    assert not np.asarray(adapter.to_out.kernel[...]).any()  # zero-initialised: adding it changes nothing
     proj = nnx.eval_shape(lambda: AudioProjection(rngs=nnx.Rngs(0)))
     assert {k: tuple(v.shape) for k, v in flat_params(proj).items()} == {
         "proj1.kernel": (19200, 1024), "proj1.bias": (1024,), "proj2.kernel": (1024, 1024), "proj2.bias": (1024,),
@@ -166,6 +166,7 @@ def test_fresh_adapter_is_identity_and_shapes():
     assert 10 * count(shapes) == 125_952_000  # 125.95M
     assert count({k: v.shape for k, v in flat_params(proj).items()}) == 33_312_768  # 33.31M
     small = FaceAwareAudioAdapter(DIM, INNER, rngs=nnx.Rngs(1))
+    assert not np.asarray(small.to_out.kernel[...]).any()  # zero-initialised: adding it changes nothing
     img = jnp.ones((1, 2 + FRAMES * 6, DIM))
     np.testing.assert_array_equal(small(img, jnp.ones((1, FRAMES, 16, DIM)), frames=FRAMES, ref_tokens=2), img)
     with pytest.raises(ValueError, match="whole frames"):
@@ -190,3 +191,35 @@ def test_sharded_equals_one_device(paths, devices):
         out = nnx.jit(lambda m, *a: m(*a, s, 0.6))(sharded, put(windows), put(img), put(mask))
     assert_parity(out, want, "sharded vs one device")
     assert_parity(out, _reference(paths, states, img, mask, s, 0.6), "sharded vs reference")
+
+
+def test_waveform_to_windows_matches_the_release_pipeline():
+    """16 kHz audio -> WhisperFeatureExtractor per window (the release's get_audio_feature) -> float16 log-mels
+    -> transformers' whisper (float32), hidden states stacked -> windows -> zero windows up to 129 frames."""
+    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
+
+    from encoder_reference import WHISPER_TINY_HF as HF_TINY
+    from encoder_reference import speech_like
+    from hallojax.convert.whisper import WHISPER_RULES
+    from hallojax.models.encoders.whisper import PRESETS, WhisperEncoder
+
+    torch.manual_seed(0)
+    model = perturb_(WhisperModel(WhisperConfig(**HF_TINY)).eval(), seed=4)
+    ours = WhisperEncoder(PRESETS["test"], rngs=nnx.Rngs(0))
+    shapes = {k: tuple(v.shape) for k, v in flat_params(ours).items()}
+    sd = {k: v for k, v in model.state_dict().items() if k.startswith("encoder.")}
+    params = import_tensors(WHISPER_RULES, DictSource(sd), shapes, HF_TINY["encoder_layers"], progress=False)
+    state = nnx.state(ours, nnx.Param)
+    nnx.replace_by_pure_dict(state, _nest({k: jnp.asarray(v) for k, v in params.items()}))
+    nnx.update(ours, state)
+
+    wav = speech_like(1.5, seed=7)[0]  # 24000 samples -> 37 video frames
+    out = encode_avatar_audio(ours, wav)
+    assert out.shape == (1, 129, 10, HF_TINY["encoder_layers"] + 1, HF_TINY["d_model"])
+    feats = WhisperFeatureExtractor(chunk_length=2)(wav, sampling_rate=16000, return_tensors="pt").input_features
+    with torch.no_grad():
+        states = torch.stack(model.encoder(feats.half().float(), output_hidden_states=True).hidden_states, dim=2)
+    w = ref.windows(states, len(wav) // 640)
+    want = torch.cat([w, torch.zeros_like(w[:, :1]).repeat(1, 129 - w.shape[1], 1, 1, 1)], dim=1)
+    assert w.shape[1] == 37 and float(np.abs(np.asarray(out[:, 37:])).max()) == 0.0
+    assert_parity(out, want.numpy(), "waveform -> windows")

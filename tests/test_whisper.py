@@ -17,7 +17,8 @@ import torch
 from flax import nnx
 from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperModel
 
-from encoder_reference import assert_parity, param_count_torch, perturb_
+from encoder_reference import WHISPER_TINY_HF as HF_TINY
+from encoder_reference import assert_parity, param_count_torch, perturb_, speech_like
 from hallojax import cli, load_pretrained
 from hallojax.checkpoint import load_params_numpy
 from hallojax.convert.safetensors_io import TensorStore
@@ -35,27 +36,6 @@ from hallojax.models.encoders.whisper import (
 from hallojax.sharding import DEFAULT_RULES, batch_sharding, make_mesh, use_rules
 
 TEST = PRESETS["test"]
-HF_TINY = dict(d_model=TEST.hidden_size, encoder_layers=TEST.num_layers, encoder_attention_heads=TEST.num_heads,
-               encoder_ffn_dim=TEST.intermediate_size, decoder_layers=1, decoder_attention_heads=4,
-               decoder_ffn_dim=24, num_mel_bins=80, max_source_positions=TEST.max_source_positions,
-               max_target_positions=16, vocab_size=40, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-               decoder_start_token_id=1)
-
-
-def speech_like(seconds=2.5, seed=0, batch=1):
-    """A voiced, syllable-rate-modulated 16 kHz waveform (harmonics of a gliding pitch plus breath noise)."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * 16000)) / 16000
-    out = []
-    for _ in range(batch):
-        f0 = rng.uniform(100, 220) * (1 + 0.1 * np.sin(2 * np.pi * 0.7 * t))
-        phase = 2 * np.pi * np.cumsum(f0) / 16000
-        voiced = sum(np.sin(k * phase) / k for k in range(1, 12))
-        envelope = 0.5 + 0.5 * np.sin(2 * np.pi * rng.uniform(3, 6) * t) ** 2
-        out.append(0.2 * envelope * voiced + 0.01 * rng.standard_normal(t.size))
-    return np.stack(out).astype(np.float32)
-
-
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("whisper")
@@ -87,7 +67,7 @@ def _check(out, ref, note=""):
 
 
 def test_config_and_presets(built):
-    assert built["cfg"] == TEST and isinstance(built["ours"], WhisperEncoder)
+    assert built["cfg"] == TEST and isinstance(built["ours"], WhisperEncoder)  # WHISPER_TINY_HF is the test preset
     assert PRESETS["tiny"] == WhisperEncoderConfig(hidden_size=384, num_layers=4, num_heads=6, intermediate_size=1536,
                                                    num_mel_bins=80, max_source_positions=1500)
     assert PRESETS["tiny"].num_frames == 3000 and PRESETS["tiny"].chunk_samples == 480_000

@@ -2,9 +2,9 @@
 audio projector (4 tokens per video frame), their grouping into 16 tokens per latent frame, the face mask
 on the token grid, and the Face-Aware Audio Adapter that adds audio to the video tokens.
 
-    states = whisper.encode_audio(whisper_model, wav, mel_dtype="float16")  # [1, 1500, 5, 384] (first 30 s)
-    windows = audio_windows(states, num_video_frames(len(wav)))              # [1, T, 10, 5, 384]
-    windows = pad_for_inference(windows)                                     # T -> 129 (or T + 5)
+    windows = encode_avatar_audio(whisper_model, wav)                        # [1, T, 10, 5, 384], T >= 129
+    # = pad_for_inference(audio_windows(whisper.encode_audio(whisper_model, wav, mel_dtype="float16"),
+    #                                   num_video_frames(len(wav))))
     tokens = latent_audio_tokens(projector(windows[:, :129]))                # [1, 33, 16, 3072]
     img = adapter(img, tokens, mask, frames=33, ref_tokens=R, mask_scale=0.6 if step < 10 else 1.0)
 
@@ -91,6 +91,18 @@ def pad_for_inference(windows: jax.Array) -> jax.Array:
     t = windows.shape[1]
     extra = WINDOW_FRAMES - t if t <= WINDOW_FRAMES else 5
     return jnp.concatenate([windows, jnp.zeros((windows.shape[0], extra, *windows.shape[2:]), windows.dtype)], axis=1)
+
+
+def encode_avatar_audio(whisper_model, waveform_16k, fps: float = 25, *, extractor=None) -> jax.Array:
+    """The sampling script's audio input: [B, T', 10, layers, D] windows of every whisper hidden state per
+    video frame, T = samples // 640 (capped at 400) padded with zero windows to 129 (or by 5 when longer).
+    The log-mels are rounded to float16 as the release's dataset stores them; whisper runs on the first
+    window (30 s) only."""
+    from hallojax.models.encoders.whisper import encode_audio
+
+    wav = np.asarray(waveform_16k, np.float32)
+    states = encode_audio(whisper_model, wav, extractor=extractor, mel_dtype="float16")
+    return pad_for_inference(audio_windows(states, num_video_frames(wav.shape[-1]), fps))
 
 
 # --- audio tokens ---
