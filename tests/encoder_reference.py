@@ -85,3 +85,14 @@ def speech_like(seconds=2.5, seed=0, batch=1) -> np.ndarray:
         envelope = 0.5 + 0.5 * np.sin(2 * np.pi * rng.uniform(3, 6) * t) ** 2
         out.append(0.2 * envelope * voiced + 0.01 * rng.standard_normal(t.size))
     return np.stack(out).astype(np.float32)
+
+
+def bad_copy(src, tensors: dict, out):
+    """A copy of the transformers directory `src` (its config.json) holding `tensors` as model.safetensors:
+    the edited checkpoint of a converter-error test. Returns `out`."""
+    import safetensors.numpy
+
+    out.mkdir()
+    (out / "config.json").write_text((src / "config.json").read_text())
+    safetensors.numpy.save_file(tensors, str(out / "model.safetensors"))
+    return out

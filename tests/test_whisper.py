@@ -18,7 +18,7 @@ from flax import nnx
 from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperModel
 
 from encoder_reference import WHISPER_TINY_HF as HF_TINY
-from encoder_reference import assert_parity, param_count_torch, perturb_, speech_like
+from encoder_reference import assert_parity, bad_copy, param_count_torch, perturb_, speech_like
 from hallojax import cli, load_pretrained
 from hallojax.checkpoint import load_params_numpy
 from hallojax.convert.safetensors_io import TensorStore
@@ -150,10 +150,7 @@ def test_converter_errors_are_listed_together(built, tmp_path):
     tensors["model.encoder.layers.0.self_attn.k_proj.bias"] = np.zeros((32,), np.float32)  # whisper has none
     tensors["model.encoder.embed_positions.weight"] = np.zeros((90, 32), np.float32)
     tensors["classifier.weight"] = np.zeros((3, 32), np.float32)
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    (bad / "config.json").write_text((src / "config.json").read_text())
-    safetensors.numpy.save_file(tensors, str(bad / "model.safetensors"))
+    bad = bad_copy(src, tensors, tmp_path / "bad")
     with pytest.raises(ConversionError) as err:
         convert_whisper(bad, tmp_path / "out", progress=False)
     msg = str(err.value)
