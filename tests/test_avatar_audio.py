@@ -84,7 +84,7 @@ def test_latent_grouping_hand_worked():
     assert lat.shape == (2, 8)
     np.testing.assert_array_equal(lat[0], [0] * 8)  # latent frame 0: audio frame 0 four times
     np.testing.assert_array_equal(lat[1], [1, 1, 2, 2, 3, 3, 4, 4])  # latent frame 1: audio frames 1..4
-    np.testing.assert_array_equal(lat, ref.group_latent(torch.from_numpy(np.asarray(tokens)))[0, :, :, 0].numpy())
+    np.testing.assert_array_equal(lat, ref.group_latent(torch.from_numpy(np.array(tokens)))[0, :, :, 0].numpy())
     with pytest.raises(ValueError, match="4F"):
         latent_audio_tokens(jnp.zeros((1, 6, 2, 1)))
 
