@@ -39,7 +39,7 @@ from hallojax.models.wan import REMAT_POLICIES, param_count
 from hallojax.nn.attention import ATTENTION_IMPLS
 from hallojax.nn.audio import local_attention, window_features
 from hallojax.nn.layers import Dense, LayerNorm, stacked
-from hallojax.nn.rope import apply_rope, grid_coords, rope_cos_sin
+from hallojax.nn.rope import apply_rope, axis_dims, grid_coords
 
 __all__ = ["Buffer", "Hallo3", "Hallo3Config", "PRESETS", "preset", "param_count"]
 
@@ -257,10 +257,14 @@ class SatBuffers(nnx.Module):
 
 
 def sat_rope_buffers(cfg: Hallo3Config) -> tuple[np.ndarray, np.ndarray]:
-    """SAT's `freqs_sin`, `freqs_cos` [F·H'·W', K] of the sample grid: each pair's angle repeated twice."""
-    coords = grid_coords(cfg.sample_frames, cfg.sample_height // 2, cfg.sample_width // 2)
-    cos, sin = rope_cos_sin(coords, cfg.head_dim, max_pos=max(coords.max() + 1, 1024), split="cogvideox")
-    return np.repeat(np.asarray(sin), 2, axis=-1), np.repeat(np.asarray(cos), 2, axis=-1)
+    """SAT's `freqs_sin`, `freqs_cos` [F·H'·W', K] of the sample grid (float32): each pair's angle twice."""
+    coords = grid_coords(cfg.sample_frames, cfg.sample_height // 2, cfg.sample_width // 2).astype(np.float32)
+    angles = []
+    for axis, d in enumerate(axis_dims(cfg.head_dim, "cogvideox")):
+        inv = np.float32(1.0) / np.float32(10000.0) ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d))
+        angles.append(np.repeat(coords[:, axis:axis + 1] * inv[None].astype(np.float32), 2, axis=1))
+    ang = np.concatenate(angles, axis=1)
+    return np.sin(ang), np.cos(ang)
 
 
 # --- the model ---
