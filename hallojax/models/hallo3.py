@@ -187,6 +187,7 @@ class AudioProjector(nnx.Module):
         """audio: [B, T, layers, C] per video frame (windows built here, clamped at the ends, as at inference)
         or [B, T, 2w+1, layers, C] already windowed (training takes real neighbours); T = 1 + 4k."""
         win = 2 * self.window + 1
+        audio = jnp.asarray(audio)
         if audio.ndim == 4 and audio.shape[2:] == (self.layers, self.in_dim):
             audio = window_features(audio, self.window)
         if audio.ndim != 5 or audio.shape[2:] != (win, self.layers, self.in_dim) or (audio.shape[1] - 1) % 4:
