@@ -18,6 +18,8 @@ KINDS: dict[str, tuple[str, str, str]] = {
     "wan-vae": ("hallojax.models.wan_vae", "VAEConfig", "WanVAE"),
     "clip-vision": ("hallojax.models.encoders.clip", "CLIPVisionConfig", "CLIPVision"),
     "whisper-encoder": ("hallojax.models.encoders.whisper", "WhisperEncoderConfig", "WhisperEncoder"),
+    "cogvideox": ("hallojax.models.cogvideox", "CogVideoXConfig", "CogVideoXTransformer"),
+    "hallo3": ("hallojax.models.hallo3", "Hallo3Config", "Hallo3"),
 }
 
 

@@ -21,6 +21,8 @@ FORMATS: dict[str, tuple[str, str, str]] = {
     "umt5": ("hallojax.convert.t5", "convert_umt5", "export_umt5"),
     "t5": ("hallojax.convert.t5", "convert_t5", "export_t5"),
     "whisper": ("hallojax.convert.whisper", "convert_whisper", "export_whisper"),
+    "cogvideox": ("hallojax.convert.cogvideox", "convert_cogvideox", "export_cogvideox"),
+    "hallo3": ("hallojax.convert.hallo3", "convert_hallo3", "export_hallo3"),
 }
 
 

@@ -56,7 +56,8 @@ def _to_numpy(t) -> np.ndarray:
     return t.numpy()
 
 
-def _torch_load(path: Path) -> dict:
+def _torch_load(path: Path, wrapper: str = "state_dict") -> dict:
+    """The state dict in `path`, unwrapped from `wrapper` (e.g. DeepSpeed's "module") when the file holds one."""
     try:
         import torch
     except ImportError as e:
@@ -70,8 +71,8 @@ def _torch_load(path: Path) -> dict:
         sd = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:  # torch raises many kinds (UnpicklingError, RuntimeError, ...)
         raise ConversionError(f"{path}: not a loadable PyTorch state dict ({type(e).__name__}: {e})") from e
-    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
+    if isinstance(sd, dict) and wrapper in sd and isinstance(sd[wrapper], dict):
+        sd = sd[wrapper]
     if not isinstance(sd, dict) or not all(hasattr(v, "shape") for v in sd.values()):
         raise ConversionError(f"{path}: expected a dict of tensors (a state dict)")
     return sd

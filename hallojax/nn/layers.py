@@ -130,3 +130,34 @@ def stacked(cls, n: int, rngs: nnx.Rngs, *args, **kw):
         return cls(*args, rngs=r, **kw)
 
     return make(rngs)
+
+
+class PatchEmbed(nnx.Module):
+    """Conv3d with kernel = stride = patch, as one matmul over patches. kernel [pt, ph, pw, C, D].
+
+    Input channels-last [B, F, H, W, C]; tokens ordered (f, h, w). Also CogVideoX's per-frame Conv2d
+    (patch (1, p, p)) and its 1.5 Linear over (c, pt, ph, pw)-flattened patches (converters reorder).
+    """
+
+    def __init__(self, patch, in_channels: int, dim: int, *, rngs: nnx.Rngs, dtype, param_dtype,
+                 zero_from: int | None = None):
+        """zero_from: input channels from this index on start at zero (conditioning channels added to
+        a pretrained model contribute nothing until trained)."""
+        self.patch = tuple(patch)
+        init = nnx.initializers.xavier_uniform(in_axis=(0, 1, 2, 3), out_axis=4)
+        kernel = init(rngs.params(), (*patch, in_channels, dim), param_dtype)
+        if zero_from is not None:
+            kernel = kernel.at[..., zero_from:, :].set(0)
+        self.kernel = nnx.Param(kernel, out_sharding=(None, None, None, None, "embed"), eager_sharding=False)
+        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), out_sharding=("embed",), eager_sharding=False)
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, f, h, w, c = x.shape
+        pt, ph, pw = self.patch
+        x = x.reshape(b, f // pt, pt, h // ph, ph, w // pw, pw, c)
+        x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7)  # [B, F', H', W', pt, ph, pw, C]
+        x = x.reshape(b, -1, pt, ph, pw, c).astype(self.dtype)  # [B, L, pt, ph, pw, C]
+        y = jnp.einsum("blthwc,thwcd->bld", x, self.kernel[...].astype(self.dtype),
+                       preferred_element_type=jnp.float32)
+        return (y + self.bias[...].astype(jnp.float32)).astype(self.dtype)
