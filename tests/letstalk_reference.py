@@ -139,7 +139,7 @@ def forward(sd: dict, ap: dict, x, t, cond, windows, heads: int, motion=None, tr
     x, t, cond, windows = (torch.as_tensor(np.asarray(a)).double() for a in (x, t, cond, windows))
     b, f, c, h, w = x.shape
     pw = sd["x_embedder.proj.weight"].double()
-    p, dim = pw.shape[-1], pw.shape[0]
+    p = pw.shape[-1]
     m = 0 if motion is None else motion.shape[1]
 
     def patchify(imgs):  # [n, C, H, W] -> [n, P, D] + the 2D table

@@ -36,7 +36,7 @@ def converted(request, tmp_path_factory):
     torch.save(ckpt, tmp / "last.ckpt")
     convert_letstalk(tmp / "last.ckpt", tmp / "ours", num_frames=FRAMES, progress=False)
     model, cfg = load_pretrained(tmp / "ours", dtype="float32")
-    return dict(name=request.param, ckpt=ckpt, tmp=tmp, model=model, cfg=cfg)
+    return dict(name=request.param, ckpt=ckpt, tmp=tmp, model=model, cfg=cfg, run=jitted(model))
 
 
 def inputs(batch: int, memory: bool, seed: int = 0):
@@ -50,10 +50,11 @@ def inputs(batch: int, memory: bool, seed: int = 0):
     return lat, t, ref, win, mem
 
 
-def run(model, lat, t, ref, win, mem):
-    """The model's forward, jitted (state in, as an argument)."""
+def jitted(model):
+    """The model's forward, compiled once: (latents, t, reference, audio, memory) -> output."""
     graphdef, state = nnx.split(model)
-    return jax.jit(lambda s, *a: nnx.merge(graphdef, s)(*a[:4], memory=a[4]))(state, lat, t, ref, win, mem)
+    fn = jax.jit(lambda s, *a: nnx.merge(graphdef, s)(*a[:4], memory=a[4]))
+    return lambda *a: fn(state, *a)
 
 
 def reference(c, lat, t, ref, win, mem, trace=None):
@@ -74,7 +75,7 @@ def test_config_read_off_the_shapes(converted):
 
 def test_forward_matches_reference(converted):
     lat, t, ref, win, mem = inputs(2, converted["cfg"].memory_frames > 0)
-    out = run(converted["model"], lat, t, ref, win, mem)
+    out = converted["run"](lat, t, ref, win, mem)
     expect = reference(converted, lat, t, ref, win, mem)
     err = assert_parity(out, expect, f"({converted['name']})")
     print(f"letstalk {converted['name']}: max |ours - reference| = {err:.3g}, max |reference| = "
@@ -84,7 +85,7 @@ def test_forward_matches_reference(converted):
     for name, alt in (("reference", dict(ref=ref + 1)), ("audio", dict(win=win * 0)),
                       *((("memory", dict(mem=mem + 1)),) if mem is not None else ())):
         kw = {**dict(ref=ref, win=win, mem=mem), **alt}
-        changed = run(converted["model"], lat, t, kw["ref"], kw["win"], kw["mem"])
+        changed = converted["run"](lat, t, kw["ref"], kw["win"], kw["mem"])
         assert np.abs(np.asarray(changed) - np.asarray(out)).max() > 1e-3, name
 
 
@@ -97,9 +98,9 @@ def test_sharded_forward_matches_reference_and_one_device(converted, devices):
     assert qkv.addressable_shards[0].data.shape == (DEPTH, DIM // 4, 3 * DIM // 2)  # fsdp 4 x tensor 2
     lat, t, ref, win, mem = inputs(4, True, seed=3)
     with use_rules(DEFAULT_RULES), jax.set_mesh(mesh):
-        out = run(model, lat, t, ref, win, mem)
+        out = jitted(model)(lat, t, ref, win, mem)
     assert_parity(out, reference(converted, lat, t, ref, win, mem), "(8 devices)")
-    assert_parity(out, run(converted["model"], lat, t, ref, win, mem), "(8 devices vs 1)")
+    assert_parity(out, converted["run"](lat, t, ref, win, mem), "(8 devices vs 1)")
 
 
 def test_fusion_semantics_of_the_first_block(converted):
@@ -108,10 +109,14 @@ def test_fusion_semantics_of_the_first_block(converted):
     Checked on ours (recording the attention modules' inputs) and on the reference (its trace)."""
     cfg, model = converted["cfg"], converted["model"]
     lat, t, ref, win, mem = inputs(1, cfg.memory_frames > 0, seed=5)
-    graphdef, state = nnx.split(model.blocks)
+    graphdef, state = nnx.split(model)
 
-    def block0_inputs(ref, mem):
-        block = nnx.merge(graphdef, jax.tree.map(lambda a: a[0], state))
+    @jax.jit
+    def record(state, lat, t, ref, win, mem):
+        """Block 0 of the model, its three attention modules' inputs recorded (returned from the trace)."""
+        model = nnx.merge(graphdef, state)
+        blocks_def, blocks = nnx.split(model.blocks)
+        block = nnx.merge(blocks_def, jax.tree.map(lambda a: a[0], blocks))
         log = {}
 
         class Record:
@@ -119,19 +124,22 @@ def test_fusion_semantics_of_the_first_block(converted):
                 self.fn, self.name = fn, name
 
             def __call__(self, *args):
-                log[self.name] = np.asarray(args[0])
+                log[self.name] = args[0]
                 return self.fn(*args)
 
         for name in ("temporal_attn", "cross_attn", "attn"):
             setattr(block, name, Record(getattr(block, name), name))
-        times = lt.temporal_table(DIM, cfg.memory_frames + FRAMES)
         m = cfg.memory_frames
-        x = model.embed(jnp.asarray(lat)) + times[m:, None]
-        r = jnp.broadcast_to(model.embed(jnp.asarray(ref)), x.shape)
-        mm = model.embed(jnp.asarray(mem)) + times[:m, None] if m else None
-        c = model.t_embedder(lt.timestep_embedding(jnp.asarray(t), cfg.freq_dim))
-        block(x, r, mm, c, model.audio_tokens(jnp.asarray(win)))
+        times = lt.temporal_table(DIM, m + FRAMES)
+        x = model.embed(lat) + times[m:, None]
+        r = jnp.broadcast_to(model.embed(ref), x.shape)
+        mm = model.embed(mem) + times[:m, None] if m else None
+        c = model.t_embedder(lt.timestep_embedding(t, cfg.freq_dim))
+        block(x, r, mm, c, model.audio_tokens(win))
         return log
+
+    def block0_inputs(ref, mem):
+        return {k: np.asarray(v) for k, v in record(state, lat, t, ref, win, mem).items()}
 
     base = block0_inputs(ref, mem)
     ref2 = ref.copy()
@@ -237,7 +245,7 @@ def test_tables_and_memory_helpers():
 
     rng = jax.random.PRNGKey(0)
     mem = jnp.ones((3, 2, 16, 16, 4))
-    out = np.asarray(lt.regularize_memory(rng, mem))
+    out = np.asarray(jax.jit(lt.regularize_memory)(rng, mem))
     zero = out == 0
     assert np.all(zero == zero[:1, :1, :, :, :1])  # one spatial mask for every sample, frame and channel
     assert 0.1 < zero[0, 0, :, :, 0].mean() < 0.4  # about 25 % dropped

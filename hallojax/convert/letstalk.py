@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from hallojax.convert.hf import DictSource
-from hallojax.convert.table import LINEAR, ConversionError, Rule, Transform, export_tensors, import_tensors, linear, norm
+from hallojax.convert.table import ConversionError, Rule, Transform, export_tensors, import_tensors, linear, norm
 from hallojax.models.letstalk import SIZES, LetsTalkConfig, sincos_2d, temporal_table
 
 # torch Conv2d weight [D, C, p, p] <-> our patch kernel [1, p, p, C, D]

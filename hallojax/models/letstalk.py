@@ -163,10 +163,10 @@ class SelfAttention(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [B', L, D] -> [B', L, D]: every row of B' attends within itself."""
-        b, l, d = x.shape
-        qkv = self.qkv(x).reshape(b, l, 3, self.num_heads, d // self.num_heads)  # [B', L, 3, N, K]
+        b, length, d = x.shape
+        qkv = self.qkv(x).reshape(b, length, 3, self.num_heads, d // self.num_heads)  # [B', L, 3, N, K]
         q, k, v = (constrain(qkv[:, :, i], ("act_batch", None, "act_heads", None)) for i in range(3))
-        return self.proj(dot_product_attention(q, k, v, self.impl).reshape(b, l, d))
+        return self.proj(dot_product_attention(q, k, v, self.impl).reshape(b, length, d))
 
 
 class AudioAttention(nnx.Module):
@@ -182,12 +182,12 @@ class AudioAttention(nnx.Module):
 
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
         """x [B', L, D] queries, context [B', M, D_a] -> [B', L, D]."""
-        b, l, d = x.shape
+        b, length, d = x.shape
         n = self.num_heads
-        q = constrain(self.q_proj(x).reshape(b, l, n, d // n), ("act_batch", None, "act_heads", None))
+        q = constrain(self.q_proj(x).reshape(b, length, n, d // n), ("act_batch", None, "act_heads", None))
         k = self.k_proj(context).reshape(b, context.shape[1], n, d // n)
         v = self.v_proj(context).reshape(b, context.shape[1], n, d // n)
-        return self.proj(dot_product_attention(q, k, v, self.impl).reshape(b, l, d))
+        return self.proj(dot_product_attention(q, k, v, self.impl).reshape(b, length, d))
 
 
 class LetsTalkBlock(nnx.Module):
@@ -318,8 +318,9 @@ class LetsTalk(nnx.Module):
                              + ("(audio tokens)" if audio_is_tokens else "(wav2vec2 windows per frame)"))
         m = cfg.memory_frames
         if m and (memory is None or tuple(memory.shape) != (b, m, h, w, c)):
-            raise ValueError(f"memory has shape {None if memory is None else tuple(memory.shape)}; this model's "
-                             f"memory bank needs [{b}, {m}, {h}, {w}, {c}] (the last {m} latent frames before the clip)")
+            got = None if memory is None else tuple(memory.shape)
+            raise ValueError(f"memory has shape {got}; this model's memory bank needs [{b}, {m}, {h}, {w}, {c}] "
+                             f"(the last {m} latent frames before the clip)")
         if not m and memory is not None:
             raise ValueError("`memory` given but the model has no memory bank (memory_frames = 0)")
 
