@@ -266,7 +266,7 @@ def test_tables_and_memory_helpers():
 
 
 def test_cost_flops_match_xla_and_the_report_runs():
-    """The analytic count (hallojax.letstalk_cost) within 10 % of XLA's cost analysis of the compiled forward
+    """The analytic count (hallojax.letstalk_cost) within 10 % of XLA's cost analysis of the forward program
     (one layer: XLA counts a loop body once); full attention costs more; the report prints."""
     import io
 
@@ -275,12 +275,12 @@ def test_cost_flops_match_xla_and_the_report_runs():
     cfg = lt.LetsTalkConfig(variant="VDTcatlong", depth=1, hidden=256, num_heads=4, latent_size=16, num_frames=4,
                             memory_frames=2, audio_dim=64, audio_in_layers=1, audio_in_dim=32, audio_hidden=64,
                             audio_tokens=4, dtype="float32")  # one layer: XLA's count of the loop body is exact
-    graphdef, state = nnx.split(lt.LetsTalk(cfg, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: lt.LetsTalk(cfg, rngs=nnx.Rngs(0))))  # shapes suffice
     zeros = lambda *s: np.zeros(s, np.float32)  # noqa: E731
     args = (zeros(2, 4, 16, 16, 4), np.ones(2, np.float32), zeros(2, 1, 16, 16, 4), zeros(2, 4, 5, 1, 32),
             zeros(2, 2, 16, 16, 4))
-    compiled = jax.jit(lambda s, *a: nnx.merge(graphdef, s)(*a[:4], memory=a[4])).lower(state, *args).compile()
-    cost = compiled.cost_analysis()
+    # the lowered program's count (no XLA compile needed; the same within 0.1 % as the compiled one's here)
+    cost = jax.jit(lambda s, *a: nnx.merge(graphdef, s)(*a[:4], memory=a[4])).lower(state, *args).cost_analysis()
     xla = (cost if isinstance(cost, dict) else cost[0])["flops"]
     ours = letstalk_flops(cfg, batch=2, frames=4, height=16, width=16)["total"]
     assert abs(ours / xla - 1) < 0.1, (ours, xla)
