@@ -1,6 +1,7 @@
 """An independent PyTorch reference of the LetsTalk backbone (no PyTorch package ships it), written from the
 research facts (shared/research/hyavatar_letstalk.md C.1-C.5, C.9), functionally over a state dict in the
-released key names and the released layout (latents [B, F, C, H, W]), in float64.
+released key names and the released layout (latents [B, F, C, H, W]), in float64 (but for the timestep
+frequencies and their products with t, float32 as the released code computes them).
 
 Per block, in this order: temporal attention per spatial position over [memory; clip] frames (affine LN eps
 1e-5, fused qkv with bias, proj, then temporal_fc; no modulation); audio cross-attention per frame (LN without
@@ -155,9 +156,9 @@ def forward(sd: dict, ap: dict, x, t, cond, windows, heads: int, motion=None, tr
         mem = mem + temp[:m, None]
     ctx = audio_tokens(ap, windows)  # [B, F, K, D_a]
 
-    half = 128
-    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float64) / half)
-    args = t[:, None] * freqs[None]
+    half = 128  # frequencies and their products with t in float32, as the released TimestepEmbedder computes them
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
+    args = (t.float()[:, None] * freqs[None]).double()
     cvec = _lin(F.silu(_lin(torch.cat([torch.cos(args), torch.sin(args)], -1), sd, "t_embedder.mlp.0")),
                 sd, "t_embedder.mlp.2")
 
