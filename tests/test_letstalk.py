@@ -191,9 +191,10 @@ def test_round_trip_bitwise_weights_choice_and_cli(converted, tmp_path):
         for k, v in ckpt[part].items():
             assert back[part][k].dtype == v.dtype and torch.equal(back[part][k], v), (part, k)
     assert all(torch.equal(back["model"][k], v) for k, v in back["ema"].items())
-    # --weights model picks the raw weights
-    assert cli.main(["convert", "letstalk", str(converted["tmp"] / "last.ckpt"), str(tmp_path / "raw"),
-                     "--weights", "model"]) == 2  # 16-frame default: the tiny file's table is 6 long
+    # the clip length is not in any shape: 16 frames unless told, and a 6-frame table cannot hold 16
+    with pytest.raises(ConversionError, match="long_temp_embed covers 6 frames, fewer than the clip's 16"):
+        convert_letstalk(converted["tmp"] / "last.ckpt", tmp_path / "raw", progress=False)
+    # weights="model" picks the raw weights
     convert_letstalk(converted["tmp"] / "last.ckpt", tmp_path / "raw", weights="model", num_frames=FRAMES,
                      progress=False)
     raw = load_params_numpy(tmp_path / "raw")
@@ -203,13 +204,22 @@ def test_round_trip_bitwise_weights_choice_and_cli(converted, tmp_path):
 
 
 def test_cli_convert_and_bad_files(tmp_path, capsys):
-    """A VDTcat file through the CLI; every missing / unexpected / mis-shaped key in one error, nothing written."""
-    ckpt = released_checkpoint(seed=9, **sizes("cat"))
+    """A bf16 VDTcat file through the CLI and back, bit for bit (its fixed tables too); every missing / unexpected /
+    mis-shaped key in one error, nothing written."""
+    ckpt = {part: {k: v.to(torch.bfloat16) for k, v in sd.items()}
+            for part, sd in released_checkpoint(seed=9, **sizes("cat")).items()}
     torch.save(ckpt, tmp_path / "ok.ckpt")
     assert cli.main(["convert", "letstalk", str(tmp_path / "ok.ckpt"), str(tmp_path / "ok")]) == 0
     assert cli.main(["export", "letstalk", str(tmp_path / "ok"), str(tmp_path / "ok_back.ckpt")]) == 0
     back = torch.load(tmp_path / "ok_back.ckpt", weights_only=True)
-    assert all(torch.equal(back["ema"][k], v) for k, v in ckpt["ema"].items())
+    for part in ("ema", "audioproj"):
+        assert sorted(back[part]) == sorted(ckpt[part])
+        assert all(back[part][k].dtype == torch.bfloat16 and torch.equal(back[part][k], v)
+                   for k, v in ckpt[part].items()), part
+    assert cli.main(["convert", "letstalk", str(tmp_path / "ok.ckpt"), str(tmp_path / "raw"), "--weights",
+                     "model"]) == 0
+    raw = load_params_numpy(tmp_path / "raw")["blocks.cross_attn.q_proj.kernel"][1].astype(np.float32)
+    assert np.array_equal(raw, ckpt["model"]["blocks.1.cross_attn.q_proj.weight"].float().numpy().T)
 
     bad = released_checkpoint(seed=9, **sizes("cat"))
     del bad["ema"]["blocks.1.cross_attn.v_proj.weight"]

@@ -187,7 +187,9 @@ def export_letstalk(ckpt: str | os.PathLike, out: str | os.PathLike, *, overwrit
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
-    params = {**load_params_numpy(ckpt), **tables(cfg)}
+    params = load_params_numpy(ckpt)
+    dtype = params["x_embedder.kernel"].dtype  # the tables in the weights' dtype, as a bf16 file stores them
+    params.update({k: v.astype(dtype) for k, v in tables(cfg).items()})
     tensors = export_tensors(RULES + tuple(_table_rules(cfg)), params, cfg.depth, progress=progress)
 
     def to_torch(a: np.ndarray):
