@@ -20,6 +20,7 @@ KINDS: dict[str, tuple[str, str, str]] = {
     "whisper-encoder": ("hallojax.models.encoders.whisper", "WhisperEncoderConfig", "WhisperEncoder"),
     "cogvideox": ("hallojax.models.cogvideox", "CogVideoXConfig", "CogVideoXTransformer"),
     "hallo3": ("hallojax.models.hallo3", "Hallo3Config", "Hallo3"),
+    "letstalk": ("hallojax.models.letstalk", "LetsTalkConfig", "LetsTalk"),
 }
 
 

@@ -23,6 +23,7 @@ FORMATS: dict[str, tuple[str, str, str]] = {
     "whisper": ("hallojax.convert.whisper", "convert_whisper", "export_whisper"),
     "cogvideox": ("hallojax.convert.cogvideox", "convert_cogvideox", "export_cogvideox"),
     "hallo3": ("hallojax.convert.hallo3", "convert_hallo3", "export_hallo3"),
+    "letstalk": ("hallojax.convert.letstalk", "convert_letstalk", "export_letstalk"),
 }
 
 
