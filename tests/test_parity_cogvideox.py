@@ -29,15 +29,31 @@ from test_parity_wan import assert_parity, program_dots
 FRAMES = {"2b": 3, "5b-i2v": 3, "1.5-i2v": 4}  # latent frames of the test inputs (1.5: divisible by patch_t 2)
 
 
+_BUILT: dict[str, dict] = {}
+
+
+def _build(name, tmp_path_factory):
+    """The tiny diffusers model `name`, saved, converted and loaded: built once per test module."""
+    if name not in _BUILT:
+        tmp = tmp_path_factory.mktemp(name)
+        model = make_diffusers_cogvideox(TINY[name], seed=len(name))
+        model.save_pretrained(tmp / "diffusers")
+        convert_cogvideox(tmp / "diffusers", tmp / "ours", progress=False)
+        ours, cfg = load_pretrained(tmp / "ours", dtype="float32")
+        _BUILT[name] = dict(name=name, config=TINY[name], model=model, tmp=tmp, ours=ours, cfg=cfg)
+    return _BUILT[name]
+
+
 @pytest.fixture(scope="module", params=list(TINY))
 def converted(request, tmp_path_factory):
-    name = request.param
-    tmp = tmp_path_factory.mktemp(name)
-    model = make_diffusers_cogvideox(TINY[name], seed=len(name))
-    model.save_pretrained(tmp / "diffusers")
-    convert_cogvideox(tmp / "diffusers", tmp / "ours", progress=False)
-    ours, cfg = load_pretrained(tmp / "ours", dtype="float32")
-    return dict(name=name, config=TINY[name], model=model, tmp=tmp, ours=ours, cfg=cfg)
+    return _build(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def i2v(tmp_path_factory):
+    """The 5B-I2V-style model (Hallo3's base): the checks that need only one variant."""
+    yield _build("5b-i2v", tmp_path_factory)
+    _BUILT.clear()
 
 
 def _inputs(c, **kw):
@@ -93,14 +109,12 @@ def test_round_trip_is_bitwise(converted):
             assert new_cfg[key] == value, key
 
 
-def test_bf16_compute_tracks_diffusers_bf16(converted):
-    """bf16 is not bitwise: ours in bf16 must be no further from diffusers in bf16 than that is from fp32."""
+def test_bf16_compute_tracks_diffusers_bf16(i2v):
+    """bf16 is not bitwise: ours in bf16 must be no further from diffusers in bf16 than that is from fp32
+    (the Hallo3 base only: test time)."""
     from diffusers import CogVideoXTransformer3DModel
 
-    if converted["name"] != "5b-i2v":
-        pytest.skip("the Hallo3 base only (test time)")
-
-    c = converted
+    c = i2v
     ref_bf16 = CogVideoXTransformer3DModel.from_pretrained(c["tmp"] / "diffusers", torch_dtype=torch.bfloat16)
     lat, t, ctx, ofs = _inputs(c)
     ref32 = diffusers_forward(c["model"], c["config"], lat, t, ctx, ofs)
@@ -117,16 +131,12 @@ def test_bf16_compute_tracks_diffusers_bf16(converted):
 # --- position tables ---
 
 
-def test_learned_table_is_sliced_for_fewer_frames(tmp_path):
+def test_learned_table_is_sliced_for_fewer_frames(i2v):
     """5B-I2V at fewer latent frames adds the first rows of its learned table (SAT's behaviour; diffusers
     would swap in a sin-cos table). Reference: diffusers built for 2 frames with the table's first rows."""
     from diffusers import CogVideoXTransformer3DModel
 
-    config = TINY["5b-i2v"]
-    full = make_diffusers_cogvideox(config, seed=3)
-    full.save_pretrained(tmp_path / "d")
-    convert_cogvideox(tmp_path / "d", tmp_path / "o", progress=False)
-    ours, cfg = load_pretrained(tmp_path / "o", dtype="float32")
+    config, full, ours = i2v["config"], i2v["model"], i2v["ours"]
     short_cfg = dict(config, sample_frames=5)  # (5 - 1) // 4 + 1 = 2 latent frames
     short = CogVideoXTransformer3DModel(**short_cfg).eval()
     sd = full.state_dict()
@@ -163,10 +173,8 @@ def test_full_size_parameter_counts_from_shapes():
 # --- bad checkpoints ---
 
 
-def test_bad_checkpoint_lists_every_problem_and_writes_nothing(converted, tmp_path):
-    if converted["name"] != "5b-i2v":
-        pytest.skip("one variant is enough")
-    src = converted["tmp"] / "diffusers"
+def test_bad_checkpoint_lists_every_problem_and_writes_nothing(i2v, tmp_path):
+    src = i2v["tmp"] / "diffusers"
     tensors = safetensors.numpy.load_file(str(src / "diffusion_pytorch_model.safetensors"))
     del tensors["transformer_blocks.1.attn1.norm_k.bias"]
     tensors["patch_embed.pos_embedding"] = np.zeros((1, 22, 64), np.float32)
@@ -206,12 +214,10 @@ def _diffusers_block_forward(block, hook_fn):
     return forward
 
 
-def test_layer_hook_runs_after_attention_with_per_layer_modules(converted, monkeypatch):
+def test_layer_hook_runs_after_attention_with_per_layer_modules(i2v, monkeypatch):
     """A stacked per-layer module applied by `LayerHook` (v + tanh(Dense_l(v)) * scale) equals diffusers with
     the same op inserted after each block's attention residual."""
-    if converted["name"] != "5b-i2v":
-        pytest.skip("one variant is enough")
-    c, model = converted, converted["model"]
+    c, model = i2v, i2v["model"]
     hooks = stacked(Dense, 2, nnx.Rngs(7), 64, 64, ("embed", "mlp"))
     scale = np.float32(0.5)
 
@@ -228,8 +234,8 @@ def test_layer_hook_runs_after_attention_with_per_layer_modules(converted, monke
 
     out = run(state, hook_state, lat, t, ctx)
     for i, block in enumerate(model.transformer_blocks):
-        w = torch.from_numpy(np.asarray(hooks.kernel[...][i]))
-        b = torch.from_numpy(np.asarray(hooks.bias[...][i]))
+        w = torch.tensor(np.asarray(hooks.kernel[...][i]))
+        b = torch.tensor(np.asarray(hooks.bias[...][i]))
         monkeypatch.setattr(block, "forward", _diffusers_block_forward(
             block, lambda v, w=w, b=b: v + torch.tanh(v @ w + b) * float(scale)))
     assert_parity(out, diffusers_forward(model, c["config"], lat, t, ctx))
@@ -238,13 +244,11 @@ def test_layer_hook_runs_after_attention_with_per_layer_modules(converted, monke
     assert np.abs(np.asarray(out, np.float64) - base).max() > 1e-2  # the hook really changed the output
 
 
-def test_extra_tokens_and_attention_inputs_match_diffusers(converted):
+def test_extra_tokens_and_attention_inputs_match_diffusers(i2v):
     """Hallo3's reference bank: `attention_inputs` equals every diffusers layer's norm1 video output, and
     attention with extra tokens (own K/V + k-norm, no RoPE) equals diffusers' attention with them appended
     after the text (keys are order-free, RoPE reaches only the video tokens)."""
-    if converted["name"] != "5b-i2v":
-        pytest.skip("one variant is enough")
-    c, model, ours = converted, converted["model"], converted["ours"]
+    c, model, ours = i2v, i2v["model"], i2v["ours"]
     lat, t, ctx, _ = _inputs(c)
     seen = []
     handles = [blk.norm1.register_forward_hook(lambda mod, args, out: seen.append(out[0].numpy().copy()))
@@ -272,8 +276,12 @@ def test_extra_tokens_and_attention_inputs_match_diffusers(converted):
     graphdef, state = nnx.split(ours.blocks)  # layer 1 of the stacked blocks
     layer1 = nnx.merge(graphdef, jax.tree.map(lambda x: x[1], state))
     rope = ours.rope((3, 2, 3))
-    with jax.default_matmul_precision("highest"):
-        got = layer1.attn1(jnp.concatenate([text, video], axis=1), 5, rope, jnp.asarray(extra))
+
+    @jax.jit
+    def attend(x, extra):
+        with jax.default_matmul_precision("highest"):
+            return layer1.attn1(x, 5, rope, extra), layer1.attn1(x, 5, rope)
+
+    got, without = attend(jnp.concatenate([text, video], axis=1), jnp.asarray(extra))
     assert_parity(got, ref)
-    without = layer1.attn1(jnp.concatenate([text, video], axis=1), 5, rope)
     assert np.abs(np.asarray(without) - ref).max() > 1e-3  # the extra tokens matter
