@@ -24,7 +24,8 @@ from hallojax.convert.safetensors_io import TensorStore
 from hallojax.models.cogvideox import LayerHook, param_count, preset
 from hallojax.nn.layers import Dense, stacked
 from hallojax.sharding import DEFAULT_RULES, make_mesh, use_rules
-from test_parity_wan import assert_parity, program_dots
+from encoder_reference import assert_parity
+from test_parity_wan import program_dots
 
 FRAMES = {"2b": 3, "5b-i2v": 3, "1.5-i2v": 4}  # latent frames of the test inputs (1.5: divisible by patch_t 2)
 
