@@ -122,7 +122,11 @@ def test_bf16_compute_tracks_diffusers_bf16(i2v):
     refb = diffusers_forward(ref_bf16, c["config"], lat, t, ctx, ofs, dtype=torch.bfloat16)
     ours, _ = load_pretrained(c["tmp"] / "ours", dtype="bfloat16")
     out = forward(ours, lat, t, ctx, ofs=ofs)
+    # really bf16 compute: the output and every matmul's operands (diffusers keeps no fp32 module here)
     assert out.dtype == jnp.bfloat16
+    dots = [d for d in program_dots(ours, lat, t, ctx, ofs=ofs) if "dot_general" in d]
+    operands = [d.rsplit(" : (", 1)[1].split(") -> ")[0].split(", ") for d in dots]
+    assert len(dots) > 10 and all(o.endswith("xbf16>") for ops in operands for o in ops), dots
     out = np.asarray(out, np.float32)
     own, ours_err = np.abs(refb - ref32), np.abs(out - refb)
     assert ours_err.max() <= 2 * own.max(), (ours_err.max(), own.max())
@@ -149,6 +153,23 @@ def test_learned_table_is_sliced_for_fewer_frames(i2v):
         ours(np.zeros((1, 2, 6, 6, 8), np.float32), t[:1], ctx[:1])
     with pytest.raises(ValueError, match="learned position table has 5 text rows"):
         ours(lat, t, ctx[:, :4])
+
+
+def test_rope_tables_equal_diffusers_at_full_size():
+    """The RoPE tables at CogVideoX's real grids (positions up to 44): 1.0 at 480x720x49 (the pipeline's
+    resize-crop linspace grid, integers there) and 1.5's slice grid, within one float32 ulp of diffusers'."""
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+    from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+
+    from hallojax.nn.rope import grid_coords, rope_cos_sin
+
+    crops = get_resize_crop_region_for_grid((30, 45), 45, 30)
+    for grid, ref in (((13, 30, 45), get_3d_rotary_pos_embed(64, crops, (30, 45), 13)),
+                      ((11, 48, 85), get_3d_rotary_pos_embed(64, None, (48, 85), 11, grid_type="slice",
+                                                             max_size=(150, 150)))):
+        ours = rope_cos_sin(grid_coords(*grid), 64, split="cogvideox")
+        for o, r in zip(ours, ref):
+            assert np.abs(np.repeat(np.asarray(o), 2, axis=-1) - r.numpy()).max() <= 6e-8, grid
 
 
 # --- full-size shapes ---
