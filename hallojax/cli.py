@@ -1,6 +1,7 @@
 """The `hallojax` command.
 
-    hallojax convert FORMAT SRC_DIR OUT_DIR [--overwrite]       FORMAT: wan-diffusers, wan, wan-vae, wav2vec2, umt5, t5
+    hallojax convert FORMAT SRC_DIR OUT_DIR [--overwrite]       FORMAT: wan-diffusers, wan, wan-vae, wav2vec2, umt5, t5,
+                                                                cogvideox
     hallojax convert echomimic-v3 BASE_DIR ECHO_FILE OUT_DIR    Wan2.1-Fun-InP base + an EchoMimicV3 file
     hallojax convert letstalk CKPT_FILE OUT_DIR [--weights ema|model]   a LetsTalk torch.save file
     hallojax export  FORMAT CKPT_DIR OUT_DIR [--overwrite] [--max-shard-gb 5]

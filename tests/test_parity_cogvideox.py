@@ -21,23 +21,40 @@ from hallojax import cli, load_pretrained, registry
 from hallojax.convert import ConversionError
 from hallojax.convert.cogvideox import convert_cogvideox, export_cogvideox
 from hallojax.convert.safetensors_io import TensorStore
-from hallojax.models.cogvideox import LayerHook, param_count, preset
+from hallojax.models.cogvideox import PRESETS, LayerHook, param_count, preset
 from hallojax.nn.layers import Dense, stacked
 from hallojax.sharding import DEFAULT_RULES, make_mesh, use_rules
-from test_parity_wan import assert_parity, program_dots
+from encoder_reference import assert_parity
+from test_parity_wan import program_dots
 
 FRAMES = {"2b": 3, "5b-i2v": 3, "1.5-i2v": 4}  # latent frames of the test inputs (1.5: divisible by patch_t 2)
 
 
+_BUILT: dict[str, dict] = {}
+
+
+def _build(name, tmp_path_factory):
+    """The tiny diffusers model `name`, saved, converted and loaded: built once per test module."""
+    if name not in _BUILT:
+        tmp = tmp_path_factory.mktemp(name)
+        model = make_diffusers_cogvideox(TINY[name], seed=len(name))
+        model.save_pretrained(tmp / "diffusers")
+        convert_cogvideox(tmp / "diffusers", tmp / "ours", progress=False)
+        ours, cfg = load_pretrained(tmp / "ours", dtype="float32")
+        _BUILT[name] = dict(name=name, config=TINY[name], model=model, tmp=tmp, ours=ours, cfg=cfg)
+    return _BUILT[name]
+
+
 @pytest.fixture(scope="module", params=list(TINY))
 def converted(request, tmp_path_factory):
-    name = request.param
-    tmp = tmp_path_factory.mktemp(name)
-    model = make_diffusers_cogvideox(TINY[name], seed=len(name))
-    model.save_pretrained(tmp / "diffusers")
-    convert_cogvideox(tmp / "diffusers", tmp / "ours", progress=False)
-    ours, cfg = load_pretrained(tmp / "ours", dtype="float32")
-    return dict(name=name, config=TINY[name], model=model, tmp=tmp, ours=ours, cfg=cfg)
+    return _build(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def i2v(tmp_path_factory):
+    """The 5B-I2V-style model (Hallo3's base): the checks that need only one variant."""
+    yield _build("5b-i2v", tmp_path_factory)
+    _BUILT.clear()
 
 
 def _inputs(c, **kw):
@@ -93,21 +110,23 @@ def test_round_trip_is_bitwise(converted):
             assert new_cfg[key] == value, key
 
 
-def test_bf16_compute_tracks_diffusers_bf16(converted):
-    """bf16 is not bitwise: ours in bf16 must be no further from diffusers in bf16 than that is from fp32."""
+def test_bf16_compute_tracks_diffusers_bf16(i2v):
+    """bf16 is not bitwise: ours in bf16 must be no further from diffusers in bf16 than that is from fp32
+    (the Hallo3 base only: test time)."""
     from diffusers import CogVideoXTransformer3DModel
 
-    if converted["name"] != "5b-i2v":
-        pytest.skip("the Hallo3 base only (test time)")
-
-    c = converted
+    c = i2v
     ref_bf16 = CogVideoXTransformer3DModel.from_pretrained(c["tmp"] / "diffusers", torch_dtype=torch.bfloat16)
     lat, t, ctx, ofs = _inputs(c)
     ref32 = diffusers_forward(c["model"], c["config"], lat, t, ctx, ofs)
     refb = diffusers_forward(ref_bf16, c["config"], lat, t, ctx, ofs, dtype=torch.bfloat16)
     ours, _ = load_pretrained(c["tmp"] / "ours", dtype="bfloat16")
     out = forward(ours, lat, t, ctx, ofs=ofs)
+    # really bf16 compute: the output and every matmul's operands (diffusers keeps no fp32 module here)
     assert out.dtype == jnp.bfloat16
+    dots = [d for d in program_dots(ours, lat, t, ctx, ofs=ofs) if "dot_general" in d]
+    operands = [d.rsplit(" : (", 1)[1].split(") -> ")[0].split(", ") for d in dots]
+    assert len(dots) > 10 and all(o.endswith("xbf16>") for ops in operands for o in ops), dots
     out = np.asarray(out, np.float32)
     own, ours_err = np.abs(refb - ref32), np.abs(out - refb)
     assert ours_err.max() <= 2 * own.max(), (ours_err.max(), own.max())
@@ -117,16 +136,12 @@ def test_bf16_compute_tracks_diffusers_bf16(converted):
 # --- position tables ---
 
 
-def test_learned_table_is_sliced_for_fewer_frames(tmp_path):
+def test_learned_table_is_sliced_for_fewer_frames(i2v):
     """5B-I2V at fewer latent frames adds the first rows of its learned table (SAT's behaviour; diffusers
     would swap in a sin-cos table). Reference: diffusers built for 2 frames with the table's first rows."""
     from diffusers import CogVideoXTransformer3DModel
 
-    config = TINY["5b-i2v"]
-    full = make_diffusers_cogvideox(config, seed=3)
-    full.save_pretrained(tmp_path / "d")
-    convert_cogvideox(tmp_path / "d", tmp_path / "o", progress=False)
-    ours, cfg = load_pretrained(tmp_path / "o", dtype="float32")
+    config, full, ours = i2v["config"], i2v["model"], i2v["ours"]
     short_cfg = dict(config, sample_frames=5)  # (5 - 1) // 4 + 1 = 2 latent frames
     short = CogVideoXTransformer3DModel(**short_cfg).eval()
     sd = full.state_dict()
@@ -140,12 +155,29 @@ def test_learned_table_is_sliced_for_fewer_frames(tmp_path):
         ours(lat, t, ctx[:, :4])
 
 
+def test_rope_tables_equal_diffusers_at_full_size():
+    """The RoPE tables at CogVideoX's real grids (positions up to 44): 1.0 at 480x720x49 (the pipeline's
+    resize-crop linspace grid, integers there) and 1.5's slice grid, within one float32 ulp of diffusers'."""
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+    from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+
+    from hallojax.nn.rope import grid_coords, rope_cos_sin
+
+    crops = get_resize_crop_region_for_grid((30, 45), 45, 30)
+    for grid, ref in (((13, 30, 45), get_3d_rotary_pos_embed(64, crops, (30, 45), 13)),
+                      ((11, 48, 85), get_3d_rotary_pos_embed(64, None, (48, 85), 11, grid_type="slice",
+                                                             max_size=(150, 150)))):
+        ours = jax.jit(lambda c: rope_cos_sin(c, 64, split="cogvideox"))(grid_coords(*grid))  # one compile
+        for o, r in zip(ours, ref):
+            assert np.abs(np.repeat(np.asarray(o), 2, axis=-1) - r.numpy()).max() <= 6e-8, grid
+
+
 # --- full-size shapes ---
 
 
 def test_full_size_parameter_counts_from_shapes():
     """5B-I2V from shapes alone: diffusers' 5,570,479,680 parameters + the 54,607,872-element learned table;
-    the other presets equal diffusers built on the meta device."""
+    every preset equals diffusers built on the meta device (parameters + the persistent table)."""
     from diffusers import CogVideoXTransformer3DModel
 
     from hallojax.convert.cogvideox import config_to_diffusers
@@ -153,20 +185,20 @@ def test_full_size_parameter_counts_from_shapes():
     model = registry.abstract(preset("5b-i2v"))
     assert model.pos_embedding.shape == (1, 226 + 13 * 30 * 45, 3072)
     assert param_count(model) == 5_570_479_680 + 54_607_872
-    for name in ("2b", "5b", "1.5-5b-i2v"):
+    for name in PRESETS:
         d = {k: v for k, v in config_to_diffusers(preset(name)).items() if not k.startswith("_")}
         with torch.device("meta"):
             ref = CogVideoXTransformer3DModel(**d)
-        assert param_count(registry.abstract(preset(name))) == sum(p.numel() for p in ref.parameters()), name
+        want = sum(p.numel() for p in ref.parameters()) + sum(
+            b.numel() for k, b in ref.state_dict().items() if k == "patch_embed.pos_embedding")
+        assert param_count(registry.abstract(preset(name))) == want, name
 
 
 # --- bad checkpoints ---
 
 
-def test_bad_checkpoint_lists_every_problem_and_writes_nothing(converted, tmp_path):
-    if converted["name"] != "5b-i2v":
-        pytest.skip("one variant is enough")
-    src = converted["tmp"] / "diffusers"
+def test_bad_checkpoint_lists_every_problem_and_writes_nothing(i2v, tmp_path):
+    src = i2v["tmp"] / "diffusers"
     tensors = safetensors.numpy.load_file(str(src / "diffusion_pytorch_model.safetensors"))
     del tensors["transformer_blocks.1.attn1.norm_k.bias"]
     tensors["patch_embed.pos_embedding"] = np.zeros((1, 22, 64), np.float32)
@@ -206,12 +238,10 @@ def _diffusers_block_forward(block, hook_fn):
     return forward
 
 
-def test_layer_hook_runs_after_attention_with_per_layer_modules(converted, monkeypatch):
+def test_layer_hook_runs_after_attention_with_per_layer_modules(i2v, monkeypatch):
     """A stacked per-layer module applied by `LayerHook` (v + tanh(Dense_l(v)) * scale) equals diffusers with
     the same op inserted after each block's attention residual."""
-    if converted["name"] != "5b-i2v":
-        pytest.skip("one variant is enough")
-    c, model = converted, converted["model"]
+    c, model = i2v, i2v["model"]
     hooks = stacked(Dense, 2, nnx.Rngs(7), 64, 64, ("embed", "mlp"))
     scale = np.float32(0.5)
 
@@ -228,8 +258,8 @@ def test_layer_hook_runs_after_attention_with_per_layer_modules(converted, monke
 
     out = run(state, hook_state, lat, t, ctx)
     for i, block in enumerate(model.transformer_blocks):
-        w = torch.from_numpy(np.asarray(hooks.kernel[...][i]))
-        b = torch.from_numpy(np.asarray(hooks.bias[...][i]))
+        w = torch.tensor(np.asarray(hooks.kernel[...][i]))
+        b = torch.tensor(np.asarray(hooks.bias[...][i]))
         monkeypatch.setattr(block, "forward", _diffusers_block_forward(
             block, lambda v, w=w, b=b: v + torch.tanh(v @ w + b) * float(scale)))
     assert_parity(out, diffusers_forward(model, c["config"], lat, t, ctx))
@@ -238,13 +268,11 @@ def test_layer_hook_runs_after_attention_with_per_layer_modules(converted, monke
     assert np.abs(np.asarray(out, np.float64) - base).max() > 1e-2  # the hook really changed the output
 
 
-def test_extra_tokens_and_attention_inputs_match_diffusers(converted):
+def test_extra_tokens_and_attention_inputs_match_diffusers(i2v):
     """Hallo3's reference bank: `attention_inputs` equals every diffusers layer's norm1 video output, and
     attention with extra tokens (own K/V + k-norm, no RoPE) equals diffusers' attention with them appended
     after the text (keys are order-free, RoPE reaches only the video tokens)."""
-    if converted["name"] != "5b-i2v":
-        pytest.skip("one variant is enough")
-    c, model, ours = converted, converted["model"], converted["ours"]
+    c, model, ours = i2v, i2v["model"], i2v["ours"]
     lat, t, ctx, _ = _inputs(c)
     seen = []
     handles = [blk.norm1.register_forward_hook(lambda mod, args, out: seen.append(out[0].numpy().copy()))
@@ -272,8 +300,12 @@ def test_extra_tokens_and_attention_inputs_match_diffusers(converted):
     graphdef, state = nnx.split(ours.blocks)  # layer 1 of the stacked blocks
     layer1 = nnx.merge(graphdef, jax.tree.map(lambda x: x[1], state))
     rope = ours.rope((3, 2, 3))
-    with jax.default_matmul_precision("highest"):
-        got = layer1.attn1(jnp.concatenate([text, video], axis=1), 5, rope, jnp.asarray(extra))
+
+    @jax.jit
+    def attend(x, extra):
+        with jax.default_matmul_precision("highest"):
+            return layer1.attn1(x, 5, rope, extra), layer1.attn1(x, 5, rope)
+
+    got, without = attend(jnp.concatenate([text, video], axis=1), jnp.asarray(extra))
     assert_parity(got, ref)
-    without = layer1.attn1(jnp.concatenate([text, video], axis=1), 5, rope)
     assert np.abs(np.asarray(without) - ref).max() > 1e-3  # the extra tokens matter

@@ -35,7 +35,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from hallojax.modelconfig import DTYPES, ModelConfig, check_dtypes, with_precision
-from hallojax.models.wan import REMAT_POLICIES, param_count
+from hallojax.models.wan import REMAT_POLICIES, check_video_inputs, param_count
 from hallojax.nn.attention import ATTENTION_IMPLS, dot_product_attention
 from hallojax.nn.layers import MLP, Dense, LayerNorm, PatchEmbed, gelu_tanh, stacked, timestep_embedding
 from hallojax.nn.rope import apply_rope, axis_dims, grid_coords, rope_cos_sin
@@ -338,28 +338,13 @@ class CogVideoXTransformer(nnx.Module):
 
     def check_inputs(self, latents, timesteps, context, ofs, coords):
         cfg = self.cfg
-        if latents.ndim != 5 or latents.shape[-1] != cfg.in_channels:
-            raise ValueError(f"latents have shape {tuple(latents.shape)}; expected [B, F, H, W, "
-                             f"{cfg.in_channels}] (channels last)")
-        b, f, h, w, _ = latents.shape
-        for name, n, p in zip("FHW", (f, h, w), cfg.patch):
-            if n % p:
-                raise ValueError(f"latents {tuple(latents.shape)}: {name}={n} is not divisible by patch {p}")
-        if timesteps.shape != (b,):
-            raise ValueError(f"timesteps have shape {tuple(timesteps.shape)}; expected [{b}]")
-        if context.ndim != 3 or context.shape[0] != b or context.shape[-1] != cfg.text_dim:
-            raise ValueError(f"context has shape {tuple(context.shape)}; expected [{b}, M, {cfg.text_dim}]")
+        check_video_inputs(latents, timesteps, context, coords, in_channels=cfg.in_channels, patch=cfg.patch,
+                           text_dim=cfg.text_dim)
         if cfg.learned_positions and context.shape[1] != cfg.text_len:
             raise ValueError(f"context has {context.shape[1]} tokens; the learned position table has "
                              f"{cfg.text_len} text rows (pad the text states to {cfg.text_len})")
         if (ofs is None) != (cfg.ofs_embed_dim is None):
             raise ValueError("`ofs` is needed exactly when model.ofs_embed_dim is set (CogVideoX1.5-I2V)")
-        if coords is not None:
-            want = f * h * w // int(np.prod(cfg.patch))
-            if np.ndim(coords) not in (2, 3) or np.shape(coords)[-2:] != (want, 3) or (
-                    np.ndim(coords) == 3 and np.shape(coords)[0] != b):
-                raise ValueError(f"coords have shape {tuple(np.shape(coords))}; expected [{want}, 3] or "
-                                 f"[{b}, {want}, 3] (one (t, h, w) per video token)")
 
     def positions(self, grid: tuple[int, int, int], dtype) -> tuple[jax.Array | None, jax.Array | None]:
         """(text rows [1, M, D], video rows [1, L, D]) of the absolute position table, or (None, None)."""

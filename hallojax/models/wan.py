@@ -198,6 +198,28 @@ class DiTConfig(ModelConfig):
         return self.in_channels + motion
 
 
+def check_video_inputs(latents, timesteps, context, coords, *, in_channels: int, patch, text_dim: int) -> None:
+    """The DiTs' shared input checks: latents [B, F, H, W, in_channels] divisible by the (t, h, w) patch,
+    timesteps [B], context [B, M, text_dim], coords None or [L, 3] / [B, L, 3] (one per video token)."""
+    if latents.ndim != 5 or latents.shape[-1] != in_channels:
+        raise ValueError(f"latents have shape {tuple(latents.shape)}; expected [B, F, H, W, "
+                         f"{in_channels}] (channels last)")
+    b, f, h, w, _ = latents.shape
+    for name, n, p in zip("FHW", (f, h, w), patch):
+        if n % p:
+            raise ValueError(f"latents {tuple(latents.shape)}: {name}={n} is not divisible by patch {p}")
+    if timesteps.shape != (b,):
+        raise ValueError(f"timesteps have shape {tuple(timesteps.shape)}; expected [{b}]")
+    if context.ndim != 3 or context.shape[0] != b or context.shape[-1] != text_dim:
+        raise ValueError(f"context has shape {tuple(context.shape)}; expected [{b}, M, {text_dim}]")
+    if coords is not None:
+        want = f * h * w // math.prod(patch)
+        if np.ndim(coords) not in (2, 3) or np.shape(coords)[-2:] != (want, 3) or (
+                np.ndim(coords) == 3 and np.shape(coords)[0] != b):
+            raise ValueError(f"coords have shape {tuple(np.shape(coords))}; expected [{want}, 3] or "
+                             f"[{b}, {want}, 3] (one (t, h, w) per video token)")
+
+
 class ImageEmbedder(nnx.Module):
     """I2V image-token embedder: LayerNorm -> FeedForward(mult 1, erf GELU) -> LayerNorm (eps 1e-5)."""
 
@@ -518,23 +540,9 @@ class WanDiT(nnx.Module):
     # ---------------------------------------------------------------------------------------------
     def check_inputs(self, latents, timesteps, context, image_context, coords=None):
         cfg = self.cfg
-        if latents.ndim != 5 or latents.shape[-1] != cfg.in_channels:
-            raise ValueError(f"latents have shape {tuple(latents.shape)}; expected [B, F, H, W, "
-                             f"{cfg.in_channels}] (channels last)")
-        b, f, h, w, _ = latents.shape
-        for name, n, p in zip("FHW", (f, h, w), cfg.patch_size):
-            if n % p:
-                raise ValueError(f"latents {tuple(latents.shape)}: {name}={n} is not divisible by patch {p}")
-        if timesteps.shape != (b,):
-            raise ValueError(f"timesteps have shape {tuple(timesteps.shape)}; expected [{b}]")
-        if context.ndim != 3 or context.shape[0] != b or context.shape[-1] != cfg.text_dim:
-            raise ValueError(f"context has shape {tuple(context.shape)}; expected [{b}, M, {cfg.text_dim}]")
-        if coords is not None:
-            want = f * h * w // cfg.patch_volume
-            if np.ndim(coords) not in (2, 3) or np.shape(coords)[-2:] != (want, 3) or (
-                    np.ndim(coords) == 3 and np.shape(coords)[0] != b):
-                raise ValueError(f"coords have shape {tuple(np.shape(coords))}; expected [{want}, 3] or "
-                                 f"[{b}, {want}, 3] (one (t, h, w) per video token)")
+        check_video_inputs(latents, timesteps, context, coords, in_channels=cfg.in_channels, patch=cfg.patch_size,
+                           text_dim=cfg.text_dim)
+        b = latents.shape[0]
         if image_context is not None:
             if cfg.image_dim is None:
                 raise ValueError("image_context given to a model without an image embedder (T2V config)")

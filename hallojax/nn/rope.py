@@ -41,12 +41,16 @@ def _tables(head_dim: int, theta: float, max_pos: int, split: str = "wan") -> tu
 
     Columns are the t pairs, then h pairs, then w pairs; row r is position r − max_pos.
     """
-    dt = np.float64 if split == "wan" else np.float32  # each reference's own angle precision
-    pos = np.arange(-max_pos, max_pos).astype(dt)
+    f64 = split == "wan"  # each reference's own angle precision
+    pos = np.arange(-max_pos, max_pos, dtype=np.float64 if f64 else np.float32)
     cos, sin = [], []
     for d in axis_dims(head_dim, split):
-        inv = (dt(1.0) / (dt(theta) ** (np.arange(0, d, 2).astype(dt) / dt(d)))).astype(dt)
-        ang = np.outer(pos, inv).astype(dt)
+        if f64:
+            inv = 1.0 / (theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+        else:  # torch's float32 `1 / theta ** (arange / d)`: its pow is the float64 power rounded (bitwise equal)
+            e = np.arange(0, d, 2, dtype=np.float32) / np.float32(d)
+            inv = np.float32(1.0) / (np.float64(theta) ** e.astype(np.float64)).astype(np.float32)
+        ang = np.outer(pos, inv).astype(np.float64)  # float32 products stay float32 values
         cos.append(np.cos(ang).astype(np.float32))
         sin.append(np.sin(ang).astype(np.float32))
     return np.concatenate(cos, axis=1), np.concatenate(sin, axis=1)
