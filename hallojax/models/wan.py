@@ -26,26 +26,10 @@ from hallojax.nn.audio import AudioCrossAttention, AudioProjector, frame_windows
 from hallojax.nn.context_parallel import MODES as CONTEXT_PARALLEL, RING_IMPLS, self_attention
 from hallojax.models.echomimic import PROJECTORS, FlashProjector, PreviewProjector
 from hallojax.modelconfig import DTYPES, ModelConfig, check_dtypes, with_precision
-from hallojax.nn.layers import MLP, Dense, LayerNorm, RMSNorm, gelu_erf, gelu_tanh, stacked, timestep_embedding
+from hallojax.nn.layers import (  # noqa: F401  (REMAT_POLICIES, PatchEmbed: re-exported)
+    MLP, REMAT_POLICIES, Dense, LayerNorm, PatchEmbed, RMSNorm, gelu_erf, gelu_tanh, stacked, timestep_embedding)
 from hallojax.nn.rope import apply_rope, frame_coords, grid_coords, rope_cos_sin
 from hallojax.sharding import constrain
-
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "save_dots": jax.checkpoint_policies.dots_saveable,
-    "save_matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "save_attn_out": jax.checkpoint_policies.save_only_these_names("attn_out"),
-    "offload_attn_out": jax.checkpoint_policies.save_and_offload_only_these_names(
-        names_which_can_be_saved=[], names_which_can_be_offloaded=["attn_out"],
-        offload_src="device", offload_dst="pinned_host"),
-    # every layer's input (the residual stream the layer loop carries) to pinned host memory, the rest
-    # recomputed: device memory no longer grows with depth (14B at 720p, 2 samples per v5p chip)
-    "offload_layer_input": jax.checkpoint_policies.save_and_offload_only_these_names(
-        names_which_can_be_saved=[], names_which_can_be_offloaded=["layer_input"],
-        offload_src="device", offload_dst="pinned_host"),
-}
-
 
 @dataclasses.dataclass(frozen=True)
 class DiTConfig(ModelConfig):
@@ -186,33 +170,6 @@ class DiTConfig(ModelConfig):
         """Input channels of the patch embedding: latents, plus zero-padded motion latents in "channels" mode."""
         motion = self.out_channels if self.motion_frames > 0 and self.motion_mode == "channels" else 0
         return self.in_channels + motion
-
-
-class PatchEmbed(nnx.Module):
-    """Conv3d with kernel = stride = patch, as one matmul over patches. kernel [pt, ph, pw, C, D]."""
-
-    def __init__(self, patch, in_channels: int, dim: int, *, rngs: nnx.Rngs, dtype, param_dtype,
-                 zero_from: int | None = None):
-        """zero_from: input channels from this index on start at zero (conditioning channels added to
-        a pretrained model contribute nothing until trained)."""
-        self.patch = tuple(patch)
-        init = nnx.initializers.xavier_uniform(in_axis=(0, 1, 2, 3), out_axis=4)
-        kernel = init(rngs.params(), (*patch, in_channels, dim), param_dtype)
-        if zero_from is not None:
-            kernel = kernel.at[..., zero_from:, :].set(0)
-        self.kernel = nnx.Param(kernel, out_sharding=(None, None, None, None, "embed"), eager_sharding=False)
-        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), out_sharding=("embed",), eager_sharding=False)
-        self.dtype = dtype
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        b, f, h, w, c = x.shape
-        pt, ph, pw = self.patch
-        x = x.reshape(b, f // pt, pt, h // ph, ph, w // pw, pw, c)
-        x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7)  # [B, F', H', W', pt, ph, pw, C]
-        x = x.reshape(b, -1, pt, ph, pw, c).astype(self.dtype)  # [B, L, pt, ph, pw, C]
-        y = jnp.einsum("blthwc,thwcd->bld", x, self.kernel[...].astype(self.dtype),
-                       preferred_element_type=jnp.float32)
-        return (y + self.bias[...].astype(jnp.float32)).astype(self.dtype)
 
 
 class ImageEmbedder(nnx.Module):

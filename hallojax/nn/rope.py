@@ -3,7 +3,8 @@
 Wan splits the head dim into t/h/w parts (h = w = 2·(K // 6), t = K − h − w; 128 → 44/42/42) and
 rotates interleaved pairs (2i, 2i+1) by angle pos · theta^(−2i/d). The reference builds its cos/sin
 tables in float64 and casts them to float32; we do the same on the host, once per (K, theta, range),
-and gather rows by coordinate inside the jitted program. Coordinates are explicit per token rather
+and gather rows by coordinate inside the jitted program (HunyuanVideo: explicit axis sizes, e.g. 16/56/56,
+and float32 angles, as its reference computes them). Coordinates are explicit per token rather
 than implied by a grid, so conditioning tokens can sit at t = −1 (identity frame) or at spatially
 shifted positions, and the rotation stays exact for every position in [−max_pos, max_pos).
 """
@@ -24,30 +25,38 @@ def axis_dims(head_dim: int) -> tuple[int, int, int]:
 
 
 @functools.lru_cache(maxsize=16)
-def _tables(head_dim: int, theta: float, max_pos: int) -> tuple[np.ndarray, np.ndarray]:
+def _tables(axes: tuple[int, int, int], theta: float, max_pos: int,
+            angle_dtype: str = "float64") -> tuple[np.ndarray, np.ndarray]:
     """cos/sin of every (position, pair) for positions −max_pos … max_pos−1: float32 [2·max_pos, K/2].
 
-    Columns are the t pairs, then h pairs, then w pairs; row r is position r − max_pos.
+    Columns are the t pairs, then h pairs, then w pairs; row r is position r − max_pos. Frequencies and
+    angles are computed in `angle_dtype` (the reference's: float64 for Wan, float32 for HunyuanVideo).
     """
-    pos = np.arange(-max_pos, max_pos, dtype=np.float64)
+    dt = np.dtype(angle_dtype)
+    pos = np.arange(-max_pos, max_pos).astype(dt)
     cos, sin = [], []
-    for d in axis_dims(head_dim):
-        inv = 1.0 / (theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
-        ang = np.outer(pos, inv)  # float64, as the reference computes it
+    for d in axes:
+        inv = (dt.type(1.0) / (dt.type(theta) ** (np.arange(0, d, 2).astype(dt) / dt.type(d)))).astype(dt)
+        ang = np.outer(pos, inv).astype(dt)
         cos.append(np.cos(ang).astype(np.float32))
         sin.append(np.sin(ang).astype(np.float32))
     return np.concatenate(cos, axis=1), np.concatenate(sin, axis=1)
 
 
 def rope_cos_sin(coords: jax.Array | np.ndarray, head_dim: int, theta: float = 10000.0,
-                 max_pos: int = 1024) -> tuple[jax.Array, jax.Array]:
+                 max_pos: int = 1024, *, axes: tuple[int, int, int] | None = None,
+                 angle_dtype: str = "float64") -> tuple[jax.Array, jax.Array]:
     """cos, sin for integer coordinates `coords` [..., L, 3] (t, h, w): float32 [..., L, K/2].
 
-    Coordinates outside [−max_pos, max_pos) raise for host arrays; inside jit (where values are not
+    axes: the (t, h, w) sub-dimensions of a head (default: Wan's split, `axis_dims`); they must sum to
+    head_dim. Coordinates outside [−max_pos, max_pos) raise for host arrays; inside jit (where values are not
     known) they produce NaN rather than silently reading another position's row.
     """
-    dt, dh, dw = axis_dims(head_dim)
-    cos_t, sin_t = _tables(head_dim, float(theta), int(max_pos))
+    axes = axis_dims(head_dim) if axes is None else tuple(int(a) for a in axes)
+    if sum(axes) != head_dim or any(a % 2 for a in axes):
+        raise ValueError(f"RoPE axis dims {axes}: must be even and sum to head_dim {head_dim}")
+    dt, dh, dw = axes
+    cos_t, sin_t = _tables(axes, float(theta), int(max_pos), angle_dtype)
     if not isinstance(coords, jax.core.Tracer):
         coords = np.asarray(coords)
         if coords.size and (coords.min() < -max_pos or coords.max() >= max_pos):
