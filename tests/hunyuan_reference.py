@@ -55,5 +55,20 @@ def diffusers_forward(model, x: dict) -> np.ndarray:
 
 
 def ours_forward(model, x: dict, **kw):
+    """Our model on the same inputs, jitted (one compile per model structure and input shapes); array
+    keyword arguments are traced, others (dual_hook's module and layers) are static through the closure."""
+    import jax
+    from flax import nnx
+
     extra = {"guidance": x["guidance"]} if model.cfg.guidance_embeds else {}
-    return model(x["lat"], x["t"], x["text"], x["pooled"], text_mask=x["mask"], **extra, **kw)
+    args = (x["lat"], x["t"], x["text"], x["pooled"])
+    hook = kw.pop("dual_hook", None)
+    hook_def, hook_state = nnx.split(hook[0]) if hook else (None, None)
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def run(state, hook_state, args, mask, extra, kw):
+        h = None if hook is None else (nnx.merge(hook_def, hook_state), hook[1])
+        return nnx.merge(graphdef, state)(*args, text_mask=mask, dual_hook=h, **extra, **kw)
+
+    return run(state, hook_state, args, x["mask"], extra, kw)

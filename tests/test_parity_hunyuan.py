@@ -16,7 +16,7 @@ from flax import nnx
 
 from encoder_reference import assert_parity
 from hallojax import cli, load_pretrained
-from hallojax.checkpoint import flat_params, load_params_numpy
+from hallojax.checkpoint import flat_params, load_params_numpy, read_config
 from hallojax.convert import ConversionError
 from hallojax.convert.hunyuan import (
     convert_hunyuan_diffusers, convert_hunyuan_original, export_hunyuan_diffusers, export_hunyuan_original)
@@ -25,6 +25,15 @@ from hallojax.models.hunyuan import HunyuanVideoTransformer, preset
 from hallojax.registry import abstract
 from hallojax.sharding import DEFAULT_RULES, make_mesh, use_rules
 from hunyuan_reference import TINY, diffusers_forward, inputs, make_diffusers_hunyuan, ours_forward
+
+
+def _assert_same(a, b):
+    """Two tensor collections (a TensorStore or a dict of arrays) hold the same names and bits."""
+    get = lambda t, k: t.get(k) if isinstance(t, TensorStore) else t[k]  # noqa: E731
+    assert sorted(a.keys()) == sorted(b.keys())
+    for k in a.keys():
+        x, y = np.asarray(get(a, k)), np.asarray(get(b, k))
+        assert x.dtype == y.dtype and np.array_equal(x, y), k
 
 
 def _inputs(**kw):
@@ -70,11 +79,7 @@ def test_sharded_forward_matches_diffusers(converted, devices):
 def test_diffusers_round_trip_is_bitwise(converted):
     out = converted["tmp"] / "exported"
     export_hunyuan_diffusers(converted["tmp"] / "ours", out, progress=False)
-    original = {k: v.numpy() for k, v in converted["model"].state_dict().items()}
-    exported = TensorStore(out)
-    assert sorted(exported.keys()) == sorted(original)
-    for k, v in original.items():
-        assert exported.get(k).dtype == v.dtype and np.array_equal(exported.get(k), v), k
+    _assert_same(TensorStore(out), {k: v.numpy() for k, v in converted["model"].state_dict().items()})
     from diffusers import HunyuanVideoTransformer3DModel
 
     reloaded = HunyuanVideoTransformer3DModel.from_pretrained(out)
@@ -108,15 +113,22 @@ def test_original_names_round_trip_and_agree_with_diffusers(converted):
     (tmp / "pt" / "mp_rank_00_model_states.pt").symlink_to(tmp / "mp_rank_00_model_states.pt")
     (tmp / "pt" / "config.json").write_text((tmp / "orig" / "config.json").read_text())  # tiny: rope axes
     assert cli.main(["convert", "hunyuan-video-original", str(tmp / "pt"), str(tmp / "ours_orig")]) == 0
-    a, b = load_params_numpy(tmp / "ours"), load_params_numpy(tmp / "ours_orig")
-    assert sorted(a) == sorted(b)
-    for k in a:
-        assert np.array_equal(a[k], b[k]), k
+    _assert_same(load_params_numpy(tmp / "ours"), load_params_numpy(tmp / "ours_orig"))
     export_hunyuan_original(tmp / "ours_orig", tmp / "orig2", progress=False)
-    again = TensorStore(tmp / "orig2")
-    assert sorted(again.keys()) == sorted(orig.keys())
-    for k in orig.keys():
-        assert np.array_equal(again.get(k), orig.get(k)), k
+    _assert_same(TensorStore(tmp / "orig2"), orig)
+
+
+def test_no_guidance_model_converts_both_ways(tmp_path):
+    """The Avatar's trunk has no guidance embedder: both converters see that from the tensors alone."""
+    model = make_diffusers_hunyuan(dict(TINY, guidance_embeds=False), seed=5)
+    model.save_pretrained(tmp_path / "d")
+    convert_hunyuan_diffusers(tmp_path / "d", tmp_path / "ours", progress=False)
+    export_hunyuan_original(tmp_path / "ours", tmp_path / "orig", progress=False)
+    assert not any(k.startswith("guidance_in") for k in TensorStore(tmp_path / "orig").keys())
+    convert_hunyuan_original(tmp_path / "orig", tmp_path / "ours2", progress=False)
+    export_hunyuan_diffusers(tmp_path / "ours2", tmp_path / "back", progress=False)
+    _assert_same(TensorStore(tmp_path / "back"), {k: v.numpy() for k, v in model.state_dict().items()})
+    assert not read_config(tmp_path / "ours2")[0].guidance_embeds
 
 
 def test_full_size_counts_from_shapes():
@@ -161,31 +173,31 @@ def test_bad_checkpoints_rejected_in_one_error(converted, tmp_path):
 
 
 def test_extension_points(converted):
-    """Extra image-stream tokens at t = -1 change the output (they are attended to) and are dropped before
-    the head; an extra vector shifts vec; a dual-block hook that adds zero leaves the output bit for bit."""
-    ours = converted["ours"]
-    x = _inputs(batch=1, valid=(5,))
-    base = np.asarray(ours_forward(ours, x))
-    ref_frame = ours.embed(x["lat"][:, :1])  # [1, H'·W', D] one latent frame through the shared patch embedding
+    """The Avatar's attachment points. Extra image-stream tokens (a reference frame at t = -1, through the
+    shared patch embedding) are attended to and dropped before the head; a dual-block hook that adds zero
+    and a zero extra vector leave that output bit for bit; a non-zero hook and a non-zero vector change it."""
+    from hallojax.nn.layers import stacked
     from hallojax.nn.rope import frame_coords
 
-    with_ref = np.asarray(ours_forward(ours, x, extra_tokens=ref_frame, extra_coords=frame_coords(2, 3, t=-1)))
-    assert with_ref.shape == base.shape and np.abs(with_ref - base).max() > 1e-3
-
-    class AddZero(nnx.Module):
+    class AddVector(nnx.Module):  # stands in for the face-aware audio adapter
         def __init__(self, *, rngs):
             self.w = nnx.Param(jnp.zeros((64,)))
 
         def __call__(self, img, txt, scale):
             return img + self.w[...] * scale
 
-    from hallojax.nn.layers import stacked
+    ours = converted["ours"]
+    x = _inputs(valid=(7, 4))  # the first test's inputs: its compiled program is reused for `base`
+    base = np.asarray(ours_forward(ours, x))
+    ref = dict(extra_tokens=ours.embed(x["lat"][:, :1]), extra_coords=frame_coords(2, 3, t=-1))
+    with_ref = np.asarray(ours_forward(ours, x, **ref))
+    assert with_ref.shape == base.shape and np.abs(with_ref - base).max() > 1e-3
 
-    hook = stacked(AddZero, 1, nnx.Rngs(0))
-    hooked = np.asarray(ours_forward(ours, x, dual_hook=(hook, (1,)), hook_inputs={"scale": jnp.ones(())}))
-    assert np.array_equal(hooked, base)
-    hook.w.set_value(jnp.linspace(-1.0, 1.0, 64)[None])  # not constant over D (the next LayerNorm drops that)
-    assert np.abs(np.asarray(ours_forward(ours, x, dual_hook=(hook, (1,)), hook_inputs={"scale": jnp.ones(())}))
-                  - base).max() > 1e-3
-    shifted = np.asarray(ours_forward(ours, x, extra_vec=np.full((1, 64), 0.1, np.float32)))
-    assert np.abs(shifted - base).max() > 1e-3
+    hook = stacked(AddVector, 2, nnx.Rngs(0))
+    kw = dict(ref, dual_hook=(hook, (0, 1)), hook_inputs={"scale": jnp.ones(())})
+    assert np.array_equal(np.asarray(ours_forward(ours, x, extra_vec=np.zeros((2, 64), np.float32), **kw)), with_ref)
+    hook.w.set_value(jnp.zeros((2, 64)).at[1].set(jnp.linspace(-1.0, 1.0, 64)))  # not constant over D (LayerNorm)
+    hooked = np.asarray(ours_forward(ours, x, extra_vec=np.zeros((2, 64), np.float32), **kw))
+    assert np.abs(hooked - with_ref).max() > 1e-3
+    shifted = np.asarray(ours_forward(ours, x, extra_vec=np.full((2, 64), 0.1, np.float32), **kw))
+    assert np.abs(shifted - hooked).max() > 1e-3

@@ -70,8 +70,10 @@ def _torch_load(path: Path) -> dict:
         sd = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:  # torch raises many kinds (UnpicklingError, RuntimeError, ...)
         raise ConversionError(f"{path}: not a loadable PyTorch state dict ({type(e).__name__}: {e})") from e
-    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
+    for wrapper in ("state_dict", "module", "ema"):  # Lightning / DeepSpeed (HunyuanVideo's --load-key) wrappers
+        if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
+            sd = sd[wrapper]
+            break
     if not isinstance(sd, dict) or not all(hasattr(v, "shape") for v in sd.values()):
         raise ConversionError(f"{path}: expected a dict of tensors (a state dict)")
     return sd

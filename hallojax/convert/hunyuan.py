@@ -214,7 +214,6 @@ def original_rules(cfg: HunyuanVideoConfig) -> list[Rule]:
 
 
 ORIGINAL_PREFIXES = ("module.", "model.diffusion_model.")  # DeepSpeed / ComfyUI-style wrappers
-LOAD_KEYS = ("module", "ema")  # the released .pt: {"module": state dict} (hymm_sp --load-key)
 
 
 def _count(keys, pattern: str) -> int:
@@ -262,7 +261,7 @@ def open_original(src: str | os.PathLike):
     or {"module"|"ema": state dict}), a `.safetensors` file, or a directory holding one of those (index-sharded
     safetensors too) and optionally the config.json our export writes. Wrapper prefixes are dropped."""
     from hallojax.convert.common import read_json
-    from hallojax.convert.hf import DictSource
+    from hallojax.convert.hf import DictSource, _torch_load
     from hallojax.convert.safetensors_io import SafetensorsError, SafetensorsFile, TensorStore
 
     src = Path(src)
@@ -289,7 +288,7 @@ def open_original(src: str | os.PathLike):
         except SafetensorsError as e:
             raise ConversionError(str(e)) from e
     elif src.suffix in (".pt", ".pth", ".bin", ".ckpt"):
-        store = DictSource(_load_pickle(src))
+        store = DictSource(_torch_load(src))  # a state dict, or {"module" | "ema": state dict}
     else:
         raise ConversionError(f"{src}: not a weights file (expected .pt, .pth or .safetensors)")
     return _unwrap(store), saved
@@ -303,26 +302,6 @@ def _unwrap(store):
         if keys and all(k.startswith(prefix) for k in keys):
             store = RenamedSource(store, lambda k, n=len(prefix): k[n:])
     return store
-
-
-def _load_pickle(path: Path) -> dict:
-    """torch.load (weights only) and unwrap {"module" | "ema": state dict}."""
-    try:
-        import torch
-    except ImportError as e:
-        raise ConversionError(f"{path}: reading a pickled PyTorch checkpoint needs torch") from e
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # torch raises many kinds (UnpicklingError, RuntimeError, ...)
-        raise ConversionError(f"{path}: not a loadable PyTorch state dict ({type(e).__name__}: {e})") from e
-    if isinstance(sd, dict):
-        for key in LOAD_KEYS:
-            if isinstance(sd.get(key), dict):
-                sd = sd[key]
-                break
-    if not isinstance(sd, dict) or not sd or not all(hasattr(v, "shape") for v in sd.values()):
-        raise ConversionError(f"{path}: expected a state dict of tensors or {{'module': state dict}}")
-    return sd
 
 
 def convert_hunyuan_original(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False,
