@@ -141,6 +141,23 @@ def test_full_size_counts_from_shapes():
     assert count(tiny.cfg) == sum(p.numel() for p in make_diffusers_hunyuan(TINY).parameters())
 
 
+def test_bad_inputs_named():
+    model = nnx.eval_shape(lambda: HunyuanVideoTransformer(preset("tiny"), rngs=nnx.Rngs(0)))
+    x = _inputs()
+    args = (x["lat"], x["t"], x["text"], x["pooled"])
+    with pytest.raises(ValueError, match="guidance"):
+        model(*args, text_mask=x["mask"])
+    with pytest.raises(ValueError, match=r"text_mask has shape \(2, 6\)"):
+        model(*args, text_mask=x["mask"][:, :6], guidance=x["guidance"])
+    with pytest.raises(ValueError, match="extra_coords"):
+        model(*args, guidance=x["guidance"], extra_tokens=np.zeros((2, 6, 64), np.float32),
+              extra_coords=np.zeros((5, 3), np.int32))
+    with pytest.raises(ValueError, match="dual_hook layers"):
+        model(*args, guidance=x["guidance"], dual_hook=(None, (2,)))
+    with pytest.raises(ValueError, match="rope_axes"):
+        preset("tiny", rope_axes=(4, 6, 8))
+
+
 @pytest.mark.parametrize("remat", ["full", "offload_layer_input"])
 def test_remat_policies_trace_forward_and_backward(remat):
     """Every stack under a remat policy, forward and backward, traced abstractly (nothing compiles)."""

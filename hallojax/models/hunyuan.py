@@ -363,8 +363,13 @@ class HunyuanVideoTransformer(nnx.Module):
                                 angle_dtype="float32")
         return (cos[None], sin[None]) if cos.ndim == 2 else (cos, sin)
 
-    def check_inputs(self, latents, timesteps, text, pooled, text_mask, guidance, coords, extra_tokens, extra_coords):
+    def check_inputs(self, latents, timesteps, text, pooled, text_mask, guidance, coords, extra_tokens, extra_coords,
+                     dual_hook=None):
         cfg = self.cfg
+        if dual_hook is not None:
+            layers = tuple(int(i) for i in dual_hook[1])
+            if len(set(layers)) != len(layers) or not all(0 <= i < cfg.num_layers for i in layers):
+                raise ValueError(f"dual_hook layers {layers}: expected distinct indices in [0, {cfg.num_layers})")
         if latents.ndim != 5 or latents.shape[-1] != cfg.in_channels:
             raise ValueError(f"latents have shape {tuple(latents.shape)}; expected [B, F, H, W, {cfg.in_channels}] "
                              "(channels last)")
@@ -401,7 +406,8 @@ class HunyuanVideoTransformer(nnx.Module):
     def __call__(self, latents, timesteps, text, pooled, *, text_mask=None, guidance=None, coords=None,
                  extra_tokens=None, extra_coords=None, extra_vec=None, dual_hook=None, hook_inputs=None):
         cfg = self.cfg
-        self.check_inputs(latents, timesteps, text, pooled, text_mask, guidance, coords, extra_tokens, extra_coords)
+        self.check_inputs(latents, timesteps, text, pooled, text_mask, guidance, coords, extra_tokens, extra_coords,
+                          dual_hook)
         b, f, h, w, _ = latents.shape
         pt, ph, pw = cfg.patch_size
         gf, gh, gw = f // pt, h // ph, w // pw
@@ -447,11 +453,8 @@ class HunyuanVideoTransformer(nnx.Module):
             return scan_layers(self.double_blocks, (img, txt), step, (vec, rope, key_mask), remat=cfg.remat,
                                unroll=cfg.scan_unroll)
         hook, layers = dual_hook
-        layers = tuple(int(i) for i in layers)
-        if len(set(layers)) != len(layers) or not all(0 <= i < cfg.num_layers for i in layers):
-            raise ValueError(f"dual_hook layers {layers}: expected distinct indices in [0, {cfg.num_layers})")
         slot = np.full(cfg.num_layers, -1, np.int32)
-        slot[list(layers)] = np.arange(len(layers))
+        slot[[int(i) for i in layers]] = np.arange(len(layers))
         hook_def, hook_state = nnx.split(hook)
         inputs = dict(hook_inputs or {})
         arrays = {k: v for k, v in inputs.items() if isinstance(v, (jax.Array, np.ndarray))}
