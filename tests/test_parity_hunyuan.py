@@ -208,8 +208,8 @@ def test_bad_checkpoints_rejected_in_one_error(converted, tmp_path):
 
 def test_extension_points(converted):
     """The Avatar's attachment points. Extra image-stream tokens (a reference frame at t = -1, through the
-    shared patch embedding) are attended to and dropped before the head; a dual-block hook that adds zero
-    and a zero extra vector leave that output bit for bit; a non-zero hook and a non-zero vector change it."""
+    shared patch embedding) are attended to and dropped before the head; a dual-block hook that adds zero, a
+    zero extra vector and a zero image_add leave that output bit for bit; non-zero ones change it."""
     from hallojax.nn.layers import stacked
     from hallojax.nn.rope import frame_coords
 
@@ -228,10 +228,15 @@ def test_extension_points(converted):
     assert with_ref.shape == base.shape and np.abs(with_ref - base).max() > 1e-3
 
     hook = stacked(AddVector, 2, nnx.Rngs(0))
+    add = np.zeros((2, 18, 64), np.float32)  # image_add: one vector per video token (3 frames x 2 x 3)
     kw = dict(ref, dual_hook=(hook, (0, 1)), hook_inputs={"scale": jnp.ones(())})
-    assert np.array_equal(np.asarray(ours_forward(ours, x, extra_vec=np.zeros((2, 64), np.float32), **kw)), with_ref)
+    zeros = np.asarray(ours_forward(ours, x, extra_vec=np.zeros((2, 64), np.float32), image_add=add, **kw))
+    assert np.array_equal(zeros, with_ref)
     hook.w.set_value(jnp.zeros((2, 64)).at[1].set(jnp.linspace(-1.0, 1.0, 64)))  # not constant over D (LayerNorm)
-    hooked = np.asarray(ours_forward(ours, x, extra_vec=np.zeros((2, 64), np.float32), **kw))
+    hooked = np.asarray(ours_forward(ours, x, extra_vec=np.zeros((2, 64), np.float32), image_add=add, **kw))
     assert np.abs(hooked - with_ref).max() > 1e-3
-    shifted = np.asarray(ours_forward(ours, x, extra_vec=np.full((2, 64), 0.1, np.float32), **kw))
+    shifted = np.asarray(ours_forward(ours, x, extra_vec=np.full((2, 64), 0.1, np.float32), image_add=add, **kw))
     assert np.abs(shifted - hooked).max() > 1e-3
+    added = np.asarray(ours_forward(ours, x, extra_vec=np.zeros((2, 64), np.float32), image_add=add + 0.5 * np.sin(
+        np.arange(64, dtype=np.float32)), **kw))
+    assert np.abs(added - hooked).max() > 1e-3

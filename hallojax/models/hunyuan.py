@@ -18,8 +18,8 @@ modulation arithmetic, the vector MLPs, RoPE and softmax in float32.
 
 Extension points (HunyuanVideo-Avatar): `extra_tokens` [B, E, D] with their own RoPE `extra_coords`
 (the reference frame at t = −1) are prepended to the image tokens and dropped before the head;
-`extra_vec` [B, D] is added to vec; `dual_hook` runs a stacked module after chosen dual blocks on the
-image tokens (see `HunyuanVideoTransformer.__call__`).
+`extra_vec` [B, D] is added to vec; `image_add` [B, L, D] to the patch-embedded video tokens; `dual_hook`
+runs a stacked module after chosen dual blocks on the image tokens (see `HunyuanVideoTransformer.__call__`).
 """
 
 from __future__ import annotations
@@ -307,7 +307,7 @@ class HunyuanVideoTransformer(nnx.Module):
     """HunyuanVideo T2V transformer (diffusers `HunyuanVideoTransformer3DModel`, image_condition_type None).
 
     Call: ``model(latents, timesteps, text, pooled, *, text_mask=None, guidance=None, coords=None,
-    extra_tokens=None, extra_coords=None, extra_vec=None, dual_hook=None, hook_inputs=None)``
+    extra_tokens=None, extra_coords=None, extra_vec=None, image_add=None, dual_hook=None, hook_inputs=None)``
       latents [B, F, H, W, C_in]; timesteps [B] in [0, 1000] (float); text [B, M, text_dim] LLaVA states;
       pooled [B, pooled_dim] CLIP pooled output; text_mask [B, M] (1 = valid; right padding: as diffusers,
       the first sum(mask) text tokens are the ones image tokens see); guidance [B] (guidance-distilled
@@ -315,7 +315,8 @@ class HunyuanVideoTransformer(nnx.Module):
       (default: the grid from 0).
       Extension points: extra_tokens [B, E, D] already-embedded image-stream tokens prepended to the image
       tokens (e.g. `embed(reference_frame)`), rotated at extra_coords [E, 3] | [B, E, 3] (e.g. t = −1),
-      dropped before the head; extra_vec [B, D] added to the conditioning vector; dual_hook = (module,
+      dropped before the head; extra_vec [B, D] added to the conditioning vector; image_add [B, L, D] added
+      to the patch-embedded video tokens (the Avatar's reference through its own embedding); dual_hook = (module,
       layers): `module` stacked (`stacked`) with one entry per dual block index in `layers`, applied after
       those blocks as ``img = module(img, txt, **hook_inputs)`` on the image stream (extra tokens first).
     Returns [B, F, H, W, C_out] in the compute dtype.
@@ -404,7 +405,8 @@ class HunyuanVideoTransformer(nnx.Module):
 
     @with_precision
     def __call__(self, latents, timesteps, text, pooled, *, text_mask=None, guidance=None, coords=None,
-                 extra_tokens=None, extra_coords=None, extra_vec=None, dual_hook=None, hook_inputs=None):
+                 extra_tokens=None, extra_coords=None, extra_vec=None, image_add=None, dual_hook=None,
+                 hook_inputs=None):
         cfg = self.cfg
         self.check_inputs(latents, timesteps, text, pooled, text_mask, guidance, coords, extra_tokens, extra_coords,
                           dual_hook)
@@ -413,6 +415,11 @@ class HunyuanVideoTransformer(nnx.Module):
         gf, gh, gw = f // pt, h // ph, w // pw
 
         img = self.embed(latents)  # [B, L, D]
+        if image_add is not None:
+            if tuple(image_add.shape) != tuple(img.shape):
+                raise ValueError(f"image_add has shape {tuple(image_add.shape)}; expected {tuple(img.shape)} "
+                                 "(one vector per video token)")
+            img = img + image_add.astype(img.dtype)
         rope = self.rope(grid_coords(gf, gh, gw) if coords is None else coords)
         if extra_tokens is not None:  # prepended, with their own coordinates
             extra_rope = self.rope(extra_coords)
