@@ -24,6 +24,8 @@ FORMATS: dict[str, tuple[str, str, str]] = {
     "cogvideox": ("hallojax.convert.cogvideox", "convert_cogvideox", "export_cogvideox"),
     "hallo3": ("hallojax.convert.hallo3", "convert_hallo3", "export_hallo3"),
     "letstalk": ("hallojax.convert.letstalk", "convert_letstalk", "export_letstalk"),
+    "hunyuan-video": ("hallojax.convert.hunyuan", "convert_hunyuan_diffusers", "export_hunyuan_diffusers"),
+    "hunyuan-video-original": ("hallojax.convert.hunyuan", "convert_hunyuan_original", "export_hunyuan_original"),
 }
 
 

@@ -35,7 +35,8 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from hallojax.modelconfig import DTYPES, ModelConfig, check_dtypes, with_precision
-from hallojax.models.wan import REMAT_POLICIES, check_video_inputs, param_count
+from hallojax.models.wan import check_video_inputs, param_count
+from hallojax.nn.layers import REMAT_POLICIES
 from hallojax.nn.attention import ATTENTION_IMPLS, dot_product_attention
 from hallojax.nn.layers import MLP, Dense, LayerNorm, PatchEmbed, gelu_tanh, stacked, timestep_embedding
 from hallojax.nn.rope import apply_rope, axis_dims, grid_coords, rope_cos_sin

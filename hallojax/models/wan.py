@@ -26,36 +26,10 @@ from hallojax.nn.audio import AudioCrossAttention, AudioProjector, frame_windows
 from hallojax.nn.context_parallel import MODES as CONTEXT_PARALLEL, RING_IMPLS, self_attention
 from hallojax.models.echomimic import PROJECTORS, FlashProjector, PreviewProjector
 from hallojax.modelconfig import DTYPES, ModelConfig, check_dtypes, with_precision
-from hallojax.nn.layers import (
-    MLP,
-    Dense,
-    LayerNorm,
-    PatchEmbed,
-    RMSNorm,
-    gelu_erf,
-    gelu_tanh,
-    stacked,
-    timestep_embedding,
-)
+from hallojax.nn.layers import (  # noqa: F401  (REMAT_POLICIES, PatchEmbed: re-exported)
+    MLP, REMAT_POLICIES, Dense, LayerNorm, PatchEmbed, RMSNorm, gelu_erf, gelu_tanh, stacked, timestep_embedding)
 from hallojax.nn.rope import apply_rope, frame_coords, grid_coords, rope_cos_sin
 from hallojax.sharding import constrain
-
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "save_dots": jax.checkpoint_policies.dots_saveable,
-    "save_matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "save_attn_out": jax.checkpoint_policies.save_only_these_names("attn_out"),
-    "offload_attn_out": jax.checkpoint_policies.save_and_offload_only_these_names(
-        names_which_can_be_saved=[], names_which_can_be_offloaded=["attn_out"],
-        offload_src="device", offload_dst="pinned_host"),
-    # every layer's input (the residual stream the layer loop carries) to pinned host memory, the rest
-    # recomputed: device memory no longer grows with depth (14B at 720p, 2 samples per v5p chip)
-    "offload_layer_input": jax.checkpoint_policies.save_and_offload_only_these_names(
-        names_which_can_be_saved=[], names_which_can_be_offloaded=["layer_input"],
-        offload_src="device", offload_dst="pinned_host"),
-}
-
 
 @dataclasses.dataclass(frozen=True)
 class DiTConfig(ModelConfig):

@@ -1,4 +1,5 @@
-"""Small layers shared by every model: dense with logical axes, fp32 norms, MLPs, timestep embedding.
+"""Small layers shared by every model: dense with logical axes, fp32 norms, MLPs, timestep embedding,
+the patch embedding and the remat policies of the DiTs.
 
 Norms always compute in float32 whatever the compute dtype (as diffusers' FP32LayerNorm and the Wan
 reference do): in bf16 the variance of a 5120-wide activation loses too many bits otherwise.
@@ -12,6 +13,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from hallojax.sharding import constrain
@@ -113,11 +115,14 @@ class MLP(nnx.Module):
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
     """Sinusoidal embedding, [cos, sin] order (diffusers `Timesteps(flip_sin_to_cos=True, shift=0)`).
 
-    t: [B] (float or int). Returns float32 [B, dim]. Frequencies exp(-ln(max_period) * i / half).
+    t: [B] (float or int). Returns float32 [B, dim]. Frequencies exp(-ln(max_period) * i / half): the
+    exponent in float32 as the reference computes it, the exp correctly rounded on the host (XLA's and
+    torch's float32 exp each miss by an ulp here and there, which t ~ 1000–6000 magnifies to ~1e-4 rad).
     """
     half = dim // 2
-    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half
-    args = t.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
+    exponent = np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32) / np.float32(half)
+    freqs = np.exp(exponent.astype(np.float64)).astype(np.float32)
+    args = t.astype(jnp.float32)[:, None] * jnp.asarray(freqs)[None, :]
     return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
 
@@ -130,6 +135,24 @@ def stacked(cls, n: int, rngs: nnx.Rngs, *args, **kw):
         return cls(*args, rngs=r, **kw)
 
     return make(rngs)
+
+
+# --- patch embedding and remat policies (every DiT) ---
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_saveable,
+    "save_matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_attn_out": jax.checkpoint_policies.save_only_these_names("attn_out"),
+    "offload_attn_out": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=["attn_out"],
+        offload_src="device", offload_dst="pinned_host"),
+    # every layer's input (the residual stream the layer loop carries) to pinned host memory, the rest
+    # recomputed: device memory no longer grows with depth (14B at 720p, 2 samples per v5p chip)
+    "offload_layer_input": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=["layer_input"],
+        offload_src="device", offload_dst="pinned_host"),
+}
 
 
 class PatchEmbed(nnx.Module):
