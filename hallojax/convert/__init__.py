@@ -20,6 +20,7 @@ FORMATS: dict[str, tuple[str, str, str]] = {
     "wav2vec2": ("hallojax.convert.wav2vec2", "convert_wav2vec2", "export_wav2vec2"),
     "umt5": ("hallojax.convert.t5", "convert_umt5", "export_umt5"),
     "t5": ("hallojax.convert.t5", "convert_t5", "export_t5"),
+    "cogvideox-vae": ("hallojax.convert.cogvideox_vae", "convert_cogvideox_vae", "export_cogvideox_vae"),
 }
 
 
