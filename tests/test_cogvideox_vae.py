@@ -16,13 +16,12 @@ import torch
 from hallojax import cli, load_pretrained
 from hallojax.convert.cogvideox_vae import (config_from_diffusers, config_to_diffusers, convert_cogvideox_vae,
                                             export_cogvideox_vae)
-from hallojax.convert.safetensors_io import TensorStore
 from hallojax.convert.table import ConversionError
 from hallojax.models.cogvideox_vae import CogVideoXVAE, CogVideoXVAEConfig
 from hallojax.models.wan import param_count
 from hallojax.registry import abstract
 from hallojax.sharding import batch_sharding, make_mesh
-from test_vae import _cf, _cl, assert_close
+from test_vae import _cf, _cl, assert_close, assert_export_bitwise
 
 TINY = CogVideoXVAEConfig.preset("tiny", scaling_factor=0.7)
 
@@ -117,19 +116,11 @@ def test_batch_sharded_equals_single_device(vae_pair, jitted, devices):
 
 
 def test_round_trip_is_bitwise(vae_pair):
-    ref, _, _, tmp = vae_pair
-    export_cogvideox_vae(tmp / "ours", tmp / "back", progress=False)
-    back = TensorStore(tmp / "back")
-    state = {k: v.numpy() for k, v in ref.state_dict().items()}
-    assert sorted(back.keys()) == sorted(state)
-    for k, v in state.items():
-        assert np.array_equal(back.get(k), v), k
     from diffusers import AutoencoderKLCogVideoX
 
-    reloaded = AutoencoderKLCogVideoX.from_pretrained(tmp / "back")
-    assert reloaded.config.scaling_factor == 0.7
-    for k, v in reloaded.state_dict().items():
-        assert torch.equal(v, ref.state_dict()[k]), k
+    ref, _, _, tmp = vae_pair
+    export_cogvideox_vae(tmp / "ours", tmp / "back", progress=False)
+    assert assert_export_bitwise(ref, tmp / "back", AutoencoderKLCogVideoX).config.scaling_factor == 0.7
 
 
 @pytest.mark.parametrize("name,factor", [("2b", 1.15258426), ("5b", 0.7)])
@@ -171,13 +162,12 @@ def test_bad_checkpoint_errors_name_keys_and_write_nothing(vae_pair, tmp_path):
     assert cli.main(["convert", "cogvideox-vae", str(tmp_path / "nowhere"), str(tmp_path / "o")]) == 2
 
 
-def test_bad_shapes(vae_pair):
-    _, ours, _, _ = vae_pair
-    with pytest.raises(ValueError, match="T must be 1 \\+ 4k"):
+def test_bad_shapes_and_presets(vae_pair):
+    """The shape checks are nn.conv's, shared with the Wan VAE (tested there); here: they are wired."""
+    ours = vae_pair[1]
+    with pytest.raises(ValueError, match="T must be 1 \\+ 4k and H, W multiples of 8"):
         ours.encode(np.zeros((1, 8, 16, 16, 3), np.float32))
-    with pytest.raises(ValueError, match=r"expected \[B, T, H, W, 3\]"):
-        ours.encode(np.zeros((1, 5, 16, 16), np.float32))
-    with pytest.raises(ValueError, match=r"latents have shape"):
-        ours.decode(np.zeros((1, 2, 2, 2, 7), np.float32))
+    with pytest.raises(ValueError, match=r"expected \[B, F, H, W, 4\]"):
+        ours.decode(np.zeros((1, 2, 2, 2, 16), np.float32))
     with pytest.raises(ValueError, match="preset 'xl'"):
         CogVideoXVAEConfig.preset("xl")

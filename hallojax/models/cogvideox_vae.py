@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 from hallojax.modelconfig import DTYPES, ModelConfig, check_dtypes, with_precision
-from hallojax.nn.conv import CausalConv3d, Conv2d, FrameCache, run_chunked
+from hallojax.nn.conv import CausalConv3d, Conv2d, check_latents, check_video, posterior_sample, run_chunked
 from hallojax.nn.layers import GroupNorm, silu
 
 ENCODE_CHUNK_FRAMES = 8  # diffusers `num_sample_frames_batch_size`
@@ -303,18 +303,10 @@ class CogVideoXVAE(nnx.Module):
 
     # --- shapes ---------------------------------------------------------------------------------
     def _check_video(self, video):
-        cfg = self.cfg
-        if video.ndim != 5 or video.shape[-1] != cfg.in_channels:
-            raise ValueError(f"video has shape {tuple(video.shape)}; expected [B, T, H, W, {cfg.in_channels}]")
-        t, h, w = video.shape[1:4]
-        if (t - 1) % cfg.temporal_stride or h % cfg.spatial_stride or w % cfg.spatial_stride:
-            raise ValueError(f"video {tuple(video.shape)}: T must be 1 + {cfg.temporal_stride}k and H, W "
-                             f"multiples of {cfg.spatial_stride}")
+        check_video(video, self.cfg.in_channels, self.cfg.temporal_stride, self.cfg.spatial_stride)
 
     def _check_latents(self, z):
-        if z.ndim != 5 or z.shape[-1] != self.cfg.latent_channels:
-            raise ValueError(f"latents have shape {tuple(z.shape)}; expected [B, F, H, W, "
-                             f"{self.cfg.latent_channels}]")
+        check_latents(z, self.cfg.latent_channels)
 
     def num_frames(self, latent_frames: int) -> int:
         """Video frames `decode` returns for F latent frames: 1 + 4(F−1) for odd F, 4F for even F
@@ -329,19 +321,14 @@ class CogVideoXVAE(nnx.Module):
         """Posterior (mean, logvar) [B, F, H/8, W/8, latent_channels] each, unscaled."""
         self._check_video(video)
 
-        def step(chunk, entries):
-            cache = FrameCache(entries)
-            return self.encoder(chunk, cache), cache.new
-
-        h = run_chunked(step, *_chunks(video.astype(DTYPES[self.cfg.dtype]), ENCODE_CHUNK_FRAMES))
+        h = run_chunked(self.encoder, *_chunks(video.astype(DTYPES[self.cfg.dtype]), ENCODE_CHUNK_FRAMES))
         mean, logvar = jnp.split(h.astype(jnp.float32), 2, axis=-1)
         return mean, jnp.clip(logvar, -30.0, 20.0)
 
     def encode(self, video: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
         """Scaled latents (× scaling_factor): the posterior mean, or a sample when `rng` is given."""
         mean, logvar = self.encode_moments(video)
-        z = mean if rng is None else mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape)
-        return z * self.cfg.scaling_factor
+        return posterior_sample(mean, logvar, rng) * self.cfg.scaling_factor
 
     # --- decode ---------------------------------------------------------------------------------
     @with_precision
@@ -349,11 +336,7 @@ class CogVideoXVAE(nnx.Module):
         """Unscaled latents -> video, chunk by chunk (diffusers' `decode`, which does not clamp)."""
         self._check_latents(z)
 
-        def step(chunk, entries):
-            cache = FrameCache(entries)
-            return self.decoder(chunk, cache), cache.new
-
-        video = run_chunked(step, *_chunks(z.astype(DTYPES[self.cfg.dtype]), DECODE_CHUNK_LATENTS))
+        video = run_chunked(self.decoder, *_chunks(z.astype(DTYPES[self.cfg.dtype]), DECODE_CHUNK_LATENTS))
         video = video.astype(jnp.float32)
         return jnp.clip(video, -1.0, 1.0) if clamp else video
 

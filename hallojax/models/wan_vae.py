@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from hallojax.nn.conv import CausalConv3d, Conv2d, FrameCache, run_chunked
+from hallojax.nn.conv import (CausalConv3d, Conv2d, check_latents, check_video, posterior_sample,
+                              run_chunked)
 from hallojax.nn.layers import Dense, silu as _silu
 from hallojax.modelconfig import DTYPES, ModelConfig, check_dtypes, with_precision
 
@@ -260,17 +261,10 @@ class WanVAE(nnx.Module):
 
     # --- shapes ---------------------------------------------------------------------------------
     def _check_video(self, video):
-        cfg = self.cfg
-        if video.ndim != 5 or video.shape[-1] != cfg.in_channels:
-            raise ValueError(f"video has shape {tuple(video.shape)}; expected [B, T, H, W, {cfg.in_channels}]")
-        t, h, w = video.shape[1:4]
-        if (t - 1) % cfg.temporal_stride or h % cfg.spatial_stride or w % cfg.spatial_stride:
-            raise ValueError(f"video {tuple(video.shape)}: T must be 1 + {cfg.temporal_stride}k and H, W "
-                             f"multiples of {cfg.spatial_stride}")
+        check_video(video, self.cfg.in_channels, self.cfg.temporal_stride, self.cfg.spatial_stride)
 
     def _check_latents(self, z):
-        if z.ndim != 5 or z.shape[-1] != self.cfg.z_dim:
-            raise ValueError(f"latents have shape {tuple(z.shape)}; expected [B, F, H, W, {self.cfg.z_dim}]")
+        check_latents(z, self.cfg.z_dim)
 
     # --- encode ---------------------------------------------------------------------------------
     @with_precision
@@ -281,14 +275,10 @@ class WanVAE(nnx.Module):
         b, t = video.shape[:2]
         x = video.astype(DTYPES[self.cfg.dtype])
 
-        def step(chunk, entries):
-            cache = FrameCache(entries)
-            return self.encoder(chunk, cache), cache.new
-
         rest = None
         if t > 1:
             rest = jnp.moveaxis(x[:, 1:].reshape(b, (t - 1) // s, s, *x.shape[2:]), 1, 0)  # [K, B, s, H, W, C]
-        h = self.quant_conv(run_chunked(step, x[:, :1], rest))
+        h = self.quant_conv(run_chunked(self.encoder, x[:, :1], rest))
         mean, logvar = jnp.split(h.astype(jnp.float32), 2, axis=-1)
         return mean, jnp.clip(logvar, -30.0, 20.0)
 
@@ -305,8 +295,7 @@ class WanVAE(nnx.Module):
     def encode(self, video: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
         """Normalised latents: the posterior mean, or a sample when `rng` is given."""
         mean, logvar = self.encode_moments(video)
-        z = mean if rng is None else mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape)
-        return self.normalize(z)
+        return self.normalize(posterior_sample(mean, logvar, rng))
 
     # --- decode ---------------------------------------------------------------------------------
     @with_precision
@@ -315,12 +304,8 @@ class WanVAE(nnx.Module):
         self._check_latents(z)
         x = self.post_quant_conv(z.astype(DTYPES[self.cfg.dtype]))
 
-        def step(chunk, entries):
-            cache = FrameCache(entries)
-            return self.decoder(chunk, cache), cache.new
-
         rest = jnp.moveaxis(x[:, 1:, None], 1, 0) if x.shape[1] > 1 else None  # [F-1, B, 1, h, w, C]
-        video = run_chunked(step, x[:, :1], rest).astype(jnp.float32)
+        video = run_chunked(self.decoder, x[:, :1], rest).astype(jnp.float32)
         return jnp.clip(video, -1.0, 1.0) if clamp else video
 
     def decode(self, latents: jax.Array, *, tile: int | None = None, tile_stride: int | None = None) -> jax.Array:

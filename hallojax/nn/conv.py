@@ -96,12 +96,18 @@ class Conv2d(nnx.Module):
         return y.reshape(b, t, *y.shape[1:])
 
 
-def run_chunked(step, first: jax.Array, rest: jax.Array | None):
-    """Run `step(chunk, cache_entries) -> (out, new_entries)` on `first`, then scan it over
-    `rest` [K, B, t, ...]; returns the outputs concatenated in time.
+def run_chunked(fn, first: jax.Array, rest: jax.Array | None):
+    """Run `fn(chunk, cache) -> out` on `first` with a fresh `FrameCache`, then scan it over `rest`
+    [K, B, t, ...], each chunk reading the cache the previous one left; returns the outputs
+    concatenated in time.
 
     Only one chunk's activations are live at a time, and each chunk's output is written in place into
     the preallocated result (the scan's carry), so memory is one chunk plus the output, not the clip."""
+
+    def step(chunk, entries):
+        cache = FrameCache(entries)
+        return fn(chunk, cache), cache.new
+
     out0, entries = step(first, None)
     if rest is None:
         return out0
@@ -117,3 +123,25 @@ def run_chunked(step, first: jax.Array, rest: jax.Array | None):
 
     (_, out), _ = jax.lax.scan(body, (entries, out), jnp.arange(k))
     return out
+
+
+# --- the video VAEs' shared API checks and posterior ----------------------------------------------
+
+
+def check_video(video, channels: int, temporal_stride: int, spatial_stride: int) -> None:
+    if video.ndim != 5 or video.shape[-1] != channels:
+        raise ValueError(f"video has shape {tuple(video.shape)}; expected [B, T, H, W, {channels}]")
+    t, h, w = video.shape[1:4]
+    if (t - 1) % temporal_stride or h % spatial_stride or w % spatial_stride:
+        raise ValueError(f"video {tuple(video.shape)}: T must be 1 + {temporal_stride}k and H, W "
+                         f"multiples of {spatial_stride}")
+
+
+def check_latents(z, channels: int) -> None:
+    if z.ndim != 5 or z.shape[-1] != channels:
+        raise ValueError(f"latents have shape {tuple(z.shape)}; expected [B, F, H, W, {channels}]")
+
+
+def posterior_sample(mean: jax.Array, logvar: jax.Array, rng: jax.Array | None) -> jax.Array:
+    """The diagonal Gaussian's mean (rng None) or a sample mean + exp(logvar / 2)·ε."""
+    return mean if rng is None else mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape)
