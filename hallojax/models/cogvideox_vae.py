@@ -103,18 +103,15 @@ class CogVideoXVAEConfig(ModelConfig):
 # --- resampling -------------------------------------------------------------------------------------
 
 
-def _nearest(x: jax.Array, axis: int, size: int) -> jax.Array:
-    """torch F.interpolate(mode="nearest") along one axis: out[i] = in[floor(i · n_in / size)]."""
-    n = x.shape[axis]
-    if size == n:
-        return x
-    if size % n == 0:
-        return jnp.repeat(x, size // n, axis=axis)
-    return jnp.take(x, np.minimum(np.floor(np.arange(size) * (n / size)).astype(np.int64), n - 1), axis=axis)
-
-
-def _resize(z: jax.Array, t: int, h: int, w: int) -> jax.Array:
-    return _nearest(_nearest(_nearest(z, 1, t), 2, h), 3, w)
+def _modulate(n: jax.Array, y: jax.Array, b: jax.Array) -> jax.Array:
+    """n · y + b with y, b [B, t, h, w, C] nearest-upsampled to n's [B, T, H, W, C] (integer ratios) by
+    broadcasting, so the upsampled y and b are never materialised."""
+    (bs, *big, c), small = n.shape, y.shape[1:4]
+    if any(m % k for m, k in zip(big, small)):
+        raise ValueError(f"spatial norm: latents {y.shape} do not divide features {n.shape}")
+    split = [d for k, m in zip(small, big) for d in (k, m // k)]  # [t, T/t, h, H/h, w, W/w]
+    out = n.reshape(bs, *split, c) * y[:, :, None, :, None, :, None] + b[:, :, None, :, None, :, None]
+    return out.reshape(n.shape)
 
 
 def _odd_split(x: jax.Array, fn_first, fn_rest) -> jax.Array:
@@ -168,7 +165,8 @@ class Upsample(nnx.Module):
 class SpatialNorm(nnx.Module):
     """CogVideoXSpatialNorm3D: GroupNorm(f) · conv_y(z) + conv_b(z), z nearest-resized to f's frames and
     size (an odd f chunk > 1 frame maps z's first frame to its first frame, the rest to the rest).
-    conv_y / conv_b are 1×1×1, so they run on z before the resize: the same values, fewer FLOPs."""
+    conv_y / conv_b are 1×1×1, so they run on z before the resize (the same values, fewer FLOPs), and
+    the resize is a broadcast inside the product (no full-size y and b in memory)."""
 
     def __init__(self, f_channels: int, z_channels: int, groups: int, *, rngs, dtype, param_dtype):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
@@ -177,14 +175,11 @@ class SpatialNorm(nnx.Module):
         self.conv_b = CausalConv3d(z_channels, f_channels, 1, **kw)
 
     def __call__(self, f, z):
-        t, h, w = f.shape[1:4]
-
-        def to_f(a):  # [B, F, h', w', C] at latent size -> f's frames and size
-            if t > 1 and t % 2:
-                return _odd_split(a, lambda a: _resize(a, 1, h, w), lambda a: _resize(a, t - 1, h, w))
-            return _resize(a, t, h, w)
-
-        return self.norm_layer(f) * to_f(self.conv_y(z)) + to_f(self.conv_b(z))
+        n, y, b = self.norm_layer(f), self.conv_y(z), self.conv_b(z)
+        if f.shape[1] > 1 and f.shape[1] % 2:
+            return _odd_split(n, lambda n0: _modulate(n0, y[:, :1], b[:, :1]),
+                              lambda n1: _modulate(n1, y[:, 1:], b[:, 1:]))
+        return _modulate(n, y, b)
 
 
 class ResnetBlock(nnx.Module):
@@ -320,7 +315,6 @@ class CogVideoXVAE(nnx.Module):
     def encode_moments(self, video: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Posterior (mean, logvar) [B, F, H/8, W/8, latent_channels] each, unscaled."""
         self._check_video(video)
-
         h = run_chunked(self.encoder, *_chunks(video.astype(DTYPES[self.cfg.dtype]), ENCODE_CHUNK_FRAMES))
         mean, logvar = jnp.split(h.astype(jnp.float32), 2, axis=-1)
         return mean, jnp.clip(logvar, -30.0, 20.0)
@@ -335,7 +329,6 @@ class CogVideoXVAE(nnx.Module):
     def decode_raw(self, z: jax.Array, *, clamp: bool = True) -> jax.Array:
         """Unscaled latents -> video, chunk by chunk (diffusers' `decode`, which does not clamp)."""
         self._check_latents(z)
-
         video = run_chunked(self.decoder, *_chunks(z.astype(DTYPES[self.cfg.dtype]), DECODE_CHUNK_LATENTS))
         video = video.astype(jnp.float32)
         return jnp.clip(video, -1.0, 1.0) if clamp else video

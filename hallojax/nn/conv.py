@@ -35,7 +35,7 @@ class FrameCache:
 
 def conv_kernel_init(rngs, shape, dtype):
     fan_in = int(np.prod(shape[:-1]))
-    return jax.random.normal(rngs.params(), shape, dtype) / np.sqrt(fan_in)
+    return (jax.random.normal(rngs.params(), shape, jnp.float32) / np.sqrt(fan_in)).astype(dtype)
 
 
 TIME_FILLS = ("zeros", "first")
