@@ -124,15 +124,15 @@ def _mesh_for(config, devices=None) -> jax.sharding.Mesh:
         return make_mesh({"fsdp": -1}, devices)
 
 
-def _check_overrides(config, overrides) -> None:
+def _check_overrides(config, overrides, numeric_fields=DiTConfig.NUMERIC_FIELDS) -> None:
     """--config.KEY=VALUE on a checkpoint may only change numerics, the mesh and sampling settings."""
-    allowed = ("model." + f for f in DiTConfig.NUMERIC_FIELDS)
+    allowed = tuple("model." + f for f in numeric_fields)
     for item in overrides:
         key = item.removeprefix("--").removeprefix("config.").partition("=")[0]
         if key.startswith(("mesh.", "sample.", "data.face_scale")) or key in allowed or key == "rules":
             continue
         raise ValueError(f"{item}: a checkpoint's {key} cannot be changed at generation (only "
-                         f"model.{{{','.join(DiTConfig.NUMERIC_FIELDS)}}}, mesh.*, sample.*)")
+                         f"model.{{{','.join(numeric_fields)}}}, mesh.*, sample.*)")
 
 
 def _steps_in(workdir: Path) -> list[int]:
@@ -247,6 +247,24 @@ def _load_converted(path: Path, overrides, devices):
     rules = normalize_rules(config.rules)
     model, cfg = load_pretrained(path, mesh=mesh, rules=rules, **numeric)
     return config, (model, mesh, rules), {"kind": "converted", "path": str(path)}
+
+
+def load_text_encoder(text_encoder, tokenizer, text_dim: int):
+    """(T5Encoder, tokenizer) from a converted T5 / umT5 directory and its tokenizer directory, or None."""
+    if not (text_encoder or tokenizer):
+        return None
+    if not (text_encoder and tokenizer):
+        raise ValueError("--text-encoder and --tokenizer go together (a converted umT5 directory and its "
+                         "local tokenizer directory)")
+    from hallojax.checkpoint import load_pretrained
+    from hallojax.models.encoders.t5 import T5Encoder, load_tokenizer
+
+    enc, enc_cfg = load_pretrained(text_encoder)
+    if not isinstance(enc, T5Encoder):
+        raise ValueError(f"--text-encoder {text_encoder} holds a {type(enc).__name__}, not a T5/umT5 encoder")
+    if enc_cfg.dim != text_dim:
+        raise ValueError(f"--text-encoder {text_encoder}: width {enc_cfg.dim} != the model's text_dim {text_dim}")
+    return enc, load_tokenizer(tokenizer)
 
 
 # --- what the model was trained on ---------------------------------------------------------------
@@ -391,6 +409,15 @@ class Result:
 COND_OF = {"context": "text", "audio": "audio", "reference": "ref", "reference_cache": "ref"}
 
 
+def combine_branches(out: jax.Array, weights: jax.Array, channels: int) -> jax.Array:
+    """Guidance branches' outputs [branches, B, ..., C or 2C] combined with their weights [branches]. A learned
+    variance is not extrapolated: the prediction half is guided, the variance half is that of the branch with the
+    most conditions (the last; DiT's forward_with_cfg keeps the conditional half's)."""
+    if out.shape[-1] == channels:
+        return jnp.tensordot(weights, out, axes=1)
+    return jnp.concatenate([jnp.tensordot(weights, out[..., :channels], axes=1), out[-1, ..., channels:]], axis=-1)
+
+
 class SamplingEngine:
     """The model's side of generation: its sharded weights, the jitted sampling programs (one per kind,
     sampler, guidance and step count; jit caches shapes) and the reference-network cache. Pipelines and
@@ -437,13 +464,7 @@ class SamplingEngine:
                 kw[k] = jnp.concatenate(parts, axis=0)
         ctx = kw.pop("context")
         out = model(xb, jnp.full((nb * b,), t, jnp.float32), ctx, **kw).astype(jnp.float32)
-        out = out.reshape(nb, b, *out.shape[1:])
-        c = self.cfg.out_channels
-        if out.shape[-1] == c:
-            return jnp.tensordot(weights_live[i], out, axes=1)
-        # a learned variance is not extrapolated: the prediction half is guided, the variance half is that of
-        # the branch with the most conditions (DiT's forward_with_cfg keeps the conditional half's)
-        return jnp.concatenate([jnp.tensordot(weights_live[i], out[..., :c], axes=1), out[-1, ..., c:]], axis=-1)
+        return combine_branches(out.reshape(nb, b, *out.shape[1:]), weights_live[i], self.cfg.out_channels)
 
     def program(self, kind: str, sampler, guidance, steps: int, progress: bool):
         key = (kind, sampler.name, guidance.spec, steps, progress)
@@ -605,7 +626,13 @@ class Pipeline:
              tokenizer=None, fps=None, height=None, width=None, overrides=(), devices=None,
              image_encoder=None) -> "Pipeline":
         from data_pipeline.features import get_audio_features
+        from hallojax import generate_families
 
+        if generate_families.family_kind(checkpoint) is not None:  # Hallo3 / LetsTalk: their own adapters
+            return generate_families.FamilyPipeline.load(
+                checkpoint, step=step, weights=weights, codec=codec, audio_features=audio_features,
+                text_encoder=text_encoder, tokenizer=tokenizer, fps=fps, height=height, width=width,
+                overrides=overrides, devices=devices, image_encoder=image_encoder)
         loaded = load_checkpoint(checkpoint, step=step, weights=weights, overrides=overrides, devices=devices)
         spec = media_spec(loaded.config, codec=codec, audio_features=audio_features, fps=fps, height=height,
                           width=width)
@@ -615,21 +642,7 @@ class Pipeline:
                 raise ValueError("the model takes audio but the checkpoint records no audio features: pass "
                                  "--audio-features (rms, or wav2vec2:DIR)")
             audio_fn = get_audio_features(spec.audio_features)
-        text = None
-        if text_encoder or tokenizer:
-            if not (text_encoder and tokenizer):
-                raise ValueError("--text-encoder and --tokenizer go together (a converted umT5 directory and its "
-                                 "local tokenizer directory)")
-            from hallojax.checkpoint import load_pretrained
-            from hallojax.models.encoders.t5 import T5Encoder, load_tokenizer
-
-            enc, enc_cfg = load_pretrained(text_encoder)
-            if not isinstance(enc, T5Encoder):
-                raise ValueError(f"--text-encoder {text_encoder} holds a {type(enc).__name__}, not a T5/umT5 encoder")
-            if enc_cfg.dim != loaded.cfg.text_dim:
-                raise ValueError(f"--text-encoder {text_encoder}: width {enc_cfg.dim} != the DiT's text_dim "
-                                 f"{loaded.cfg.text_dim}")
-            text = (enc, load_tokenizer(tokenizer))
+        text = load_text_encoder(text_encoder, tokenizer, loaded.cfg.text_dim)
         clip = None
         if image_encoder:
             from hallojax.checkpoint import load_pretrained
@@ -683,6 +696,10 @@ class Pipeline:
         if self.has_ref:
             out.add("ref")
         return out
+
+    def audio_feature_shape(self) -> tuple[tuple[int, int], str]:
+        """(layers, width) of the audio features per video frame the model takes, and the config fields named."""
+        return (self.cfg.audio_in_layers, self.cfg.audio_in_dim), "model.audio_in_layers, audio_in_dim"
 
     # ---- inputs ----
     def _portrait(self, image, width, height, face_box, warnings) -> Portrait:
@@ -740,10 +757,10 @@ class Pipeline:
         n = min(len(src), total - pre)
         wave[pre:pre + n] = src[:n]
         feats = np.asarray(self.audio_fn(wave[None], fps, count), np.float32)
-        want = (self.cfg.audio_in_layers, self.cfg.audio_in_dim)
+        want, names = self.audio_feature_shape()
         if feats.shape[2:] != want:
             raise ValueError(f"audio features {self.spec.audio_features!r} give {feats.shape[2:]} per frame; the model "
-                             f"takes {want} (model.audio_in_layers, audio_in_dim): wrong --audio-features?")
+                             f"takes {want} ({names}): wrong --audio-features?")
         return feats
 
     def _context(self, prompt, negative):
@@ -1093,6 +1110,8 @@ def add_arguments(p) -> None:
     g.add_argument("--audio-features", default=None, help="rms | wav2vec2:DIR (default: the training run's)")
     g.add_argument("--text-encoder", default=None, help="a converted umT5 / T5 directory")
     g.add_argument("--tokenizer", default=None, help="its local tokenizer directory")
+    g.add_argument("--face-embedding", default=None, help="Hallo3: the portrait's InsightFace identity embedding, a "
+                   ".npy of 512 float values (computed outside hallojax: README, Hallo3)")
     g.add_argument("--image-encoder", default=None, help="a `hallojax convert clip` directory (models with CLIP image "
                    "context: Wan I2V / Wan-Fun-InP / EchoMimicV3)")
     p.add_argument("--no-progress", action="store_true")
@@ -1119,8 +1138,13 @@ def run(args, overrides=()) -> int:
                          audio_features=args.audio_features, text_encoder=args.text_encoder, tokenizer=args.tokenizer,
                          fps=args.fps, height=args.height, width=args.width, overrides=overrides,
                          image_encoder=args.image_encoder)
+    extra = {}
+    if getattr(args, "face_embedding", None) is not None:
+        if not getattr(pipe, "takes_face_embedding", False):
+            raise ValueError(f"--face-embedding {args.face_embedding}: only Hallo3 checkpoints take a face embedding")
+        extra["face_embedding"] = args.face_embedding
     result = pipe.generate(args.image, args.audio, prompt=args.prompt, negative_prompt=args.negative_prompt,
-                           sampler=args.sampler, steps=args.steps, shift=args.shift, guidance=args.guidance,
+                           **extra, sampler=args.sampler, steps=args.steps, shift=args.shift, guidance=args.guidance,
                            long_video_strategy=args.long_video, overlap=args.overlap, clip_frames=args.clip_frames,
                            seed=args.seed, face_box=args.face_box, allow_silent=args.allow_silent,
                            progress=not args.no_progress)
