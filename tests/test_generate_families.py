@@ -155,8 +155,6 @@ def test_hallo3_recipe_clips_motion_frames_and_one_bank(hallo3_one, inputs):
     np.testing.assert_array_equal(r.frames[:7], decoded[0][2:])  # motion frames not re-emitted
     np.testing.assert_array_equal(r.frames[7:], decoded[1][2:7])
     assert all(np.isfinite(lat).all() for lat in r.latents)
-    # the motion frames matter: the second clip differs from one made without them
-    assert not np.allclose(r.latents[0], r.latents[1])
 
 
 def test_hallo3_8_devices_equal_one_and_cli(hallo3_one, hallo3_dir, inputs, devices, tmp_path, capsys):
