@@ -405,6 +405,15 @@ class Result:
         return len(self.frames) / self.fps
 
 
+def run_timings(t_start: float, video_s: float, t_encode, t_compile, t_denoise, t_decode) -> dict:
+    """The sidecar's timings (seconds), logged."""
+    total = time.perf_counter() - t_start
+    log.info("encode %.2f s, compile %.2f s, denoise %.2f s, decode %.2f s: %.2f s for %.2f s of video "
+             "(%.2f s per second)", t_encode, t_compile, t_denoise, t_decode, total, video_s, total / video_s)
+    return {"encode_s": t_encode, "compile_s": t_compile, "denoise_s": t_denoise, "decode_s": t_decode,
+            "total_s": total, "video_s": video_s, "seconds_per_video_second": total / video_s}
+
+
 # --- the pipeline --------------------------------------------------------------------------------
 COND_OF = {"context": "text", "audio": "audio", "reference": "ref", "reference_cache": "ref"}
 
@@ -909,10 +918,7 @@ class Pipeline:
             t_compile, t_denoise, t_decode = run(job)
         finally:
             clip_bar.close()
-        total = time.perf_counter() - t_start
-        video_s = n_frames / fps
-        timings = {"encode_s": t_encode, "compile_s": t_compile, "denoise_s": t_denoise, "decode_s": t_decode,
-                   "total_s": total, "video_s": video_s, "seconds_per_video_second": total / video_s}
+        timings = run_timings(t_start, n_frames / fps, t_encode, t_compile, t_denoise, t_decode)
         settings = {"checkpoint": self.loaded.source, "codec": codec.name, "audio_features": spec.audio_features,
                     "sampler": sc.sampler, "steps": sc.steps, "shift": sc.shift, "guidance": g.spec,
                     "known_frames": sc.known_frames, "negative_scale": sc.negative_scale,
@@ -921,13 +927,14 @@ class Pipeline:
                     "guidance_requested": sc.guidance, "long_video": strategy, "overlap": plan.overlap,
                     "clip_frames": clip_len, "clips": len(plan.clips), "height": height, "width": width,
                     "fps": fps, "frames": n_frames, "seed": seed, "prompt": prompt, "negative_prompt": negative_prompt,
-                    "face_box": portrait.source_box, "face_box_from": portrait.box_from,
-                    "face_box_output": portrait.box, "audio_rate": rate, "audio_channels": int(wave.shape[1]),
-                    "mesh": dict(self.mesh.shape), "devices": jax.device_count(),
-                    "device_kind": jax.devices()[0].device_kind}
-        log.info("encode %.2f s, compile %.2f s, denoise %.2f s, decode %.2f s: %.2f s for %.2f s of video "
-                 "(%.2f s per second)", t_encode, t_compile, t_denoise, t_decode, total, video_s, total / video_s)
+                    **self.run_settings(portrait, rate, wave)}
         return Result(frames, wave, rate, fps, plan, settings, timings, warnings, portrait, latents_out)
+
+    def run_settings(self, portrait: Portrait, rate: int, wave: np.ndarray) -> dict:
+        """The sidecar's settings every model shares: the face box, the speech, the devices."""
+        return {"face_box": portrait.source_box, "face_box_from": portrait.box_from, "face_box_output": portrait.box,
+                "audio_rate": rate, "audio_channels": int(wave.shape[1]), "mesh": dict(self.mesh.shape),
+                "devices": jax.device_count(), "device_kind": jax.devices()[0].device_kind}
 
     def _encode_frames(self, frames_uint8: np.ndarray) -> np.ndarray:
         return np.asarray(self.codec.encode(to_model_range(frames_uint8)[None]), np.float32)

@@ -503,10 +503,7 @@ class FamilyPipeline(gen.Pipeline):
                 bar.update(1)
         finally:
             bar.close()
-        total = time.perf_counter() - t_start
-        video_s = n_frames / fps
-        timings = {"encode_s": t_encode, "compile_s": t_compile, "denoise_s": t_denoise, "decode_s": t_decode,
-                   "total_s": total, "video_s": video_s, "seconds_per_video_second": total / video_s}
+        timings = gen.run_timings(t_start, n_frames / fps, t_encode, t_compile, t_denoise, t_decode)
         settings = {"checkpoint": self.loaded.source, "model": family.kind, "codec": codec.name,
                     "audio_features": spec.audio_features, "sampler": sc.sampler, "steps": sc.steps,
                     "shift": sc.shift, "guidance": g.spec, "guidance_requested": sc.guidance, "long_video": "motion",
@@ -514,12 +511,7 @@ class FamilyPipeline(gen.Pipeline):
                     "width": width, "fps": fps, "frames": n_frames, "seed": seed, "prompt": prompt,
                     "negative_prompt": negative_prompt, "face_embedding": str(face_embedding)
                     if isinstance(face_embedding, (str, os.PathLike)) else face_embedding is not None,
-                    "face_box": portrait.source_box, "face_box_from": portrait.box_from,
-                    "face_box_output": portrait.box, "audio_rate": rate, "audio_channels": int(wave.shape[1]),
-                    "mesh": dict(self.mesh.shape), "devices": jax.device_count(),
-                    "device_kind": jax.devices()[0].device_kind}
-        gen.log.info("encode %.2f s, compile %.2f s, denoise %.2f s, decode %.2f s: %.2f s for %.2f s of video",
-                     t_encode, t_compile, t_denoise, t_decode, total, video_s)
+                    **self.run_settings(portrait, rate, wave)}
         return gen.Result(frames, wave, rate, fps, plan, settings, timings, warnings, portrait, latents_out)
 
 

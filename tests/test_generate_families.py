@@ -82,6 +82,18 @@ def inputs(tmp_path_factory):
             "w2v": f"wav2vec2:{tmp / 'w2v'}", "frames": 12}
 
 
+def _one_device(path, run, patches):
+    """(pipeline, run(pipeline)) of `path` loaded on one device, with (owner, name, value) patches applied."""
+    mp = pytest.MonkeyPatch()
+    for owner, name, value in patches:
+        mp.setattr(owner, name, value)
+    try:
+        pipe = Pipeline.load(path, devices=jax.devices()[:1])
+        return pipe, run(pipe)
+    finally:
+        mp.undo()
+
+
 def _rel(a, b):
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
@@ -111,7 +123,6 @@ def hallo3_one(hallo3_dir, inputs):
 
     counts = {"trace": 0, "bank": 0}
     motions = []
-    mp = pytest.MonkeyPatch()
     real_bank, real_engine_bank = Hallo3.reference_bank, FamilyEngine.reference_bank
     real_inputs = Hallo3Family.clip_inputs
 
@@ -127,14 +138,9 @@ def hallo3_one(hallo3_dir, inputs):
         motions.append(None if prev_frames is None else prev_frames.copy())
         return real_inputs(self, pipe, job, k, clip, prev_frames, prev_latents)
 
-    mp.setattr(Hallo3, "reference_bank", bank)
-    mp.setattr(FamilyEngine, "reference_bank", engine_bank)
-    mp.setattr(Hallo3Family, "clip_inputs", clip_inputs)
-    try:
-        pipe = Pipeline.load(hallo3_dir, devices=jax.devices()[:1])
-        result = _hallo3(pipe, inputs)
-    finally:
-        mp.undo()
+    pipe, result = _one_device(hallo3_dir, lambda pipe: _hallo3(pipe, inputs), [
+        (Hallo3, "reference_bank", bank), (FamilyEngine, "reference_bank", engine_bank),
+        (Hallo3Family, "clip_inputs", clip_inputs)])
     return pipe, result, counts, motions
 
 
@@ -207,7 +213,6 @@ def _letstalk(pipe, inputs):
 @pytest.fixture(scope="module")
 def letstalk_one(letstalk_dir, inputs):
     memories = []
-    mp = pytest.MonkeyPatch()
     real = LetsTalkFamily.clip_inputs
 
     def clip_inputs(self, *a):
@@ -215,12 +220,8 @@ def letstalk_one(letstalk_dir, inputs):
         memories.append(np.asarray(full["memory"]))
         return full, null
 
-    mp.setattr(LetsTalkFamily, "clip_inputs", clip_inputs)
-    try:
-        pipe = Pipeline.load(letstalk_dir, devices=jax.devices()[:1])
-        result = _letstalk(pipe, inputs)
-    finally:
-        mp.undo()
+    pipe, result = _one_device(letstalk_dir, lambda pipe: _letstalk(pipe, inputs),
+                               [(LetsTalkFamily, "clip_inputs", clip_inputs)])
     return pipe, result, memories
 
 
