@@ -135,8 +135,9 @@ def hallo3_one(hallo3_dir, inputs):
         return real_engine_bank(self, ref)
 
     def clip_inputs(self, pipe, job, k, clip, prev_frames, prev_latents):
-        motions.append(None if prev_frames is None else prev_frames.copy())
-        return real_inputs(self, pipe, job, k, clip, prev_frames, prev_latents)
+        full, null = real_inputs(self, pipe, job, k, clip, prev_frames, prev_latents)
+        motions.append((None if prev_frames is None else prev_frames.copy(), full, null, job.feats))
+        return full, null
 
     pipe, result = _one_device(hallo3_dir, lambda pipe: _hallo3(pipe, inputs), [
         (Hallo3, "reference_bank", bank), (FamilyEngine, "reference_bank", engine_bank),
@@ -157,7 +158,14 @@ def test_hallo3_recipe_clips_motion_frames_and_one_bank(hallo3_one, inputs):
     assert r.settings["guidance"] == "audio=3.5" and r.settings["clips"] == 2
     assert counts == {"trace": 1, "bank": 1}  # the reference net ran once for the whole video
     decoded = [to_uint8(pipe.codec.decode(lat))[0] for lat in r.latents]
-    assert motions[0] is None and np.array_equal(motions[1], decoded[0])  # clip 1 from clip 0's frames
+    assert motions[0][0] is None and np.array_equal(motions[1][0], decoded[0])  # clip 1 from clip 0's frames
+    for _, full, null, _ in motions:  # the unconditional branch: zero text and audio; face, bank, cond shared
+        assert set(null) == {"context", "audio"} and not null["context"].any() and not null["audio"].any()
+        assert full["cond"][:, 1:].max() == 0 and full["cond"][:, :1].any() and full["face"].shape == (1, 20)
+    feats = motions[0][3]  # the whole track's wav2vec2 frames: clip 0 = 2 zero frames + 0..6, clip 1 = 5..13
+    assert feats.shape[:3] == (1, 18, 2) and not motions[0][1]["audio"][:, :2].any()
+    np.testing.assert_array_equal(motions[0][1]["audio"][:, 2:], feats[:, :7])
+    np.testing.assert_array_equal(motions[1][1]["audio"], feats[:, 5:14])
     np.testing.assert_array_equal(r.frames[:7], decoded[0][2:])  # motion frames not re-emitted
     np.testing.assert_array_equal(r.frames[7:], decoded[1][2:7])
     assert all(np.isfinite(lat).all() for lat in r.latents)
@@ -193,6 +201,17 @@ def test_hallo3_face_embedding_errors(hallo3_one, hallo3_dir, inputs, tmp_path, 
     assert cli.main(base + ["--face-embedding", str(tmp_path / "missing.npy")]) == 2
     assert "missing.npy" in capsys.readouterr().err
     assert not (tmp_path / "x.mp4").exists()
+
+
+def test_motion_plan_in_video_frames():
+    from hallojax.sample.long_video import plan
+
+    p = plan("motion", 100, 49, 4, motion_video_frames=2)  # Hallo3: 47 new frames a clip
+    assert [(c.start, c.known, c.emit) for c in p.clips] == [(-2, 2, (0, 47)), (45, 2, (47, 94)), (92, 2, (94, 100))]
+    p = plan("motion", 10, 4, 1, motion_video_frames=0)  # LetsTalk: clips end to end
+    assert [(c.start, c.emit) for c in p.clips] == [(0, (0, 4)), (4, (4, 8)), (8, (8, 10))]
+    with pytest.raises(ValueError, match="49 motion frames"):
+        plan("motion", 100, 49, 4, motion_video_frames=49)
 
 
 # --- LetsTalk -------------------------------------------------------------------------------------
