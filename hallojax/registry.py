@@ -21,6 +21,7 @@ KINDS: dict[str, tuple[str, str, str]] = {
     "cogvideox": ("hallojax.models.cogvideox", "CogVideoXConfig", "CogVideoXTransformer"),
     "hallo3": ("hallojax.models.hallo3", "Hallo3Config", "Hallo3"),
     "letstalk": ("hallojax.models.letstalk", "LetsTalkConfig", "LetsTalk"),
+    "cogvideox-vae": ("hallojax.models.cogvideox_vae", "CogVideoXVAEConfig", "CogVideoXVAE"),
 }
 
 

@@ -24,6 +24,7 @@ FORMATS: dict[str, tuple[str, str, str]] = {
     "cogvideox": ("hallojax.convert.cogvideox", "convert_cogvideox", "export_cogvideox"),
     "hallo3": ("hallojax.convert.hallo3", "convert_hallo3", "export_hallo3"),
     "letstalk": ("hallojax.convert.letstalk", "convert_letstalk", "export_letstalk"),
+    "cogvideox-vae": ("hallojax.convert.cogvideox_vae", "convert_cogvideox_vae", "export_cogvideox_vae"),
 }
 
 

@@ -1,4 +1,5 @@
-"""Small layers shared by every model: dense with logical axes, fp32 norms, MLPs, timestep embedding.
+"""Small layers shared by every model: dense with logical axes, fp32 norms (layer, RMS, group), MLPs,
+timestep embedding.
 
 Norms always compute in float32 whatever the compute dtype (as diffusers' FP32LayerNorm and the Wan
 reference do): in bf16 the variance of a 5120-wide activation loses too many bits otherwise.
@@ -78,6 +79,31 @@ class RMSNorm(nnx.Module):
         xf = x.astype(jnp.float32)
         y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
         return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+class GroupNorm(nnx.Module):
+    """torch GroupNorm on channels-last input [B, ..., C]: each of `groups` channel groups is normalised
+    over its channels and every non-batch axis (biased variance), in float32, cast back to x.dtype."""
+
+    def __init__(self, channels: int, groups: int, eps: float):
+        if channels % groups:
+            raise ValueError(f"GroupNorm: {channels} channels do not split into {groups} groups")
+        self.groups, self.eps = groups, eps
+        self.scale = nnx.Param(jnp.ones((channels,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((channels,), jnp.float32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shape = x.shape
+        xf = x.astype(jnp.float32).reshape(shape[0], -1, self.groups, shape[-1] // self.groups)  # [B, P, G, C/G]
+        mean = jnp.mean(xf, axis=(1, 3), keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=(1, 3), keepdims=True)
+        y = ((xf - mean) * jax.lax.rsqrt(var + self.eps)).reshape(shape)
+        return (y * self.scale[...] + self.bias[...]).astype(x.dtype)
+
+
+def silu(x):
+    """SiLU evaluated in float32 and rounded once to x.dtype."""
+    return jax.nn.silu(x.astype(jnp.float32)).astype(x.dtype)
 
 
 def gelu_tanh(x):
