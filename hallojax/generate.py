@@ -1141,15 +1141,14 @@ def run(args, overrides=()) -> int:
         raise ValueError(f"--out {out} is a directory")
     read_image(args.image)  # unreadable inputs fail before a large model is loaded
     read_audio(args.audio)
+    from hallojax.generate_families import preflight
+
+    preflight(args.checkpoint, args.face_embedding)
     pipe = Pipeline.load(args.checkpoint, step=args.step, weights=args.weights, codec=args.codec,
                          audio_features=args.audio_features, text_encoder=args.text_encoder, tokenizer=args.tokenizer,
                          fps=args.fps, height=args.height, width=args.width, overrides=overrides,
                          image_encoder=args.image_encoder)
-    extra = {}
-    if getattr(args, "face_embedding", None) is not None:
-        if not getattr(pipe, "takes_face_embedding", False):
-            raise ValueError(f"--face-embedding {args.face_embedding}: only Hallo3 checkpoints take a face embedding")
-        extra["face_embedding"] = args.face_embedding
+    extra = {} if args.face_embedding is None else {"face_embedding": args.face_embedding}
     result = pipe.generate(args.image, args.audio, prompt=args.prompt, negative_prompt=args.negative_prompt,
                            **extra, sampler=args.sampler, steps=args.steps, shift=args.shift, guidance=args.guidance,
                            long_video_strategy=args.long_video, overlap=args.overlap, clip_frames=args.clip_frames,

@@ -245,6 +245,18 @@ def family_kind(path) -> str | None:
     return kind if kind in FAMILIES else None
 
 
+def preflight(checkpoint, face_embedding) -> None:
+    """The CLI's checks before a model is loaded: a Hallo3 directory needs a readable face embedding of the
+    right size; other models take none."""
+    from hallojax.checkpoint import read_config
+
+    kind = family_kind(checkpoint)
+    if kind == "hallo3":
+        Hallo3Family(read_config(checkpoint)[0]).face(face_embedding)
+    elif face_embedding is not None:
+        raise ValueError(f"--face-embedding {face_embedding}: only Hallo3 checkpoints take a face embedding")
+
+
 # --- the engine ---------------------------------------------------------------------------------
 class FamilyEngine(gen.SamplingEngine):
     """SamplingEngine for a family model: one jitted program per (sampler, guidance, steps) running every step
@@ -329,10 +341,6 @@ class FamilyPipeline(gen.Pipeline):
             k: v for k, v in dict(loaded.config.get("sample", {})).items() if k in fields}})
         self.engine = FamilyEngine(self.model, self.mesh, self.rules, family)
         family.check(self)
-
-    @property
-    def takes_face_embedding(self) -> bool:
-        return isinstance(self.family, Hallo3Family)
 
     @classmethod
     def load(cls, checkpoint, *, step=None, weights="auto", codec=None, audio_features=None, text_encoder=None,

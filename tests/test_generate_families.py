@@ -147,7 +147,7 @@ def hallo3_one(hallo3_dir, inputs):
 
 def test_hallo3_recipe_clips_motion_frames_and_one_bank(hallo3_one, inputs):
     pipe, r, counts, motions = hallo3_one
-    assert isinstance(pipe, FamilyPipeline) and pipe.takes_face_embedding
+    assert isinstance(pipe, FamilyPipeline)
     d = pipe.sample_defaults  # the released recipe, 49-frame clips from the media the directory records
     assert (d.sampler, d.steps, d.shift, d.guidance) == ("cogvideox-dpm", 50, 1.0, "hallo3")
     assert Hallo3Family.media["frames"] == 49 and Hallo3Family.MOTION == 2
@@ -187,7 +187,7 @@ def test_hallo3_8_devices_equal_one_and_cli(hallo3_one, hallo3_dir, inputs, devi
     assert s["model"] == "hallo3" and s["sampler"] == "cogvideox-dpm" and s["frames"] == inputs["frames"]
 
 
-def test_hallo3_face_embedding_errors(hallo3_one, hallo3_dir, inputs, tmp_path, capsys):
+def test_hallo3_face_embedding_errors(hallo3_one, hallo3_dir, inputs, tmp_path, capsys, monkeypatch):
     pipe = hallo3_one[0]
     with pytest.raises(ValueError, match="--face-embedding EMB.npy"):
         pipe.generate(inputs["image"], inputs["audio"], steps=3, progress=False)
@@ -196,10 +196,13 @@ def test_hallo3_face_embedding_errors(hallo3_one, hallo3_dir, inputs, tmp_path, 
         pipe.generate(inputs["image"], inputs["audio"], face_embedding=tmp_path / "bad.npy", progress=False)
     base = ["generate", "--checkpoint", str(hallo3_dir), "--image", str(inputs["image"]), "--audio",
             str(inputs["audio"]), "--out", str(tmp_path / "x.mp4"), "--no-progress"]
-    assert cli.main(base) == 2
+    monkeypatch.setattr(FamilyPipeline, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert cli.main(base) == 2  # refused before the model is loaded
     assert "--face-embedding" in capsys.readouterr().err
     assert cli.main(base + ["--face-embedding", str(tmp_path / "missing.npy")]) == 2
     assert "missing.npy" in capsys.readouterr().err
+    assert cli.main(base + ["--face-embedding", str(tmp_path / "bad.npy")]) == 2
+    assert "shape (2, 20)" in capsys.readouterr().err
     assert not (tmp_path / "x.mp4").exists()
 
 
@@ -212,6 +215,26 @@ def test_motion_plan_in_video_frames():
     assert [(c.start, c.emit) for c in p.clips] == [(0, (0, 4)), (4, (4, 8)), (8, (8, 10))]
     with pytest.raises(ValueError, match="49 motion frames"):
         plan("motion", 100, 49, 4, motion_video_frames=49)
+
+
+def test_hallo3_prompt_context(hallo3_one):
+    """A prompt through a T5 encoder: [1, text_len, text_dim], the states after the prompt zero; the
+    unconditional context zeros (Hallo3's negative); no encoder: a clear error."""
+    from hallojax.models.encoders.t5 import T5Encoder, T5EncoderConfig
+    from test_t5 import make_tokenizer
+
+    pipe = hallo3_one[0]
+    with pytest.raises(ValueError, match="--prompt needs a text encoder"):
+        pipe._text("a cat", None)
+    cfg = T5EncoderConfig(vocab_size=40, dim=24, head_dim=8, num_heads=3, ffn_dim=32, num_layers=1, num_buckets=8,
+                          max_distance=16, dtype="float32")
+    pipe.text = (T5Encoder(cfg, rngs=nnx.Rngs(0)), make_tokenizer())
+    try:
+        ctx, null = pipe._text("a cat", None)
+    finally:
+        pipe.text = None
+    assert ctx.shape == null.shape == (1, 6, 24) and not null.any()
+    assert np.abs(ctx[0, :3]).max(axis=-1).min() > 0 and not ctx[0, 3:].any()  # "a cat </s>", then padding
 
 
 # --- LetsTalk -------------------------------------------------------------------------------------
