@@ -41,6 +41,7 @@ from flax import nnx
 from hallojax import generate as gen
 from hallojax.checkpoint import CheckpointError
 from hallojax.media import speech_16k
+from hallojax.nn.audio import window_features
 from hallojax.sample import guidance as guidance_lib
 from hallojax.sample import long_video
 from hallojax.sample.schedules import make_schedule
@@ -148,12 +149,14 @@ class Hallo3Family(Family):
             masked[~keep] = 0
         ref = np.asarray(pipe.codec.encode(gen.to_model_range(masked)[None, None]), np.float32)
         bank = pipe.engine.reference_bank(jnp.asarray(ref))
-        return {"face": self.face(job.face_embedding), "bank": bank}
+        windows = np.asarray(window_features(jnp.asarray(job.feats), self.cfg.audio_window))  # over the whole track
+        return {"face": self.face(job.face_embedding), "bank": bank, "windows": windows}
 
     def clip_inputs(self, pipe, job, k, clip, prev_frames, prev_latents):
         m = self.MOTION
-        motion = (np.repeat(job.portrait.frame[None], m, axis=0) if prev_frames is None else prev_frames[-m:])
-        pix = gen.to_model_range(np.concatenate([job.portrait.frame[None], motion]))  # [1 + m, H, W, 3]
+        portrait = gen.to_model_range(job.portrait.frame)[None]
+        motion = np.repeat(portrait, m, axis=0) if prev_frames is None else prev_frames[-m:]
+        pix = np.concatenate([portrait, motion]).astype(np.float32)  # [1 + m, H, W, 3] in [-1, 1]
         u = np.random.default_rng([job.seed, k]).uniform(size=pix.shape[1:3])
         pix[1:, u <= self.MASK_RATE] = 0.0  # one spatial mask for both motion frames and all channels
         lat = np.asarray(pipe.codec.encode(pix[None]), np.float32)
@@ -162,9 +165,11 @@ class Hallo3Family(Family):
                              f"{lat.shape[1]} latent frames; Hallo3 takes 1 (a CogVideoX VAE: 3 -> 2 -> 1)")
         cond = np.zeros(job.lat_shape, np.float32)
         cond[:, :1] = lat
-        # the clip's audio frames: the m before its new frames (zeros before the video), clamped at the end
+        # the clip's audio windows (built over the whole track, as released): the m frames before its new frames
+        # lead (zeros before the video), clamped at the end
+        windows = job.once["windows"]
         idx = np.arange(clip.start, clip.start + job.plan.clip_frames)
-        audio = job.feats[:, np.clip(idx, 0, job.feats.shape[1] - 1)] * (idx >= 0)[None, :, None, None]
+        audio = windows[:, np.clip(idx, 0, windows.shape[1] - 1)] * (idx >= 0)[None, :, None, None, None]
         full = {"context": job.context, "face": job.once["face"], "bank": job.once["bank"], "cond": cond,
                 "audio": audio}
         null = {"context": job.null_context, "audio": np.zeros_like(audio)}
@@ -503,9 +508,9 @@ class FamilyPipeline(gen.Pipeline):
                 t1 = time.perf_counter()
                 lat = np.asarray(lat)
                 latents_out.append(lat)
-                video = gen.to_uint8(codec.decode(lat))[0]  # [T, H, W, 3]
+                video = np.clip(np.asarray(codec.decode(lat), np.float32)[0], -1.0, 1.0)  # [T, H, W, 3]
                 a, b = clip.emit
-                frames[a:b] = video[a - clip.start:b - clip.start]
+                frames[a:b] = gen.to_uint8(video[a - clip.start:b - clip.start])
                 prev_frames, prev_latents = video, lat
                 t_decode += time.perf_counter() - t1
                 bar.update(1)
