@@ -201,7 +201,7 @@ def step_randomness(cfg: DiTConfig, t, batch: dict, key) -> dict:
         steps = sample_timesteps(k_t, x0.shape[0])
         out = {"timestep": steps, "sigma": steps.astype(jnp.float32) / 1000.0,
                "noise": jax.random.normal(k_eps, x0.shape, jnp.float32)}
-    keep = condition_dropout(k_drop, sigma, DropoutConfig(**t.dropout))
+    keep = condition_dropout(k_drop, out["sigma"], DropoutConfig(**t.dropout))
     out.update({f"keep_{k}": v for k, v in keep.items()})
     out["known"] = known_frames(k_mask, t, x0.shape[0], x0.shape[1], cfg.motion_frames)
     if cfg.motion_frames:
