@@ -1,4 +1,5 @@
-"""Training of the DiT (flow matching, or the VP objectives of hallojax.diffusion): sharded state, Grain input, Orbax checkpoints with exact resume.
+"""Training of the DiT (flow matching, or hallojax.diffusion's VP objectives): sharded state, Grain input,
+Orbax checkpoints with exact resume.
 
     hallojax train --config configs/wan.py:demo --workdir runs/train [--config.train.steps=200]
 
