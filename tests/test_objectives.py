@@ -175,6 +175,10 @@ def test_objective_and_model_must_agree():
     config.train.objective = "flow"
     with pytest.raises(ValueError, match="objective='flow'"):
         make_train_step(None, cfg, config.train, 0)
+    config.train.objective = "v"
+    config.train.loss_weighting = "cosmap"
+    with pytest.raises(ValueError, match="loss_weighting"):
+        make_train_step(None, cfg, config.train, 0)
     config.train.objective = "score"
     with pytest.raises(ValueError, match="expected one of"):
         make_train_step(None, cfg, config.train, 0)
