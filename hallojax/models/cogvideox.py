@@ -34,10 +34,10 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from hallojax.modelconfig import DTYPES, ModelConfig, check_dtypes, with_precision
+from hallojax.modelconfig import DTYPES, ModelConfig, with_precision
 from hallojax.models.wan import check_video_inputs, param_count
-from hallojax.nn.layers import REMAT_POLICIES
-from hallojax.nn.attention import ATTENTION_IMPLS, dot_product_attention
+from hallojax.nn.layers import REMAT_POLICIES, check_execution
+from hallojax.nn.attention import dot_product_attention
 from hallojax.nn.layers import MLP, Dense, LayerNorm, PatchEmbed, gelu_tanh, stacked, timestep_embedding
 from hallojax.nn.rope import apply_rope, axis_dims, grid_coords, rope_cos_sin
 from hallojax.sharding import constrain
@@ -103,15 +103,9 @@ class CogVideoXConfig(ModelConfig):
             axis_dims(self.head_dim, "cogvideox")  # raises unless head_dim % 16 == 0
         if not self.rope and self.dim % 16:
             raise ValueError(f"model dim {self.dim}: the 3D sin-cos table needs a multiple of 16")
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"model.remat={self.remat!r}: expected one of {sorted(REMAT_POLICIES)}")
-        if self.attention not in ATTENTION_IMPLS:
-            raise ValueError(f"model.attention={self.attention!r}: expected one of {ATTENTION_IMPLS}")
+        check_execution(self)
         if self.attention == "cudnn" and self.dtype == "float32":
             raise ValueError("model.attention='cudnn' needs dtype bfloat16 or float16 (cuDNN flash attention)")
-        if self.scan_unroll < 1:
-            raise ValueError(f"model.scan_unroll={self.scan_unroll}: expected >= 1")
-        check_dtypes(self, "model")
 
     @property
     def dim(self) -> int:

@@ -33,12 +33,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from hallojax.modelconfig import DTYPES, ModelConfig, check_dtypes, with_precision
+from hallojax.modelconfig import DTYPES, ModelConfig, with_precision
 from hallojax.models.cogvideox import CogVideoXConfig, CogVideoXTransformer, LayerHook
-from hallojax.models.wan import REMAT_POLICIES, param_count
-from hallojax.nn.attention import ATTENTION_IMPLS
+from hallojax.models.wan import param_count
 from hallojax.nn.audio import local_attention, window_features
-from hallojax.nn.layers import Dense, LayerNorm, stacked
+from hallojax.nn.layers import Dense, LayerNorm, check_execution, stacked
 from hallojax.nn.rope import apply_rope, axis_dims, grid_coords
 
 __all__ = ["Buffer", "Hallo3", "Hallo3Config", "PRESETS", "preset", "param_count"]
@@ -89,11 +88,7 @@ class Hallo3Config(ModelConfig):
         if small or self.audio_window < 0:
             raise ValueError(f"{', '.join(small) or f'model.audio_window={self.audio_window}'}: sizes must be >= 1 "
                              "(audio_window >= 0)")
-        check_dtypes(self, "model")
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"model.remat={self.remat!r}: expected one of {sorted(REMAT_POLICIES)}")
-        if self.attention not in ATTENTION_IMPLS:
-            raise ValueError(f"model.attention={self.attention!r}: expected one of {ATTENTION_IMPLS}")
+        check_execution(self)
         if self.in_channels != 2 * self.out_channels:
             raise ValueError(f"model.in_channels={self.in_channels}: Hallo3 takes 2 x out_channels "
                              f"({2 * self.out_channels}): noisy latents + the conditioning latent")

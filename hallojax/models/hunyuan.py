@@ -33,10 +33,10 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from hallojax.modelconfig import DTYPES, ModelConfig, check_dtypes, with_precision
-from hallojax.nn.attention import ATTENTION_IMPLS, dot_product_attention
+from hallojax.modelconfig import DTYPES, ModelConfig, with_precision
+from hallojax.nn.attention import dot_product_attention
 from hallojax.nn.layers import (
-    MLP, REMAT_POLICIES, Dense, LayerNorm, PatchEmbed, RMSNorm, gelu_tanh, stacked, timestep_embedding)
+    MLP, REMAT_POLICIES, Dense, LayerNorm, check_execution, PatchEmbed, RMSNorm, gelu_tanh, stacked, timestep_embedding)
 from hallojax.nn.rope import apply_rope, grid_coords, rope_cos_sin
 from hallojax.sharding import constrain
 
@@ -91,13 +91,7 @@ class HunyuanVideoConfig(ModelConfig):
                              f"head_dim={self.head_dim}")
         if self.mlp_ratio <= 0:
             raise ValueError(f"model.mlp_ratio={self.mlp_ratio}: must be > 0")
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"model.remat={self.remat!r}: expected one of {sorted(REMAT_POLICIES)}")
-        if self.attention not in ATTENTION_IMPLS:
-            raise ValueError(f"model.attention={self.attention!r}: expected one of {ATTENTION_IMPLS}")
-        if self.scan_unroll < 1:
-            raise ValueError(f"model.scan_unroll={self.scan_unroll}: expected >= 1")
-        check_dtypes(self, "model")
+        check_execution(self)
 
     @property
     def dim(self) -> int:

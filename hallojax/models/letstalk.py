@@ -30,11 +30,11 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from hallojax.modelconfig import DTYPES, ModelConfig, check_dtypes, with_precision
+from hallojax.modelconfig import DTYPES, ModelConfig, with_precision
 from hallojax.models.wan import REMAT_POLICIES, PatchEmbed
-from hallojax.nn.attention import ATTENTION_IMPLS, dot_product_attention
+from hallojax.nn.attention import dot_product_attention
 from hallojax.nn.audio import AudioProjector
-from hallojax.nn.layers import MLP, Dense, LayerNorm, gelu_tanh, stacked, timestep_embedding
+from hallojax.nn.layers import MLP, Dense, LayerNorm, check_execution, gelu_tanh, stacked, timestep_embedding
 from hallojax.sharding import constrain
 
 # --- sizes -----------------------------------------------------------------------------------------
@@ -94,13 +94,7 @@ class LetsTalkConfig(ModelConfig):
         if self.memory_frames < 0 or (self.memory_frames and self.variant != "VDTcatlong"):
             raise ValueError(f"model.memory_frames={self.memory_frames}: the memory bank is the VDTcatlong variant's "
                              "(memory_frames >= 0)")
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"model.remat={self.remat!r}: expected one of {sorted(REMAT_POLICIES)}")
-        if self.attention not in ATTENTION_IMPLS:
-            raise ValueError(f"model.attention={self.attention!r}: expected one of {ATTENTION_IMPLS}")
-        if self.scan_unroll < 1:
-            raise ValueError(f"model.scan_unroll={self.scan_unroll}: expected >= 1")
-        check_dtypes(self, "model")
+        check_execution(self)
 
     @classmethod
     def named(cls, name: str, **kw) -> "LetsTalkConfig":

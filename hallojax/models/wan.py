@@ -21,13 +21,14 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from hallojax.nn.attention import ATTENTION_IMPLS, dot_product_attention
+from hallojax.nn.attention import dot_product_attention
 from hallojax.nn.audio import AudioCrossAttention, AudioProjector, frame_windows, local_attention
 from hallojax.nn.context_parallel import MODES as CONTEXT_PARALLEL, RING_IMPLS, self_attention
 from hallojax.models.echomimic import PROJECTORS, FlashProjector, PreviewProjector
-from hallojax.modelconfig import DTYPES, ModelConfig, check_dtypes, with_precision
+from hallojax.modelconfig import DTYPES, ModelConfig, with_precision
 from hallojax.nn.layers import (  # noqa: F401  (REMAT_POLICIES, PatchEmbed: re-exported)
-    MLP, REMAT_POLICIES, Dense, LayerNorm, PatchEmbed, RMSNorm, gelu_erf, gelu_tanh, stacked, timestep_embedding)
+    MLP, REMAT_POLICIES, Dense, LayerNorm, PatchEmbed, RMSNorm, check_execution, gelu_erf, gelu_tanh, stacked,
+    timestep_embedding)
 from hallojax.nn.rope import apply_rope, frame_coords, grid_coords, rope_cos_sin
 from hallojax.sharding import constrain
 
@@ -115,13 +116,7 @@ class DiTConfig(ModelConfig):
             raise ValueError(f"{', '.join(small)}: must be >= 1")
         if len(self.patch_size) != 3 or min(self.patch_size) < 1:
             raise ValueError(f"model.patch_size={self.patch_size}: expected three positive ints (t, h, w)")
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"model.remat={self.remat!r}: expected one of {sorted(REMAT_POLICIES)}")
-        if self.scan_unroll < 1:
-            raise ValueError(f"model.scan_unroll={self.scan_unroll}: expected >= 1 (layers per loop step)")
-        if self.attention not in ATTENTION_IMPLS:
-            raise ValueError(f"model.attention={self.attention!r}: expected one of {ATTENTION_IMPLS}")
-        check_dtypes(self, "model")
+        check_execution(self)
         if self.context_parallel not in CONTEXT_PARALLEL or (self.context_parallel == "ring"
                                                             and self.attention not in RING_IMPLS):
             raise ValueError(f"model.context_parallel={self.context_parallel!r}: expected one of {CONTEXT_PARALLEL}"

@@ -180,6 +180,22 @@ REMAT_POLICIES = {
 }
 
 
+
+def check_execution(cfg, where: str = "model") -> None:
+    """How a layer stack executes, checked the same way for every model: `remat` (a REMAT_POLICIES name),
+    `attention` (a kernel of hallojax.nn.attention), `scan_unroll` (>= 1 layers per loop step), the dtypes
+    and the matmul precision."""
+    from hallojax.modelconfig import check_dtypes
+    from hallojax.nn.attention import ATTENTION_IMPLS
+
+    if cfg.remat not in REMAT_POLICIES:
+        raise ValueError(f"{where}.remat={cfg.remat!r}: expected one of {sorted(REMAT_POLICIES)}")
+    if cfg.attention not in ATTENTION_IMPLS:
+        raise ValueError(f"{where}.attention={cfg.attention!r}: expected one of {ATTENTION_IMPLS}")
+    if cfg.scan_unroll < 1:
+        raise ValueError(f"{where}.scan_unroll={cfg.scan_unroll}: expected >= 1 (layers per loop step)")
+    check_dtypes(cfg, where)
+
 class PatchEmbed(nnx.Module):
     """Conv3d with kernel = stride = patch, as one matmul over patches. kernel [pt, ph, pw, C, D].
 
