@@ -44,7 +44,7 @@ from hallojax.fsutil import write_json
 from hallojax.media import MediaError, normalize_loudness, read_audio, read_image, speech_16k, write_mp4
 from hallojax.sample import guidance as guidance_lib
 from hallojax.sample import long_video
-from hallojax.sample.schedules import flow_schedule
+from hallojax.sample.schedules import make_schedule
 from hallojax.sample.solvers import Known, get_sampler, sample, schedule_arrays
 from hallojax.sharding import DEFAULT_RULES, make_mesh, normalize_rules, state_shardings, use_rules
 
@@ -55,9 +55,9 @@ log = logging.getLogger("hallojax.generate")
 class SampleConfig:
     """Sampling settings (`config.sample` in a config file; CLI flags override)."""
 
-    sampler: str = "unipc"  # euler | unipc | dpm++
+    sampler: str = "unipc"  # flow: euler | unipc | dpm++ | wan-unipc; VP: cogvideox-ddim | cogvideox-dpm | ddpm | ddim
     steps: int = 25
-    shift: float = 3.0
+    shift: float = 3.0  # the σ shift of flow samplers; the SNR shift of the cogvideox-* ones (1 for ddpm / ddim)
     guidance: str = "none"  # a chain spec or a preset (hallojax.sample.guidance.PRESETS)
     long_video: str = "auto"  # auto | motion | overlap | continue
     overlap: int = 0  # latent frames shared by consecutive clips / windows (0: a quarter of a clip)
@@ -438,7 +438,12 @@ class SamplingEngine:
         ctx = kw.pop("context")
         out = model(xb, jnp.full((nb * b,), t, jnp.float32), ctx, **kw).astype(jnp.float32)
         out = out.reshape(nb, b, *out.shape[1:])
-        return jnp.tensordot(weights_live[i], out, axes=1)
+        c = self.cfg.out_channels
+        if out.shape[-1] == c:
+            return jnp.tensordot(weights_live[i], out, axes=1)
+        # a learned variance is not extrapolated: the prediction half is guided, the variance half is that of
+        # the branch with the most conditions (DiT's forward_with_cfg keeps the conditional half's)
+        return jnp.concatenate([jnp.tensordot(weights_live[i], out[..., :c], axes=1), out[-1, ..., c:]], axis=-1)
 
     def program(self, kind: str, sampler, guidance, steps: int, progress: bool):
         key = (kind, sampler.name, guidance.spec, steps, progress)
@@ -448,6 +453,7 @@ class SamplingEngine:
         drops = guidance.branches()
         on_step = self._tick if progress else None
         masked_model = self.masked_input
+        prediction = self.cfg.prediction
 
         def weights_for(weights, live):
             return weights[:, jnp.array(live)]
@@ -465,8 +471,8 @@ class SamplingEngine:
                 dens = [lambda x, t, i, live=live: self.guided(state, x, t, i, full, null, [drops[k] for k in live],
                                                               weights_for(weights, live), masked, neg)
                         for _, _, live in phases]
-                return sample(dens, x, arrays, sampler, phases=[(a, b) for a, b, _ in phases], known=known,
-                              on_step=on_step)
+                return sample(dens, x, arrays, sampler, prediction, phases=[(a, b) for a, b, _ in phases],
+                              known=known, on_step=on_step, key=arrays.get("key"))
         else:  # overlap windows over the whole sequence
             def program(state, x, full, null, known, arrays, weights, window):
                 known = Known(*known)
@@ -503,8 +509,8 @@ class SamplingEngine:
                     return denoise
 
                 dens = [make(live) for _, _, live in phases]
-                return sample(dens, x, arrays, sampler, phases=[(a, b) for a, b, _ in phases], known=known,
-                              on_step=on_step)
+                return sample(dens, x, arrays, sampler, prediction, phases=[(a, b) for a, b, _ in phases],
+                              known=known, on_step=on_step, key=arrays.get("key"))
 
         fn = jax.jit(program)
         self._programs[key] = fn
@@ -853,7 +859,7 @@ class Pipeline:
             full["face_mask"] = null["face_mask"] = np.broadcast_to(
                 mask, (1, f_lat // cfg.patch_size[0], *grid)).astype(np.float32)
         sampler_obj = get_sampler(sc.sampler)
-        schedule = flow_schedule(sc.sampler, sc.steps, sc.shift)
+        schedule = make_schedule(sc.sampler, sc.steps, sc.shift, cfg.prediction)
         arrays = schedule_arrays(sampler_obj, schedule)
         if sc.negative_scale != 1.0 and negative_prompt is not None:
             arrays["negative"] = sc.negative_multipliers()
@@ -950,6 +956,8 @@ class Pipeline:
             mask = np.zeros((1, lat_shape[1], 1, 1, 1), bool)
             mask[:, :n_known] = True
             arrays = job.arrays
+            if getattr(job.sampler, "stochastic", False):  # the per-step noise of DDPM / CogVideoX DPM
+                arrays = {**arrays, "key": jax.random.fold_in(jax.random.fold_in(job.key, k), 1)}
             if job.known_frames == "condition":  # as Wan-Fun-InP / EchoMimicV3: the masked clip, VAE-encoded
                 arrays = {**arrays, **self._condition_inputs(src if clip.known else None, plan.clip_frames)}
                 mask[:] = False  # nothing pasted into x
@@ -992,6 +1000,8 @@ class Pipeline:
         known_lat = np.zeros(shape, np.float32)
         mask = np.zeros((1, total, 1, 1, 1), bool)
         arrays = job.arrays
+        if getattr(job.sampler, "stochastic", False):
+            arrays = {**arrays, "key": jax.random.fold_in(job.key, 1)}
         if job.known_frames == "condition":
             arrays = {**arrays, **self._condition_inputs(job.portrait[None], plan.clip_frames)}
         elif self.masked_input:  # image-to-video: frame 0 is the portrait
@@ -1055,9 +1065,13 @@ def add_arguments(p) -> None:
     p.add_argument("--prompt", default=None, help="text prompt (needs --text-encoder and --tokenizer)")
     p.add_argument("--negative-prompt", default=None, help="the unconditional branches' prompt (default: null)")
     g = p.add_argument_group("sampling (defaults: the checkpoint's config.sample)")
-    g.add_argument("--sampler", choices=["euler", "unipc", "dpm++", "wan-unipc"], default=None)
+    g.add_argument("--sampler", choices=["euler", "unipc", "dpm++", "wan-unipc", "cogvideox-ddim", "cogvideox-dpm",
+                                         "ddpm", "ddim"], default=None,
+                   help="flow samplers for flow models; cogvideox-ddim / cogvideox-dpm / ddpm / ddim for VP (v or ε) "
+                        "models (the model's config says which it is)")
     g.add_argument("--steps", type=int, default=None)
-    g.add_argument("--shift", type=float, default=None, help="flow shift of the σ schedule")
+    g.add_argument("--shift", type=float, default=None,
+                   help="flow shift of the σ schedule (cogvideox-*: the SNR shift; ddpm / ddim: 1)")
     g.add_argument("--guidance", default=None, help="e.g. text=4,audio=2.9 | text+audio=3.5 | a preset "
                    f"({', '.join(sorted(guidance_lib.PRESETS))}); see hallojax.sample.guidance")
     g.add_argument("--long-video", default=None, choices=["auto", *long_video.STRATEGIES])

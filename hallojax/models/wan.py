@@ -40,6 +40,7 @@ from hallojax.nn.layers import (
 from hallojax.nn.rope import apply_rope, frame_coords, grid_coords, rope_cos_sin
 from hallojax.sharding import constrain
 
+PREDICTIONS = ("flow", "v", "epsilon")
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -123,6 +124,11 @@ class DiTConfig(ModelConfig):
     # the 6-way time projection in float32 on the float32 embedding, its output (and the embedding) then
     # rounded to `dtype` (EchoMimicV3 / original Wan), instead of the input rounded first (diffusers)
     time_proj_float32: bool = False
+    # what the output is (hallojax.diffusion, hallojax.sample): "flow" (velocity ε − x0, Wan), "v" (VP
+    # v-prediction, CogVideoX / Hallo3) or "epsilon" (VP ε-prediction, LetsTalk); learned_variance doubles the
+    # output channels to [prediction, learned-range variance] (guided-diffusion's learn_sigma, LetsTalk)
+    prediction: str = "flow"
+    learned_variance: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
@@ -173,6 +179,9 @@ class DiTConfig(ModelConfig):
                                                      or self.audio_dim != self.dim or self.audio_stride < 2):
             raise ValueError(f"model.audio_projector={self.audio_projector!r} (EchoMimicV3) needs audio='decoupled', "
                              f"audio_neighbors=0, audio_dim = dim ({self.dim}) and audio_stride >= 2")
+        if self.prediction not in PREDICTIONS or (self.learned_variance and self.prediction == "flow"):
+            raise ValueError(f"model.prediction={self.prediction!r} / learned_variance={self.learned_variance}: "
+                             f"expected one of {PREDICTIONS}; a learned variance needs a VP prediction (v, epsilon)")
         if self.audio_kv_bias and self.audio != "decoupled":
             raise ValueError("model.audio_kv_bias is a decoupled-audio (EchoMimicV3 Flash) option: "
                              "needs audio='decoupled'")
@@ -180,6 +189,11 @@ class DiTConfig(ModelConfig):
     @property
     def dim(self) -> int:
         return self.num_heads * self.head_dim
+
+    @property
+    def output_channels(self) -> int:
+        """Channels of the model's output: out_channels, doubled with a learned variance."""
+        return self.out_channels * (2 if self.learned_variance else 1)
 
     @property
     def patch_volume(self) -> int:
@@ -493,7 +507,7 @@ class WanDiT(nnx.Module):
                                    if cfg.image_dim is not None else None)
             self.blocks = stacked(WanBlock, cfg.num_layers, rngs, cfg)
             self.norm_out = LayerNorm(dim, cfg.eps, affine=False)
-            self.proj_out = Dense(dim, cfg.out_channels * cfg.patch_volume, ("embed", "mlp"), rngs=rngs,
+            self.proj_out = Dense(dim, cfg.output_channels * cfg.patch_volume, ("embed", "mlp"), rngs=rngs,
                                   dtype=dtype, param_dtype=pdt)
             self.scale_shift_table = nnx.Param(
                 jax.random.normal(rngs.params(), (1, 2, dim), f32) / dim**0.5,
@@ -744,9 +758,9 @@ class WanDiT(nnx.Module):
         shift, scale = mod[:, 0:1], mod[:, 1:2]
         x = (self.norm_out(x) * (1 + scale) + shift).astype(dtype)
         x = self.proj_out(x)  # [B, L, pt·ph·pw·C]
-        x = x.reshape(b, gf, gh, gw, pt, ph, pw, cfg.out_channels)
+        x = x.reshape(b, gf, gh, gw, pt, ph, pw, cfg.output_channels)
         x = x.transpose(0, 1, 4, 2, 5, 3, 6, 7)  # [B, F', pt, H', ph, W', pw, C]
-        return x.reshape(b, f, h, w, cfg.out_channels)
+        return x.reshape(b, f, h, w, cfg.output_channels)
 
 
 def build_model(cfg: DiTConfig, seed: int = 0) -> WanDiT:
