@@ -454,6 +454,7 @@ class SamplingEngine:
         on_step = self._tick if progress else None
         masked_model = self.masked_input
         prediction = self.cfg.prediction
+        out_c = self.cfg.output_channels  # the model output's channels (2C with a learned variance)
 
         def weights_for(weights, live):
             return weights[:, jnp.array(live)]
@@ -504,7 +505,7 @@ class SamplingEngine:
                         xs = {"start": starts, "blend": blend}
                         if audio_w is not None:
                             xs["audio"] = audio_w
-                        acc, _ = jax.lax.scan(one, jnp.zeros(x.shape, jnp.float32), xs)
+                        acc, _ = jax.lax.scan(one, jnp.zeros((*x.shape[:-1], out_c), jnp.float32), xs)
                         return acc
                     return denoise
 

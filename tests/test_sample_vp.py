@@ -58,7 +58,17 @@ class _FeedNoise:
             monkeypatch.setattr(m, "randn_tensor", self)
 
     def __call__(self, shape, **kw):
-        return to_torch(np.asarray(step_noise(KEY, self.step, SHAPE)))
+        return to_torch(_noises()[self.step])
+
+
+_NOISE = []
+
+
+def _noises():
+    """The noise of steps 0..249, computed once (one program, not one dispatch per torch step)."""
+    if not _NOISE:
+        _NOISE.append(np.asarray(jax.jit(jax.vmap(lambda i: step_noise(KEY, i, SHAPE)))(jnp.arange(250))))
+    return _NOISE[0]
 
 
 _JITTED = {}
@@ -168,7 +178,7 @@ def test_ddpm_learned_range_matches_diffusers(spacing, monkeypatch):
 
     feed = _FeedNoise(monkeypatch, scheduling_ddpm)
     worst = 0.0
-    for steps in (250, 50, 7):
+    for steps in ((250, 7) if spacing == "respace" else (50,)):  # 250: LetsTalk's default
         ref = DDPMScheduler(variance_type="learned_range", clip_sample=False, prediction_type="epsilon")
         ref.alphas_cumprod = torch.from_numpy(alphas_cumprod("ddpm"))  # float64, as guided-diffusion keeps it
         if spacing == "respace":
@@ -190,7 +200,7 @@ def test_ddim_matches_diffusers():
     from diffusers import DDIMScheduler
 
     worst = 0.0
-    for steps in (250, 50, 7):
+    for steps in (50, 7):
         ref = DDIMScheduler(clip_sample=False, prediction_type="epsilon")  # linear betas, leading, ᾱ_final = 1
         ref.alphas_cumprod = torch.from_numpy(alphas_cumprod("ddpm"))
         ref.set_timesteps(steps)
