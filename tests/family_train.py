@@ -44,3 +44,13 @@ def assert_same_step(one, eight, rtol=2e-4, atol=1e-6):
     p0, p1, p8 = leaves(init["params"]), leaves(s1["params"]), leaves(s8["params"])
     for k in p0:
         np.testing.assert_allclose(p8[k] - p0[k], p1[k] - p0[k], rtol=rtol, atol=atol, err_msg=k)
+
+
+def one_and_eight(spec: str, overrides, devices, steps: int):
+    """(config, batch, `steps` steps on 1 device, 1 step with FSDP over 8) of a config and its source's batch."""
+    from hallojax.config import load_config
+
+    config = load_config(spec, overrides)
+    batch = source_batch(config)
+    return config, batch, train_steps(config, batch, devices, {}, steps), train_steps(config, batch, devices,
+                                                                                       {"fsdp": 8}, 1)

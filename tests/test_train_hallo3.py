@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from family_train import assert_same_step, leaves, source_batch, train_steps
+from family_train import assert_same_step, leaves, one_and_eight
 from hallojax import families
 from hallojax.config import load_config
 
@@ -17,10 +17,7 @@ TINY = ["--config.train.learning_rate=1.0", "--config.train.eps=1.0"]
 
 @pytest.fixture(scope="module")
 def runs(devices):
-    config = load_config("configs/hallo3.py:stage2,size=tiny", TINY)
-    batch = source_batch(config)
-    return config, batch, train_steps(config, batch, devices, {}, STEPS), train_steps(config, batch, devices,
-                                                                                       {"fsdp": 8}, 1)
+    return one_and_eight("configs/hallo3.py:stage2,size=tiny", TINY, devices, STEPS)
 
 
 def test_batch_and_released_optimizer():

@@ -4,7 +4,7 @@ regularised in the step) trains with the ddpm hybrid objective on 1 and 8 device
 import numpy as np
 import pytest
 
-from family_train import assert_same_step, leaves, source_batch, train_steps
+from family_train import assert_same_step, leaves, one_and_eight
 from hallojax import families
 from hallojax.config import load_config
 
@@ -15,10 +15,8 @@ STEPS = 6
 def runs(devices):
     # Adam eps = 1: an update about lr·g, so the 1- vs 8-device deltas compare gradients; lr 3 with the released
     # clip 0.1: the loss on the fixed batch falls within a few steps (1.02 -> 0.56 in 6)
-    config = load_config("configs/letstalk.py:tiny", ["--config.train.learning_rate=3.0", "--config.train.eps=1.0"])
-    batch = source_batch(config)
-    return config, batch, train_steps(config, batch, devices, {}, STEPS), train_steps(config, batch, devices,
-                                                                                       {"fsdp": 8}, 1)
+    return one_and_eight("configs/letstalk.py:tiny", ["--config.train.learning_rate=3.0", "--config.train.eps=1.0"],
+                         devices, STEPS)
 
 
 def test_released_recipe_and_batch():
