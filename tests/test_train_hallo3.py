@@ -72,3 +72,20 @@ def test_loss_finite_and_falls(runs):
     losses = [s[0] for s in steps]
     assert np.isfinite(losses).all()
     assert np.mean(losses[-2:]) < 0.9 * np.mean(losses[:2]), losses
+
+
+def test_hallojax_train_runs_and_checkpoints_the_buffers(runs, tmp_path):
+    """`run` (what `hallojax train` calls) on the fixture's config and batch: the same first loss, and the
+    checkpoint holds the Buffers beside the parameters (the step itself comes from the compilation cache)."""
+    from hallojax.checkpoint import restore_numpy
+    from hallojax.train import run
+
+    _, _, (init, steps), _ = runs
+    config = load_config("configs/hallo3.py:stage2,size=tiny", TINY + [
+        "--config.train.steps=1", "--config.checkpoint.async_save=False"])
+    result = run(config, tmp_path)
+    np.testing.assert_allclose(result["losses"], [steps[0][0]], rtol=1e-5)
+    saved = restore_numpy(tmp_path / "checkpoints" / "1" / "state")
+    assert sorted(saved) == ["buffers", "ema", "opt_state", "params", "step"]
+    b0, b1 = leaves(init["buffers"]), leaves(saved["buffers"])
+    assert b0.keys() == b1.keys() and all(np.array_equal(b0[k], b1[k]) for k in b0)
