@@ -45,7 +45,7 @@ from hallojax.media import MediaError, normalize_loudness, read_audio, read_imag
 from hallojax.sample import guidance as guidance_lib
 from hallojax.sample import long_video
 from hallojax.sample.schedules import make_schedule
-from hallojax.sample.solvers import Known, get_sampler, sample, schedule_arrays
+from hallojax.sample.solvers import SAMPLERS, Known, get_sampler, sample, schedule_arrays
 from hallojax.sharding import DEFAULT_RULES, make_mesh, normalize_rules, state_shardings, use_rules
 
 log = logging.getLogger("hallojax.generate")
@@ -74,8 +74,6 @@ class SampleConfig:
     # features (EchoMimicV3 Flash: -23, pyloudnorm), not the muxed audio
 
     def validate(self) -> None:
-        from hallojax.sample.solvers import SAMPLERS
-
         if self.sampler not in SAMPLERS:
             raise ValueError(f"--sampler {self.sampler!r}: expected one of {sorted(SAMPLERS)}")
         if not isinstance(self.steps, int) or self.steps < 1:
@@ -1066,8 +1064,7 @@ def add_arguments(p) -> None:
     p.add_argument("--prompt", default=None, help="text prompt (needs --text-encoder and --tokenizer)")
     p.add_argument("--negative-prompt", default=None, help="the unconditional branches' prompt (default: null)")
     g = p.add_argument_group("sampling (defaults: the checkpoint's config.sample)")
-    g.add_argument("--sampler", choices=["euler", "unipc", "dpm++", "wan-unipc", "cogvideox-ddim", "cogvideox-dpm",
-                                         "ddpm", "ddim"], default=None,
+    g.add_argument("--sampler", choices=list(SAMPLERS), default=None,
                    help="flow samplers for flow models; cogvideox-ddim / cogvideox-dpm / ddpm / ddim for VP (v or ε) "
                         "models (the model's config says which it is)")
     g.add_argument("--steps", type=int, default=None)

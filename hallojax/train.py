@@ -1,4 +1,5 @@
-"""Training of the DiT (flow matching, or the VP objectives of hallojax.diffusion): sharded state, Grain input, Orbax checkpoints with exact resume.
+"""Training of the DiT (flow matching, or hallojax.diffusion's VP objectives): sharded state, Grain input,
+Orbax checkpoints with exact resume.
 
     hallojax train --config configs/wan.py:demo --workdir runs/train [--config.train.steps=200]
 
@@ -210,6 +211,9 @@ def objective_of(cfg: DiTConfig, t) -> str:
                          f"(configs/wan.py:PRESET,objective={objective} sets both for the Wan DiT)")
     if objective == "ddpm" and t.shift != 1:
         raise ValueError(f"train.shift={t.shift}: the ddpm objective's linear-beta process has no shift; use 1")
+    if objective != "flow" and t.loss_weighting != "none":
+        raise ValueError(f"train.loss_weighting={t.loss_weighting!r} weights the flow objective by σ; the {objective} "
+                         "objective has its own (uniform t, the loss as its reference computes it): use 'none'")
     return objective
 
 

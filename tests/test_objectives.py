@@ -24,8 +24,8 @@ from hallojax import diffusion
 from hallojax.config import load_config
 from hallojax.data import example_batch
 from hallojax.models.wan import DiTConfig
-from hallojax.sharding import batch_sharding, make_mesh, normalize_rules, use_rules
-from hallojax.train import create_state, jit_train_step, make_train_step
+from hallojax.train import make_train_step
+from test_train_conditioning import step_on_1_and_8_devices
 
 SHAPE = (6, 2, 3, 4, 5)  # [B, F, H, W, C]
 _rng = np.random.default_rng(0)
@@ -156,21 +156,10 @@ def test_objective_train_steps_on_1_and_8_devices(objective, devices):
     config, cfg, batch = _setup(objective)
     assert cfg.prediction == {"v": "v", "ddpm": "epsilon"}[objective]
     assert config.sample.sampler == {"v": "cogvideox-dpm", "ddpm": "ddpm"}[objective]
-    rules = normalize_rules(config.rules)
-    results = []
-    for shape in (dict(fsdp=1), dict(fsdp=4, tensor=2)):
-        mesh = make_mesh(shape, devices[:1] if shape["fsdp"] == 1 else devices)
-        graphdef, state, shardings, _ = create_state(cfg, config.train, 0, mesh, rules)
-        if objective == "ddpm":  # the learned variance doubles the output projection
-            assert state["params"]["proj_out"]["kernel"].shape[-1] == 2 * cfg.out_channels * cfg.patch_volume
-        init = jax.device_get(state["params"])
-        step = jit_train_step(graphdef, cfg, config.train, 0, shardings)
-        with jax.set_mesh(mesh), use_rules(rules):
-            b = {k: jax.device_put(v, batch_sharding(mesh, v.shape, rules)) for k, v in batch.items()}
-            state, metrics = step(state, b)
-        deltas = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), jax.device_get(state["params"]), init)
-        results.append((float(metrics["loss"]), float(metrics["grad_norm"]), deltas))
-    (l1, g1, d1), (l8, g8, d8) = results
+    (l1, g1, d1), (l8, g8, d8) = step_on_1_and_8_devices(config, cfg, batch, devices)
+    # the learned variance doubles the output projection
+    assert d1["proj_out"]["kernel"].shape[-1] == cfg.output_channels * cfg.patch_volume
+    assert cfg.output_channels == (2 if objective == "ddpm" else 1) * cfg.out_channels
     assert np.isfinite(l1) and g1 > 0
     np.testing.assert_allclose([l8, g8], [l1, g1], rtol=1e-5)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(d8), jax.tree.leaves(d1)):
@@ -185,6 +174,10 @@ def test_objective_and_model_must_agree():
         make_train_step(None, cfg, config.train, 0)
     config.train.objective = "flow"
     with pytest.raises(ValueError, match="objective='flow'"):
+        make_train_step(None, cfg, config.train, 0)
+    config.train.objective = "v"
+    config.train.loss_weighting = "cosmap"
+    with pytest.raises(ValueError, match="loss_weighting"):
         make_train_step(None, cfg, config.train, 0)
     config.train.objective = "score"
     with pytest.raises(ValueError, match="expected one of"):

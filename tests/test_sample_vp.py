@@ -196,6 +196,23 @@ def test_ddpm_learned_range_matches_diffusers(spacing, monkeypatch):
     print(f"ddpm ({spacing}): worst relative error {worst:.2e}")
 
 
+def test_ddpm_fixed_small_matches_diffusers(monkeypatch):
+    """A model without a learned variance: the posterior's (fixed small) variance."""
+    from diffusers import DDPMScheduler
+    from diffusers.schedulers import scheduling_ddpm
+
+    feed = _FeedNoise(monkeypatch, scheduling_ddpm)
+    ref = DDPMScheduler(variance_type="fixed_small", clip_sample=False)
+    ref.alphas_cumprod = torch.from_numpy(alphas_cumprod("ddpm"))
+    ref.set_timesteps(timesteps=respace(20, "respace").tolist())
+    x = to_torch(X0)
+    for i, t in enumerate(ref.timesteps):
+        feed.step = i
+        x = ref.step(stand_in_torch(x, t, False), t, x, return_dict=False)[0]
+    err = _rel(_ours("ddpm", vp_schedule("ddpm", 20, prediction="epsilon")), to_ours(x))
+    assert err <= 1e-5, err
+
+
 def test_ddim_matches_diffusers():
     from diffusers import DDIMScheduler
 
