@@ -331,23 +331,25 @@ def _compile(report: FitReport, lower, mesh, rules, hints) -> FitReport:
 
 
 def _report(cfg, name, mesh, kind, spec, batch, shape, flops, **kw) -> FitReport:
-    f, h, w = shape
-    pt, ph, pw = cfg.patch_size
+    from hallojax.families import family
+
     return FitReport(topology=name, chips=mesh.size, device_kind=kind, mesh=dict(mesh.shape), batch=batch,
-                     shape=shape, tokens_per_sample=(f // pt) * (h // ph) * (w // pw), fits=False,
+                     shape=shape, tokens_per_sample=family(cfg).tokens(cfg, *shape), fits=False,
                      hbm_gib=spec[1] if spec else None, flops_per_step=flops, **kw)
 
 
 def compile_train_step(config, topology: str, *, batch: int, frames: int, height: int, width: int,
                        text_len: int = 512) -> FitReport:
-    """Lower and compile `hallojax train`'s step for `topology`; returns the fit report."""
-    from hallojax.models.wan import DiTConfig
-    from hallojax.flops import train_flops
+    """Lower and compile `hallojax train`'s step for `topology` (any model family: hallojax.families); returns
+    the fit report."""
+    from hallojax import families
+    from hallojax.families import example_batch, train_flops
     from hallojax.sharding import batch_sharding, normalize_rules
-    from hallojax.train import example_batch, jit_train_step, state_layout
+    from hallojax.train import jit_train_step, state_layout
 
-    cfg = DiTConfig.from_dict(config.model)
-    check_step_shape(cfg, batch=batch, frames=frames, height=height, width=width, text_len=text_len)
+    cfg = families.model_config(config.model)
+    if families.family(cfg).kind == "wan-dit":
+        check_step_shape(cfg, batch=batch, frames=frames, height=height, width=width, text_len=text_len)
     name, mesh, kind, spec = _topology(config, topology)
     t = config.train
     rules = normalize_rules(config.rules)

@@ -172,9 +172,10 @@ class FixedBatches:
     """data.source = "random": one fixed global batch, repeated; `next` gives this process's `rows` of it.
     Latents and text are `synthetic_batch`'s (learnable); other inputs the model needs are random."""
 
-    def __init__(self, cfg: DiTConfig, t, seed: int, rows: Sequence[int] | None = None):
-        batch = example_batch(cfg, t.batch_size, t.frames, t.height, t.width, text_len=t.text_len, seed=seed)
-        batch["latents"], batch["context"] = synthetic_batch(cfg.replace(in_channels=cfg.out_channels), t, seed)
+    def __init__(self, cfg: DiTConfig, t, seed: int, rows: Sequence[int] | None = None, batch: dict | None = None):
+        if batch is None:  # the Wan DiT's (other model families give theirs: hallojax.families)
+            batch = example_batch(cfg, t.batch_size, t.frames, t.height, t.width, text_len=t.text_len, seed=seed)
+            batch["latents"], batch["context"] = synthetic_batch(cfg.replace(in_channels=cfg.out_channels), t, seed)
         rows = list(range(t.batch_size)) if rows is None else list(rows)
         self.batch = {k: v[rows] for k, v in batch.items()}
         self.batch_size, self.position = t.batch_size, 0

@@ -35,10 +35,10 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from hallojax import data
+from hallojax import data, families
 from hallojax.data import example_batch  # noqa: F401  (the trainer's batch; aot and bench take it from here)
-from hallojax.models.wan import DiTConfig, WanDiT, param_count
-from hallojax.flops import device_peak, format_flops, mfu, train_flops
+from hallojax.models.wan import DiTConfig, param_count
+from hallojax.flops import device_peak, format_flops, mfu
 from hallojax.flow import sample_noise
 from hallojax.metrics import MetricWriter, StepTimer, progress_line
 from hallojax.sharding import make_mesh, normalize_rules, state_shardings, use_rules
@@ -80,20 +80,45 @@ def make_optimizer(t, params) -> optax.GradientTransformation:
     return optax.multi_transform({True: tx, False: optax.set_to_zero()}, mask)
 
 
+def partition(tree, mask) -> tuple[Any, Any]:
+    """(trainable, frozen): `tree` split by a boolean `mask` of its structure, None where a leaf went to the other."""
+    return (jax.tree.map(lambda m, p: p if m else None, mask, tree),
+            jax.tree.map(lambda m, p: None if m else p, mask, tree))
+
+
+def combine(trainable, frozen) -> Any:
+    """The inverse of `partition`."""
+    return jax.tree.map(lambda a, b: b if a is None else a, trainable, frozen, is_leaf=lambda x: x is None)
+
+
 # --- state ---------------------------------------------------------------------------------------
-def init_state(cfg: DiTConfig, t, seed: int):
-    """The training state as a pure pytree {params, opt_state, ema, step} plus the model graphdef."""
-    model = WanDiT(cfg, rngs=nnx.Rngs(seed))
-    graphdef, params = nnx.split(model, nnx.Param)
-    params = nnx.to_pure_dict(params)
+def build_model(cfg, seed: int) -> nnx.Module:
+    """The model of a config of any family (hallojax.families: the Wan DiT, Hallo3, LetsTalk)."""
+    return families.model_class(cfg)(cfg, rngs=nnx.Rngs(seed))
+
+
+def split_model(model: nnx.Module):
+    """(graphdef, params, buffers): the trainer's parameters and, apart, the `Buffer` variables (Hallo3's released
+    RoPE tables and dead position table): kept in the state and checkpoints, never trained, decayed or averaged."""
+    from hallojax.models.hallo3 import Buffer
+
+    graphdef, params, buffers = nnx.split(model, nnx.All(nnx.Param, nnx.Not(Buffer)), Buffer)
+    return graphdef, params, buffers
+
+
+def init_state(cfg, t, seed: int):
+    """The training state as a pure pytree {params, opt_state, ema, step} (+ buffers, for models with any)."""
+    _, params, buffers = split_model(build_model(cfg, seed))
+    params, buffers = nnx.to_pure_dict(params), nnx.to_pure_dict(buffers)
     opt_state = make_optimizer(t, params).init(params)
-    return {"params": params, "opt_state": opt_state, "ema": params, "step": jnp.zeros((), jnp.int32)}
+    state = {"params": params, "opt_state": opt_state, "ema": params, "step": jnp.zeros((), jnp.int32)}
+    return {**state, "buffers": buffers} if buffers else state
 
 
-def state_layout(cfg: DiTConfig, t, seed: int, mesh, rules):
+def state_layout(cfg, t, seed: int, mesh, rules):
     """(graphdef, shardings, abstract state): the state's shapes and placement, nothing allocated."""
-    abstract_model = nnx.eval_shape(lambda: WanDiT(cfg, rngs=nnx.Rngs(seed)))
-    graphdef, abs_params = nnx.split(abstract_model, nnx.Param)
+    abstract_model = nnx.eval_shape(lambda: build_model(cfg, seed))
+    graphdef, abs_params, abs_buffers = split_model(abstract_model)
     param_sh = nnx.to_pure_dict(state_shardings(abs_params, mesh, rules))
     abstract = jax.eval_shape(lambda: init_state(cfg, t, seed))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -107,6 +132,8 @@ def state_layout(cfg: DiTConfig, t, seed: int, mesh, rules):
 
     shardings = {"params": param_sh, "ema": param_sh, "opt_state": like_params(abstract["opt_state"]),
                  "step": replicated}
+    if "buffers" in abstract:
+        shardings["buffers"] = nnx.to_pure_dict(state_shardings(abs_buffers, mesh, rules))
     return graphdef, shardings, abstract
 
 
@@ -140,7 +167,7 @@ def masked_input(cfg: DiTConfig) -> bool:
 
 
 def check_channels(cfg: DiTConfig) -> None:
-    if cfg.in_channels != cfg.out_channels and not masked_input(cfg):
+    if isinstance(cfg, DiTConfig) and cfg.in_channels != cfg.out_channels and not masked_input(cfg):
         raise ValueError(f"model.in_channels={cfg.in_channels}: the trainer feeds C = out_channels "
                          f"({cfg.out_channels}) latent channels, or 2C + 4 (masked multi-task input)")
 
@@ -176,11 +203,12 @@ def objective_of(cfg: DiTConfig, t) -> str:
     objective = t.get("objective", "flow")
     if objective not in OBJECTIVES:
         raise ValueError(f"train.objective={objective!r}: expected one of {sorted(OBJECTIVES)}")
-    if cfg.prediction != OBJECTIVES[objective] or (cfg.learned_variance and objective != "ddpm"):
+    prediction, learned_variance = families.family(cfg).prediction(cfg)
+    if prediction != OBJECTIVES[objective] or (learned_variance and objective != "ddpm"):
         raise ValueError(f"train.objective={objective!r} trains a model with prediction={OBJECTIVES[objective]!r}"
                          f"{'' if objective == 'ddpm' else ' and no learned variance'}; this model has "
-                         f"model.prediction={cfg.prediction!r}, learned_variance={cfg.learned_variance} "
-                         f"(configs/wan.py:PRESET,objective={objective} sets both)")
+                         f"prediction={prediction!r}, learned_variance={learned_variance} "
+                         f"(configs/wan.py:PRESET,objective={objective} sets both for the Wan DiT)")
     if objective == "ddpm" and t.shift != 1:
         raise ValueError(f"train.shift={t.shift}: the ddpm objective's linear-beta process has no shift; use 1")
     if objective != "flow" and t.loss_weighting != "none":
@@ -207,10 +235,11 @@ def step_randomness(cfg: DiTConfig, t, batch: dict, key) -> dict:
                "noise": jax.random.normal(k_eps, x0.shape, jnp.float32)}
     keep = condition_dropout(k_drop, out["sigma"], DropoutConfig(**t.dropout))
     out.update({f"keep_{k}": v for k, v in keep.items()})
-    out["known"] = known_frames(k_mask, t, x0.shape[0], x0.shape[1], cfg.motion_frames)
-    if cfg.motion_frames:
-        out["motion"] = motion_from_clip(k_motion, x0, cfg.motion_frames)
-    return out
+    motion = cfg.motion_frames if isinstance(cfg, DiTConfig) else 0
+    out["known"] = known_frames(k_mask, t, x0.shape[0], x0.shape[1], motion)
+    if motion:
+        out["motion"] = motion_from_clip(k_motion, x0, motion)
+    return {**out, **families.family(cfg).randomness(cfg, t, batch, key)}
 
 
 def model_kwargs(cfg: DiTConfig, b: dict) -> dict:
@@ -255,7 +284,7 @@ def flow_loss(model, cfg: DiTConfig, t, b: dict) -> jax.Array:
     from hallojax.flow import interpolate, loss_weight, masked_mse
 
     x0 = b["latents"].astype(jnp.float32)
-    v = predict(model, cfg, b, interpolate(x0, b["noise"], b["sigma"]), 1000.0 * b["sigma"])
+    v = families.family(cfg).predict(model, cfg, b, interpolate(x0, b["noise"], b["sigma"]), 1000.0 * b["sigma"])
     return masked_mse(v, b["noise"] - x0, 1.0 - b["known"], loss_weight(b["sigma"], t.loss_weighting))
 
 
@@ -267,7 +296,8 @@ def vp_loss(model, cfg: DiTConfig, t, b: dict) -> jax.Array:
     objective = objective_of(cfg, t)
     tables = diffusion.training_tables(diffusion.OBJECTIVE_PROCESS[objective], t.shift)
     x0, steps = b["latents"].astype(jnp.float32), b["timestep"]
-    out = predict(model, cfg, b, diffusion.noised(tables, x0, b["noise"], steps), steps.astype(jnp.float32))
+    x_t = diffusion.noised(tables, x0, b["noise"], steps)
+    out = families.family(cfg).predict(model, cfg, b, x_t, steps.astype(jnp.float32))
     loss = diffusion.v_loss if objective == "v" else diffusion.ddpm_loss
     return loss(tables, out, x0, b["noise"], steps, 1.0 - b["known"])
 
@@ -294,22 +324,26 @@ def make_train_step(graphdef, cfg: DiTConfig, t, seed: int):
         raise ValueError(f"train.nonfinite={t.nonfinite!r}: expected one of {NONFINITE}")
     inject = [int(s) for s in t.get("inject_nonfinite", [])]
 
-    def loss_fn(params, micro):
-        return objective_loss(nnx.merge(graphdef, params), cfg, t, micro)
+    def loss_fn(trainable, frozen, buffers, micro):
+        model = nnx.merge(graphdef, combine(trainable, frozen), *([buffers] if buffers else []))
+        return objective_loss(model, cfg, t, micro)
 
     def step(state, batch):
         k = t.accum_steps
         key = jax.random.fold_in(jax.random.key(seed), state["step"])  # traced: no eager device work
         batch = {**batch, **step_randomness(cfg, t, batch, key)}
         micro = jax.tree.map(lambda a: a.reshape(k, a.shape[0] // k, *a.shape[1:]), batch)
+        # gradients of the trainable parameters only (frozen ones: no backward pass through what only they feed)
+        trainable, frozen = partition(state["params"], trainable_mask(state["params"], t.trainable))
 
         def accumulate(carry, mb):
-            loss, grads = jax.value_and_grad(loss_fn)(state["params"], mb)
+            loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, state.get("buffers"), mb)
             return jax.tree.map(jnp.add, carry, (loss, grads)), None
 
-        zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state["params"]))
+        zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, trainable))
         (loss, grads), _ = jax.lax.scan(accumulate, zero, micro)
         loss, grads = loss / k, jax.tree.map(lambda g: g / k, grads)
+        grads = combine(grads, jax.tree.map(jnp.zeros_like, frozen))  # the optimizer leaves frozen ones as they are
         if inject:  # fault injection: this step's loss and gradients become NaN
             poison = jnp.where(jnp.isin(state["step"], jnp.asarray(inject)), jnp.nan, 1.0)
             loss, grads = loss * poison, jax.tree.map(lambda g: g * poison, grads)
@@ -326,7 +360,7 @@ def make_train_step(graphdef, cfg: DiTConfig, t, seed: int):
                                   keep(ema, state["ema"]))
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": learning_rate_schedule(t)(state["step"]),
                    "nonfinite": (~finite).astype(jnp.int32)}
-        return {"params": params, "opt_state": opt_state, "ema": ema, "step": state["step"] + 1}, metrics
+        return {**state, "params": params, "opt_state": opt_state, "ema": ema, "step": state["step"] + 1}, metrics
 
     return step
 
@@ -408,13 +442,13 @@ class _Preempted:
 def run(config, workdir: str | Path) -> dict:
     workdir = Path(workdir)
     t, ckpt = config.train, config.checkpoint
-    DiTConfig.from_dict(config.model)  # a bad model, mesh or batch is refused before any data is prepared
+    families.model_config(config.model)  # a bad model, mesh or batch is refused before any data is prepared
     rules = normalize_rules(config.rules)
     mesh = make_mesh(dict(config.mesh))
     if t.batch_size % t.accum_steps:
         raise ValueError(f"train.batch_size={t.batch_size} must divide by train.accum_steps={t.accum_steps}")
     data.configure(config)  # the source; with a prepared set, the model's input sizes from its manifest
-    cfg = DiTConfig.from_dict(config.model)
+    cfg = families.model_config(config.model)
 
     graphdef, state, shardings, abstract = create_state(cfg, t, config.seed, mesh, rules)
     log.info("model %s: %s parameters; mesh %s; workdir %s", config.preset,
@@ -422,7 +456,7 @@ def run(config, workdir: str | Path) -> dict:
     # this process loads only the rows of every global batch its devices hold: the global batch at a step
     # is the same whatever the number of processes (see hallojax.data)
     rows = data.local_rows(mesh, rules, t.batch_size)
-    data_iter = data.make_source(config, cfg, rows)
+    data_iter = families.make_source(config, cfg, rows)
     manager = checkpoint_manager(workdir, ckpt)
     start = 0
     if manager.latest_step() is not None:
@@ -443,9 +477,10 @@ def run(config, workdir: str | Path) -> dict:
                 batch = data.global_batch(next(data_iter), rows, mesh, rules, t.batch_size)
                 if tokens_per_step is None:
                     f, h, w = batch["latents"].shape[1:4]
-                    tokens_per_step = t.batch_size * f * h * w // cfg.patch_volume
-                    flops_per_step = train_flops(cfg, batch=t.batch_size, frames=f, height=h, width=w,
-                                                 text_len=batch["context"].shape[1])
+                    tokens_per_step = t.batch_size * families.family(cfg).tokens(cfg, f, h, w)
+                    flops_per_step = families.train_flops(cfg, batch=t.batch_size, frames=f, height=h, width=w,
+                                                          text_len=batch["context"].shape[1] if "context" in batch
+                                                          else 0)
                     log.info("%s model FLOPs per step (%s tokens); device %s, peak %s", format_flops(flops_per_step),
                              f"{tokens_per_step:,}", kind,
                              f"{device_peak(kind) / 1e12:.0f} TFLOP/s" if device_peak(kind) else "unknown (no MFU)")

@@ -1,0 +1,46 @@
+"""LetsTalk training presets (hallojax.models.letstalk; shared/research/hyavatar_letstalk.md C.3, C.6, C.7).
+
+    hallojax train --config configs/letstalk.py:tiny --workdir runs/letstalk               # CI size, random batch
+    hallojax train --config configs/letstalk.py:VDTcatlong-B,memory=2 --workdir runs/letstalk-long
+
+arg = MODEL[,memory=M][,mesh=MESH][,dtype=DTYPE][,remat=POLICY]. MODEL: a released model name
+(VDTcat-{S,B,L,XL}/{2,4,8}, VDTcatlong-{S,B,L,XL}[/2|/4], at 256 px: latent 32 x 32 x 4, 16 frames) or
+tiny (VDTcatlong, memory bank of 2).
+memory: the memory bank's M latent frames (VDTcatlong; released train.yaml 0, sampling 2): with M > 0 the batch
+carries the M frames before the clip, noised at DDPM t ~ U{0..49} and 25 %-masked in every step (as released).
+As released: the ddpm objective (linear β 1e-4..0.02, ε + learned-range variance, hybrid loss), AdamW lr 1e-4,
+betas (0.9, 0.999), weight decay 0, constant lr without warmup, grad clip 0.1 (released: only from step 20k),
+EMA 0.9999, seed 3407, no condition dropout (sampled without guidance), and the audio projector not trained
+(the released optimizer takes the backbone's parameters only).
+"""
+
+from pathlib import Path
+
+from hallojax.config import load_config
+from hallojax.models.letstalk import LetsTalkConfig
+
+
+def get_config(arg: str = "tiny"):
+    name, *opts = [s.strip() for s in (arg or "tiny").split(",")]
+    opts = dict(o.split("=", 1) for o in opts if o)
+    if set(opts) - {"mesh", "dtype", "remat", "memory"}:
+        raise ValueError(f"config arg {arg!r}: options are memory=, mesh=, dtype=, remat=")
+    model = {k: opts[k] for k in ("dtype", "remat") if k in opts}
+    if "memory" in opts:
+        model["memory_frames"] = int(opts["memory"])
+    if name == "tiny":
+        model.setdefault("dtype", "float32")
+    cfg = LetsTalkConfig.named(name, **model)
+    # the trainer's defaults (sharding rules, checkpoints, logging, ddpm sampling) from the Wan presets
+    config = load_config(f"{Path(__file__).with_name('wan.py')}:tiny,objective=ddpm,mesh={opts.get('mesh', 'fsdp')}")
+    config.preset = f"letstalk-{name}"
+    config.model = {"kind": "letstalk", **cfg.to_dict()}
+    config.seed = 3407
+    config.train.update(
+        frames=cfg.num_frames, height=cfg.latent_size, width=cfg.latent_size, learning_rate=1e-4, b1=0.9, b2=0.999,
+        eps=1e-8, weight_decay=0.0, grad_clip=0.1, schedule="constant", warmup_steps=0, ema_decay=0.9999,
+        objective="ddpm", shift=1.0, trainable=[r"^(?!audio_proj\.)"])
+    if name != "tiny":
+        config.train.steps = 300_000
+        config.checkpoint.every = 5000
+    return config

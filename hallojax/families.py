@@ -1,0 +1,236 @@
+"""Model families the trainer trains and `hallojax compile` sizes: `config.model.kind` -> a `Family` adapter.
+
+    hallojax train --config configs/hallo3.py:stage2,size=tiny --workdir runs/hallo3
+    hallojax train --config configs/letstalk.py:tiny --workdir runs/letstalk
+
+kind (default "wan-dit": every Wan config and checkpoint without the key trains as before) selects, through
+`FAMILIES`, the config and model classes (`hallojax.registry`), the batch the model needs at given latent
+sizes (`batch_shapes`), the model's output on x_t at time t with the batch's conditions (`predict`; condition
+dropout applied as zeros), what the step draws besides σ/t and ε (`randomness`), its prediction type (checked
+against train.objective) and its analytic FLOPs. The Wan adapter is the trainer's own code (hallojax.train).
+
+- hallo3: latents [B, F, H, W, 16] (F = 13 at 49 frames), image_latent [B, 1, H, W, 16] (the VAE latent of
+  [reference, motion₁, motion₂], x 0.7; zero-padded to F frames as the 16 concat channels), reference
+  [B, 1, H, W, 16] (face-masked, the reference net's input), face [B, 512], audio windows
+  [B, 4F − 3, 2w + 1, 12, 768], context [B, 226, 4096] (T5). The concat latent is dropped (zeros) per sample
+  with probability train.p_concat (released 0.05); the loss covers every frame, motion frames included.
+- letstalk: latents [B, F, H, W, 4], reference [B, 1, H, W, 4], audio windows [B, F, 2w + 1, 12, 768] and,
+  with a memory bank (M > 0), memory [B, M, H, W, 4] (the M latent frames before the clip), noised at DDPM
+  t ~ U{0..49} and 25 %-masked in the step (`regularize_memory`, as released). No text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hallojax import registry
+
+# --- the table -------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    kind: str
+    # (prediction, learned_variance) of a config: checked against train.objective
+    prediction: Callable[[Any], tuple[str, bool]]
+    # {key: shape} of a batch on latents [batch, frames, height, width, C] (latent grid sizes)
+    batch_shapes: Callable[..., dict[str, tuple[int, ...]]]
+    # (model, cfg, batch with its drawn randomness, x_t, time [B]) -> the model's output
+    predict: Callable[..., jax.Array]
+    # (cfg, train config, batch, key) -> extra per-batch draws merged into the batch
+    randomness: Callable[..., dict]
+    # forward FLOPs of one step's model call (hallojax.flops conventions: matmuls, 2·m·k·n)
+    forward_flops: Callable[..., float]
+    # tokens of one sample's latents [frames, height, width]
+    tokens: Callable[..., int]
+
+
+def kind_of(model: Any) -> str:
+    """config.model's kind (a config dict or a model config dataclass)."""
+    if hasattr(model, "get"):
+        return model.get("kind", "wan-dit")
+    return registry.kind_of(model)
+
+
+def family(model: Any) -> Family:
+    kind = kind_of(model)
+    if kind not in FAMILIES:
+        raise ValueError(f"model.kind={kind!r}: the trainer trains {sorted(FAMILIES)}")
+    return FAMILIES[kind]
+
+
+def model_config(model) -> Any:
+    """The model config dataclass of config.model (its `kind` key selects the class; default the Wan DiT)."""
+    fam = family(model)
+    config_cls, _ = registry.resolve(fam.kind)
+    return config_cls.from_dict({k: v for k, v in dict(model).items() if k != "kind"})
+
+
+def model_class(cfg) -> type:
+    return registry.resolve(registry.kind_of(cfg))[1]
+
+
+def example_batch(cfg, batch: int, frames: int, height: int, width: int, *, text_len: int = 512,
+                  seed: int | None = 0) -> dict:
+    """A batch of this family's model: random numpy arrays, or `jax.ShapeDtypeStruct`s with seed=None."""
+    fam = family(cfg)
+    if fam.kind == "wan-dit":
+        from hallojax.data import example_batch as wan_batch
+
+        return wan_batch(cfg, batch, frames, height, width, text_len=text_len, seed=seed)
+    shapes = fam.batch_shapes(cfg, batch, frames, height, width, text_len)
+    if seed is None:
+        return {k: jax.ShapeDtypeStruct(v, jnp.float32) for k, v in shapes.items()}
+    rng = np.random.default_rng(seed)
+    return {k: rng.standard_normal(v).astype(np.float32) for k, v in shapes.items()}
+
+
+def make_source(config, cfg, rows):
+    """data.source = "random" for every family (the Wan DiT also takes synthetic and prepared clips)."""
+    from hallojax import data
+
+    if family(cfg).kind == "wan-dit":
+        return data.make_source(config, cfg, rows)
+    if config.data.prepared or config.data.source != "random":
+        raise ValueError(f"data.source={config.data.source!r}: model.kind={family(cfg).kind!r} trains on "
+                         "data.source='random' (a fixed batch) only; prepared clips feed the Wan DiT")
+    t = config.train
+    batch = example_batch(cfg, t.batch_size, t.frames, t.height, t.width, text_len=t.text_len, seed=config.seed)
+    # learnable latents: the smooth patterns of the Wan source (hallojax.data.synthetic_batch)
+    channels = batch["latents"].shape[-1]
+    batch["latents"], _ = data.synthetic_batch(types.SimpleNamespace(in_channels=channels, text_dim=1), t,
+                                               config.seed)
+    return data.FixedBatches(cfg, t, config.seed, rows, batch=batch)
+
+
+# --- Wan (the trainer's own code) -------------------------------------------------------------------
+def _wan_predict(model, cfg, b, x_t, time):
+    from hallojax import train
+
+    return train.predict(model, cfg, b, x_t, time)
+
+
+def _wan_flops(cfg, **shape) -> float:
+    from hallojax.flops import forward_flops
+
+    return forward_flops(cfg, **shape)["total"]
+
+
+WAN = Family("wan-dit", prediction=lambda cfg: (cfg.prediction, cfg.learned_variance), batch_shapes=None,
+             predict=_wan_predict, randomness=lambda cfg, t, batch, key: {}, forward_flops=_wan_flops,
+             tokens=lambda cfg, f, h, w: f * h * w // cfg.patch_volume)
+
+
+# --- Hallo3 ----------------------------------------------------------------------------------------
+def _hallo3_shapes(cfg, b: int, f: int, h: int, w: int, text_len: int) -> dict:
+    c = cfg.out_channels
+    return {"latents": (b, f, h, w, c), "image_latent": (b, 1, h, w, c), "reference": (b, 1, h, w, c),
+            "face": (b, cfg.face_in), "audio": (b, 4 * f - 3, 2 * cfg.audio_window + 1, cfg.audio_layers,
+                                                 cfg.audio_in_dim),
+            "context": (b, cfg.text_len, cfg.text_dim)}
+
+
+def _hallo3_randomness(cfg, t, batch, key) -> dict:
+    b = batch["latents"].shape[0]
+    return {"keep_concat": jax.random.uniform(jax.random.fold_in(key, 3), (b,)) >= t.get("p_concat", 0.0)}
+
+
+def _hallo3_predict(model, cfg, b, x_t, time):
+    from hallojax.conditioning import apply_keep
+
+    image = apply_keep(b["image_latent"], b["keep_concat"]).astype(x_t.dtype)
+    pad = jnp.zeros((*x_t.shape[:1], x_t.shape[1] - 1, *x_t.shape[2:]), x_t.dtype)
+    x_in = jnp.concatenate([x_t, jnp.concatenate([image, pad], axis=1)], axis=-1)
+    return model(x_in, time, apply_keep(b["context"], b["keep_text"]), face=b["face"],
+                 audio=apply_keep(b["audio"], b["keep_audio"]), reference=apply_keep(b["reference"], b["keep_ref"]))
+
+
+def _mm(m: float, k: float, n: float) -> float:
+    return 2.0 * m * k * n
+
+
+def hallo3_flops(cfg, *, batch: int, frames: int, height: int, width: int, text_len: int | None = None,
+                 **_) -> float:
+    """Matmul FLOPs of one Hallo3 forward pass (denoiser + the reference net on one frame + projectors)."""
+    b, d, n_layers = batch, cfg.dim, cfg.num_layers
+    per = (height // 2) * (width // 2)
+    video, text = frames * per, cfg.text_len
+    ffn = cfg.backbone().ffn_dim
+    t_emb = _mm(b, d, cfg.time_embed_dim) + _mm(b, cfg.time_embed_dim, cfg.time_embed_dim)
+
+    def backbone(n_video, keys_extra):
+        n = n_video + text
+        layer = (_mm(b * n, d, 3 * d) + 2 * _mm(b * keys_extra, d, d)  # q, k, v (+ the bank's k, v)
+                 + 2 * _mm(b * n, d, n + keys_extra)  # QKᵀ, PV
+                 + _mm(b * n, d, d) + 2 * _mm(b * n, d, ffn)  # out, FFN
+                 + _mm(b, cfg.time_embed_dim, 12 * d))  # the expert adaLN's 12 chunks
+        return (n_layers * layer + _mm(b * n_video, 4 * cfg.in_channels, d) + _mm(b * text, cfg.text_dim, d)
+                + t_emb + _mm(b * n_video, d, 4 * cfg.out_channels))
+
+    def cross(tokens, kv_dim, keys):  # q, dense; k, v of the tokens; QKᵀ, PV of every frame's queries
+        return 2 * _mm(b * video, d, d) + _mm(b * tokens, kv_dim, 2 * d) + 2 * _mm(b * video, d, keys)
+
+    t = 4 * frames - 3
+    win = (2 * cfg.audio_window + 1) * cfg.audio_layers * cfg.audio_in_dim
+    k = cfg.audio_tokens * cfg.audio_dim
+    audio_proj = _mm(b * t, win, cfg.audio_hidden) + _mm(b * t, cfg.audio_hidden, cfg.audio_hidden) + _mm(
+        b * t, cfg.audio_hidden, k) + _mm(b * (t - 1) // 2, 2 * k, k) + _mm(b * (t - 1) // 4, 2 * k, k)
+    total = backbone(video, per) + backbone(per, 0)  # denoiser (+ the bank's keys); reference net on 1 frame
+    total += n_layers * (cross(cfg.face_tokens, cfg.face_dim, cfg.face_tokens)
+                         + cross(frames * cfg.audio_tokens, cfg.audio_dim, cfg.audio_tokens))
+    return total + _mm(b, cfg.face_in, cfg.face_tokens * cfg.face_dim) + audio_proj
+
+
+HALLO3 = Family("hallo3", prediction=lambda cfg: ("v", False), batch_shapes=_hallo3_shapes,
+                predict=_hallo3_predict, randomness=_hallo3_randomness, forward_flops=hallo3_flops,
+                tokens=lambda cfg, f, h, w: f * (h // 2) * (w // 2))
+
+
+# --- LetsTalk --------------------------------------------------------------------------------------
+def _letstalk_shapes(cfg, b: int, f: int, h: int, w: int, text_len: int) -> dict:
+    c = cfg.in_channels
+    out = {"latents": (b, f, h, w, c), "reference": (b, 1, h, w, c),
+           "audio": (b, f, 2 * cfg.audio_window + 1, cfg.audio_in_layers, cfg.audio_in_dim)}
+    if cfg.memory_frames:
+        out["memory"] = (b, cfg.memory_frames, h, w, c)
+    return out
+
+
+def _letstalk_randomness(cfg, t, batch, key) -> dict:
+    from hallojax.models.letstalk import regularize_memory
+
+    if not cfg.memory_frames:
+        return {}
+    return {"memory": regularize_memory(jax.random.fold_in(key, 4), batch["memory"].astype(jnp.float32))}
+
+
+def _letstalk_predict(model, cfg, b, x_t, time):
+    from hallojax.conditioning import apply_keep
+
+    memory = {"memory": b["memory"]} if cfg.memory_frames else {}
+    return model(x_t, time, apply_keep(b["reference"], b["keep_ref"]), apply_keep(b["audio"], b["keep_audio"]),
+                 **memory)
+
+
+def _letstalk_flops(cfg, *, batch: int, frames: int, height: int, width: int, **_) -> float:
+    from hallojax.letstalk_cost import letstalk_flops
+
+    return letstalk_flops(cfg, batch=batch, frames=frames, height=height, width=width)["total"]
+
+
+LETSTALK = Family("letstalk", prediction=lambda cfg: ("epsilon", cfg.learn_sigma), batch_shapes=_letstalk_shapes,
+                  predict=_letstalk_predict, randomness=_letstalk_randomness, forward_flops=_letstalk_flops,
+                  tokens=lambda cfg, f, h, w: f * (h // cfg.patch_size) * (w // cfg.patch_size))
+
+FAMILIES = {f.kind: f for f in (WAN, HALLO3, LETSTALK)}
+
+
+def train_flops(cfg, **shape) -> float:
+    """Model FLOPs of one training step (forward + backward = 3 forwards, the usual MFU convention)."""
+    return 3.0 * family(cfg).forward_flops(cfg, **shape)
