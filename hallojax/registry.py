@@ -17,6 +17,7 @@ KINDS: dict[str, tuple[str, str, str]] = {
     "t5-encoder": ("hallojax.models.encoders.t5", "T5EncoderConfig", "T5Encoder"),
     "wan-vae": ("hallojax.models.wan_vae", "VAEConfig", "WanVAE"),
     "clip-vision": ("hallojax.models.encoders.clip", "CLIPVisionConfig", "CLIPVision"),
+    "sd-vae": ("hallojax.models.sd_vae", "SDVAEConfig", "SDVAE"),
 }
 
 

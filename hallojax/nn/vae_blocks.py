@@ -1,0 +1,341 @@
+"""Blocks of the diffusers-style VAEs, channels-last on video [B, T, H, W, C]: convolutions, GroupNorm,
+the ResNet block, the mid-block attention, the encoder/decoder trunks and spatial tiled decoding.
+
+Two families share them through `VAEOps`:
+- 2D (SD's `AutoencoderKL`, run per frame): 3x3 convs with zero padding, GroupNorm statistics and
+  attention per frame, so a video is just a batch of images;
+- causal 3D (`AutoencoderKLHunyuanVideo`): 3x3x3 convs padded by replicating the first frame k_t − 1
+  times on the left and the edge pixels in space, GroupNorm over (T, H, W), attention over all T·H·W
+  positions with a causal mask over frames (a position sees its own frame and the earlier ones).
+The Wan VAE (`hallojax.models.wan_vae`) uses the zero-padded causal conv, the per-frame 2D conv and the
+tiled decode from here. Numerics: norms, softmax and SiLU in float32, convs and linears accumulate in
+float32 and round once to the compute dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from hallojax.nn.layers import Dense
+
+
+def kernel_init(rngs, shape, dtype):
+    fan_in = int(np.prod(shape[:-1]))
+    return jax.random.normal(rngs.params(), shape, dtype) / np.sqrt(fan_in)
+
+
+def silu(x):
+    return jax.nn.silu(x.astype(jnp.float32)).astype(x.dtype)
+
+
+# --- convolutions ---------------------------------------------------------------------------------
+
+
+class CausalConv3d(nnx.Module):
+    """Conv3d on [B, T, H, W, C], causal in time; kernel [kt, kh, kw, I, O].
+
+    pad_mode "zeros" (Wan): 2·p_t zero (or cached, see `wan_vae._Cache`) frames on the left and p_h, p_w
+    zeros on each side in space. "replicate" (HunyuanVideo): the first frame repeated kt − 1 times on
+    the left and the edge pixels repeated k // 2 times on each side in space (`padding` must be 0).
+    """
+
+    def __init__(self, cin: int, cout: int, kernel, *, stride=(1, 1, 1), padding=(0, 0, 0), pad_mode="zeros", rngs,
+                 dtype, param_dtype):
+        kernel = (kernel,) * 3 if isinstance(kernel, int) else tuple(kernel)
+        padding = (padding,) * 3 if isinstance(padding, int) else tuple(padding)
+        stride = (stride,) * 3 if isinstance(stride, int) else tuple(stride)
+        if pad_mode not in ("zeros", "replicate") or (pad_mode == "replicate" and any(padding)):
+            raise ValueError(f"CausalConv3d: pad_mode {pad_mode!r} with padding {padding}")
+        self.kernel = nnx.Param(kernel_init(rngs, (*kernel, cin, cout), param_dtype))  # [kt, kh, kw, I, O]
+        self.bias = nnx.Param(jnp.zeros((cout,), param_dtype))
+        self.replicate = pad_mode == "replicate"
+        if self.replicate:
+            self.time_pad, self.spatial_pad = 0, ((0, 0), (0, 0))
+            self.edge_pad = ((0, 0), (kernel[0] - 1, 0), (kernel[1] // 2,) * 2, (kernel[2] // 2,) * 2, (0, 0))
+        else:
+            self.time_pad = 2 * padding[0]
+            self.spatial_pad = ((padding[1], padding[1]), (padding[2], padding[2]))
+        self.stride = stride
+        self.dtype = dtype
+
+    def conv(self, x: jax.Array) -> jax.Array:
+        y = jax.lax.conv_general_dilated(
+            x.astype(self.dtype), self.kernel[...].astype(self.dtype), self.stride, ((0, 0), *self.spatial_pad),
+            dimension_numbers=("NDHWC", "DHWIO", "NDHWC"), preferred_element_type=jnp.float32)
+        return (y + self.bias[...].astype(jnp.float32)).astype(self.dtype)
+
+    def __call__(self, x: jax.Array, cache=None) -> jax.Array:
+        if self.replicate:
+            return self.conv(jnp.pad(x, self.edge_pad, mode="edge"))
+        if self.time_pad:
+            prev = cache.take() if cache is not None else None
+            if prev is None:
+                prev = jnp.zeros((x.shape[0], self.time_pad, *x.shape[2:]), x.dtype)
+            x = jnp.concatenate([prev, x], axis=1)
+            if cache is not None:
+                cache.put(x[:, -self.time_pad:])
+        return self.conv(x)
+
+
+class Conv2d(nnx.Module):
+    """Per-frame 2D convolution on [B, T, H, W, C]; kernel [kh, kw, I, O]; zero padding."""
+
+    def __init__(self, cin, cout, kernel, *, stride=1, padding=0, rngs, dtype, param_dtype):
+        self.kernel = nnx.Param(kernel_init(rngs, (kernel, kernel, cin, cout), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((cout,), param_dtype))
+        self.stride, self.padding, self.dtype = (stride, stride), padding, dtype
+
+    def __call__(self, x, cache=None):
+        b, t = x.shape[:2]
+        pad = self.padding if isinstance(self.padding, tuple) else ((self.padding,) * 2,) * 2
+        y = jax.lax.conv_general_dilated(
+            x.reshape(b * t, *x.shape[2:]).astype(self.dtype), self.kernel[...].astype(self.dtype), self.stride,
+            pad, dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=jnp.float32)
+        y = (y + self.bias[...].astype(jnp.float32)).astype(self.dtype)
+        return y.reshape(b, t, *y.shape[1:])
+
+
+# --- norm, attention --------------------------------------------------------------------------------
+
+
+class GroupNorm(nnx.Module):
+    """torch.nn.GroupNorm (affine) on [B, T, H, W, C] in float32: statistics per sample and channel group
+    over (H, W) of each frame (`per_frame`) or over (T, H, W)."""
+
+    def __init__(self, dim: int, groups: int, eps: float, *, per_frame: bool):
+        if dim % groups:
+            raise ValueError(f"GroupNorm: {dim} channels do not split into {groups} groups")
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
+        self.groups, self.eps, self.per_frame = groups, eps, per_frame
+
+    def __call__(self, x):
+        xf = x.astype(jnp.float32).reshape(*x.shape[:-1], self.groups, x.shape[-1] // self.groups)
+        axes = (2, 3, 5) if self.per_frame else (1, 2, 3, 5)
+        mean = jnp.mean(xf, axis=axes, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=axes, keepdims=True)
+        y = ((xf - mean) * jax.lax.rsqrt(var + self.eps)).reshape(x.shape)
+        return (y * self.scale[...] + self.bias[...]).astype(x.dtype)
+
+
+def single_head_attention(q, k, v, mask=None):
+    """softmax(q·kᵀ/√C)·v for q, k, v [B, L, C] (one head as wide as the channels), float32 softmax;
+    `mask` [L, L] is True where a query may see a key."""
+    logits = jnp.einsum("blc,bmc->blm", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
+    if mask is not None:
+        logits = jnp.where(mask, logits, -jnp.inf)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("blm,bmc->blc", probs, v, preferred_element_type=jnp.float32).astype(q.dtype)
+
+
+class Attention(nnx.Module):
+    """diffusers' VAE mid-block attention (`Attention(..., _from_deprecated_attn_block=True)`): GroupNorm,
+    one head as wide as the channels, q/k/v/out linears with bias, plus the input. Per frame, or over all
+    T·H·W positions with a causal mask over frames."""
+
+    def __init__(self, dim: int, groups: int, eps: float, *, per_frame: bool, rngs, dtype, param_dtype):
+        self.group_norm = GroupNorm(dim, groups, eps, per_frame=per_frame)
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.to_q, self.to_k, self.to_v, self.to_out = (Dense(dim, dim, (None, None), **kw) for _ in range(4))
+        self.per_frame = per_frame
+
+    def __call__(self, x):
+        b, t, h, w, c = x.shape
+        y = self.group_norm(x)
+        if self.per_frame:
+            y, mask = y.reshape(b * t, h * w, c), None
+        else:
+            frame = np.repeat(np.arange(t), h * w)
+            y, mask = y.reshape(b, t * h * w, c), frame[None, :] <= frame[:, None]  # [L, L]: key frame <= query's
+        out = single_head_attention(self.to_q(y), self.to_k(y), self.to_v(y), mask)
+        return self.to_out(out).reshape(x.shape) + x
+
+
+# --- ResNet block, up/down samplers, trunks --------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEOps:
+    """How a VAE family builds its layers (see the module docstring): `causal3d` False = per-frame 2D."""
+
+    causal3d: bool
+    groups: int
+    rngs: nnx.Rngs
+    dtype: object
+    param_dtype: object
+    eps: float = 1e-6
+
+    def conv(self, cin: int, cout: int, kernel: int, stride=(1, 1, 1)):
+        kw = dict(rngs=self.rngs, dtype=self.dtype, param_dtype=self.param_dtype)
+        if self.causal3d:
+            return CausalConv3d(cin, cout, kernel, stride=stride, pad_mode="replicate", **kw)
+        if tuple(stride) == (1, 2, 2):  # diffusers' Downsample2D(padding=0): zero row/column at the bottom/right
+            return Conv2d(cin, cout, kernel, stride=2, padding=((0, 1), (0, 1)), **kw)
+        if tuple(stride) != (1, 1, 1):
+            raise ValueError(f"a 2D VAE cannot stride by {stride}")
+        return Conv2d(cin, cout, kernel, padding=kernel // 2, **kw)
+
+    def norm(self, dim: int) -> GroupNorm:
+        return GroupNorm(dim, self.groups, self.eps, per_frame=not self.causal3d)
+
+    def attention(self, dim: int) -> Attention:
+        return Attention(dim, self.groups, self.eps, per_frame=not self.causal3d, rngs=self.rngs, dtype=self.dtype,
+                         param_dtype=self.param_dtype)
+
+
+class ResnetBlock(nnx.Module):
+    """GroupNorm → SiLU → conv3 → GroupNorm → SiLU → conv3, plus the input (through a 1x1 conv when the
+    width changes): diffusers' ResnetBlock2D / HunyuanVideoResnetBlockCausal3D without time embedding."""
+
+    def __init__(self, cin: int, cout: int, ops: VAEOps):
+        self.norm1, self.conv1 = ops.norm(cin), ops.conv(cin, cout, 3)
+        self.norm2, self.conv2 = ops.norm(cout), ops.conv(cout, cout, 3)
+        self.conv_shortcut = ops.conv(cin, cout, 1) if cin != cout else None
+
+    def __call__(self, x):
+        h = self.conv1(silu(self.norm1(x)))
+        h = self.conv2(silu(self.norm2(h)))
+        return h + (self.conv_shortcut(x) if self.conv_shortcut is not None else x)
+
+
+class Upsample(nnx.Module):
+    """Nearest-neighbour upsampling by `factor` (t, h, w) then a 3x3 conv. With t = 2 the first frame
+    is only upsampled in space (the causal decoder's 1 + 2(T − 1) frames)."""
+
+    def __init__(self, dim: int, factor: Sequence[int], ops: VAEOps):
+        self.conv = ops.conv(dim, dim, 3)
+        self.factor = tuple(factor)
+
+    def __call__(self, x):
+        ft, fh, fw = self.factor
+        x = jnp.repeat(jnp.repeat(x, fh, axis=2), fw, axis=3)
+        if ft > 1 and x.shape[1] > 1:
+            x = jnp.concatenate([x[:, :1], jnp.repeat(x[:, 1:], ft, axis=1)], axis=1)
+        return self.conv(x)
+
+
+class MidBlock(nnx.Module):
+    """ResNet, attention, ResNet at the narrowest resolution."""
+
+    def __init__(self, dim: int, ops: VAEOps):
+        self.resnets = nnx.List([ResnetBlock(dim, dim, ops), ResnetBlock(dim, dim, ops)])
+        self.attentions = nnx.List([ops.attention(dim)])
+
+    def __call__(self, x):
+        return self.resnets[1](self.attentions[0](self.resnets[0](x)))
+
+
+class DownBlock(nnx.Module):
+    def __init__(self, cin: int, cout: int, num_layers: int, stride: Sequence[int] | None, ops: VAEOps):
+        self.resnets = nnx.List([ResnetBlock(cin if i == 0 else cout, cout, ops) for i in range(num_layers)])
+        self.downsamplers = nnx.List([ops.conv(cout, cout, 3, stride)] if stride else [])
+
+    def __call__(self, x):
+        for module in (*self.resnets, *self.downsamplers):
+            x = module(x)
+        return x
+
+
+class UpBlock(nnx.Module):
+    def __init__(self, cin: int, cout: int, num_layers: int, factor: Sequence[int] | None, ops: VAEOps):
+        self.resnets = nnx.List([ResnetBlock(cin if i == 0 else cout, cout, ops) for i in range(num_layers)])
+        self.upsamplers = nnx.List([Upsample(cout, factor, ops)] if factor else [])
+
+    def __call__(self, x):
+        for module in (*self.resnets, *self.upsamplers):
+            x = module(x)
+        return x
+
+
+class Encoder(nnx.Module):
+    """conv_in → down blocks (`strides[i]` (t, h, w) or None: no downsampler) → mid block → GroupNorm,
+    SiLU, conv_out to 2·latent channels (the posterior's mean and log-variance)."""
+
+    def __init__(self, cin: int, latent: int, widths: Sequence[int], layers: int,
+                 strides: Sequence[Sequence[int] | None], ops: VAEOps):
+        self.conv_in = ops.conv(cin, widths[0], 3)
+        self.down_blocks = nnx.List([DownBlock(widths[max(i - 1, 0)], w, layers, strides[i], ops)
+                                     for i, w in enumerate(widths)])
+        self.mid_block = MidBlock(widths[-1], ops)
+        self.conv_norm_out = ops.norm(widths[-1])
+        self.conv_out = ops.conv(widths[-1], 2 * latent, 3)
+
+    def __call__(self, x):
+        x = self.conv_in(x)
+        for block in self.down_blocks:
+            x = block(x)
+        return self.conv_out(silu(self.conv_norm_out(self.mid_block(x))))
+
+
+class Decoder(nnx.Module):
+    """conv_in → mid block → up blocks (widths reversed, layers + 1 ResNets each, `factors[i]` (t, h, w)
+    or None) → GroupNorm, SiLU, conv_out."""
+
+    def __init__(self, latent: int, cout: int, widths: Sequence[int], layers: int,
+                 factors: Sequence[Sequence[int] | None], ops: VAEOps):
+        rev = list(reversed(widths))
+        self.conv_in = ops.conv(latent, rev[0], 3)
+        self.mid_block = MidBlock(rev[0], ops)
+        self.up_blocks = nnx.List([UpBlock(rev[max(i - 1, 0)], w, layers + 1, factors[i], ops)
+                                   for i, w in enumerate(rev)])
+        self.conv_norm_out = ops.norm(rev[-1])
+        self.conv_out = ops.conv(rev[-1], cout, 3)
+
+    def __call__(self, x):
+        x = self.mid_block(self.conv_in(x))
+        for block in self.up_blocks:
+            x = block(x)
+        return self.conv_out(silu(self.conv_norm_out(x)))
+
+
+def posterior(moments: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """diffusers' DiagonalGaussianDistribution: (mean, logvar clipped to [-30, 20]) in float32."""
+    mean, logvar = jnp.split(moments.astype(jnp.float32), 2, axis=-1)
+    return mean, jnp.clip(logvar, -30.0, 20.0)
+
+
+# --- tiled decoding -----------------------------------------------------------------------------------
+
+
+def blend(a: jax.Array, b: jax.Array, extent: int, axis: int) -> jax.Array:
+    """Linear cross-fade of the last `extent` rows of `a` into the first rows of `b` along `axis`."""
+    extent = min(a.shape[axis], b.shape[axis], extent)
+    if extent <= 0:
+        return b
+    ramp = (jnp.arange(extent, dtype=jnp.float32) / extent).reshape((-1,) + (1,) * (b.ndim - axis - 1))
+    a_tail = jax.lax.slice_in_dim(a, a.shape[axis] - extent, a.shape[axis], axis=axis)
+    b_head = jax.lax.slice_in_dim(b, 0, extent, axis=axis)
+    mixed = a_tail * (1 - ramp) + b_head * ramp
+    return jnp.concatenate([mixed, jax.lax.slice_in_dim(b, extent, b.shape[axis], axis=axis)], axis=axis)
+
+
+def tiled_decode(decode_raw, z: jax.Array, spatial_stride: int, tile: int, tile_stride: int) -> jax.Array:
+    """Decode z [B, F, h, w, C] in overlapping spatial tiles (sizes in pixels) and blend them.
+
+    Each tile is blended with its upper and left neighbours *after* those were blended themselves
+    (the reference blends in place), then cropped to the stride."""
+    lt, ls = tile // spatial_stride, tile_stride // spatial_stride
+    h, w = z.shape[2:4]
+    extent = tile - tile_stride
+    rows = []
+    for i in range(0, h, ls):
+        rows.append([decode_raw(z[:, :, i:i + lt, j:j + lt]) for j in range(0, w, ls)])
+    out_rows = []
+    for i, row in enumerate(rows):
+        pieces = []
+        for j in range(len(row)):
+            t = row[j]
+            if i > 0:
+                t = blend(rows[i - 1][j], t, extent, axis=2)
+            if j > 0:
+                t = blend(row[j - 1], t, extent, axis=3)
+            row[j] = t
+            pieces.append(t[:, :, :tile_stride, :tile_stride])
+        out_rows.append(jnp.concatenate(pieces, axis=3))
+    return jnp.concatenate(out_rows, axis=2)[:, :, :h * spatial_stride, :w * spatial_stride]
