@@ -10,6 +10,7 @@ tiny lossless `PixelCodec` used by the demo and the tests and a real VAE (Wan's 
 
     get_codec("wan-vae:DIR") # the Wan2.1 VAE from a `hallojax convert wan-vae` directory
     get_codec("sd-vae:DIR")  # the SD VAE, frame by frame (stride (1, 8, 8), 4 channels)
+    get_codec("hunyuan-vae:DIR")  # the HunyuanVideo causal 3D VAE (stride (4, 8, 8), 16 channels)
 
 A new codec registers a factory `arg -> Codec` under its name in `CODECS` (or with `register_codec`). Temporal stride `s` follows the causal-VAE rule: `T = 1 + s·k` frames give `F = 1 + k`
 latent frames (the first frame alone, then groups of `s`); see `latent_frames`.
@@ -122,8 +123,15 @@ def _sd_vae(arg: str | None) -> Codec:
     return SDVAECodec.load(arg)
 
 
+def _hunyuan_vae(arg: str | None) -> Codec:
+    from hallojax.models.hunyuan_vae import HunyuanVAECodec
+
+    return HunyuanVAECodec.load(arg)
+
+
 # name -> factory(arg or None): the extension point for codecs
-CODECS: dict[str, Callable[[str | None], Codec]] = {"pixel": _pixel, "wan-vae": _wan_vae, "sd-vae": _sd_vae}
+CODECS: dict[str, Callable[[str | None], Codec]] = {"pixel": _pixel, "wan-vae": _wan_vae, "sd-vae": _sd_vae,
+                                                    "hunyuan-vae": _hunyuan_vae}
 
 
 def register_codec(name: str, factory: Callable[[str | None], Codec]) -> None:

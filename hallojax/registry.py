@@ -18,6 +18,7 @@ KINDS: dict[str, tuple[str, str, str]] = {
     "wan-vae": ("hallojax.models.wan_vae", "VAEConfig", "WanVAE"),
     "clip-vision": ("hallojax.models.encoders.clip", "CLIPVisionConfig", "CLIPVision"),
     "sd-vae": ("hallojax.models.sd_vae", "SDVAEConfig", "SDVAE"),
+    "hunyuan-vae": ("hallojax.models.hunyuan_vae", "HunyuanVAEConfig", "HunyuanVAE"),
 }
 
 
