@@ -14,16 +14,14 @@ import pytest
 import torch
 from flax import nnx
 
-from hallojax import cli, load_pretrained
 from hallojax.codec import get_codec
 from hallojax.convert.hunyuan_vae import config_to_diffusers, convert_hunyuan_vae
-from hallojax.convert.safetensors_io import TensorStore
 from hallojax.convert.table import ConversionError
 from hallojax.models.hunyuan_vae import PRESETS, HunyuanVAEConfig, compile_decode
 from hallojax.models.wan import param_count
 from hallojax.registry import abstract
 from hallojax.sharding import batch_sharding, make_mesh
-from test_sd_vae import _broken_from
+from test_sd_vae import _broken_from, assert_bitwise_round_trip, converted_pair, diffusers_param_count
 from test_vae import _cf, _cl, assert_close
 
 TINY = dict(block_out_channels=[8, 16, 16, 16], layers_per_block=1, norm_num_groups=4, latent_channels=4)
@@ -35,20 +33,7 @@ def vae_pair(tmp_path_factory):
     from diffusers import AutoencoderKLHunyuanVideo
 
     torch.manual_seed(0)
-    ref = AutoencoderKLHunyuanVideo(**TINY).eval()
-    g = torch.Generator().manual_seed(1)
-    perturbed = 0
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            if "norm" in name:  # norm1/2, conv_norm_out, the attention's group_norm: away from (1, 0)
-                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.2 * torch.randn(p.shape, generator=g))
-                perturbed += 1
-    assert perturbed == 2 * sum(1 for m in ref.modules() if isinstance(m, torch.nn.GroupNorm))
-    tmp = tmp_path_factory.mktemp("hyvae")
-    ref.save_pretrained(tmp / "diffusers")
-    assert cli.main(["convert", "hunyuan-vae", str(tmp / "diffusers"), str(tmp / "ours")]) == 0
-    ours, cfg = load_pretrained(tmp / "ours")
-    return ref, ours, cfg, tmp
+    return converted_pair(AutoencoderKLHunyuanVideo(**TINY).eval(), tmp_path_factory.mktemp("hyvae"), "hunyuan-vae")
 
 
 def test_tiny_preset_is_the_test_model(vae_pair):
@@ -159,28 +144,15 @@ def test_codec_spec(vae_pair):
 
 
 def test_round_trip_is_bitwise(vae_pair):
-    ref, _, _, tmp = vae_pair
-    assert cli.main(["export", "hunyuan-vae", str(tmp / "ours"), str(tmp / "back")]) == 0
-    back = TensorStore(tmp / "back")
-    state = {k: v.numpy() for k, v in ref.state_dict().items()}
-    assert sorted(back.keys()) == sorted(state)
-    for k, v in state.items():
-        assert np.array_equal(back.get(k), v), k
-    from diffusers import AutoencoderKLHunyuanVideo
-
-    reloaded = AutoencoderKLHunyuanVideo.from_pretrained(tmp / "back")
-    for k, v in reloaded.state_dict().items():
-        assert torch.equal(v, ref.state_dict()[k]), k
+    assert_bitwise_round_trip(vae_pair[0], vae_pair[3], "hunyuan-vae")
 
 
 def test_full_size_parameter_count_equals_diffusers():
     from diffusers import AutoencoderKLHunyuanVideo
 
     cfg = PRESETS["hunyuan"]
-    kwargs = {k: v for k, v in config_to_diffusers(cfg).items() if not k.startswith("_")}
-    with torch.device("meta"):
-        ref = AutoencoderKLHunyuanVideo(**kwargs)
-    assert param_count(abstract(cfg)) == sum(p.numel() for p in ref.parameters()) == 246_478_803
+    n = diffusers_param_count(AutoencoderKLHunyuanVideo, config_to_diffusers(cfg))
+    assert param_count(abstract(cfg)) == n == 246_478_803
 
 
 def test_bad_checkpoints_and_inputs(vae_pair, tmp_path):

@@ -38,26 +38,29 @@ def _video(t, b):  # torch image batch [B*T, C, H, W] -> [B, T, H, W, C] float64
     return out.reshape(b, -1, *out.shape[1:])
 
 
+def converted_pair(ref, tmp, fmt):
+    """Perturb every GroupNorm weight and bias of the diffusers VAE `ref` away from (1, 0), save it under
+    tmp/diffusers, `hallojax convert FMT` it to tmp/ours and load that: (ref, ours, cfg, tmp)."""
+    g = torch.Generator().manual_seed(1)
+    perturbed = 0
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "norm" in name:  # norm1/2, conv_norm_out, the attention's group_norm
+                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.2 * torch.randn(p.shape, generator=g))
+                perturbed += 1
+    assert perturbed == 2 * sum(1 for m in ref.modules() if isinstance(m, torch.nn.GroupNorm))
+    ref.save_pretrained(tmp / "diffusers")
+    assert cli.main(["convert", fmt, str(tmp / "diffusers"), str(tmp / "ours")]) == 0
+    ours, cfg = load_pretrained(tmp / "ours")
+    return ref, ours, cfg, tmp
+
+
 @pytest.fixture(scope="module")
 def vae_pair(tmp_path_factory):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
-    ref = AutoencoderKL(**TINY).eval()
-    g = torch.Generator().manual_seed(1)
-    perturbed = 0
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            if "norm" in name:  # norm1/2, conv_norm_out, the attention's group_norm: away from (1, 0)
-                base = 1.0 if name.endswith("weight") else 0.0
-                p.copy_(base + 0.2 * torch.randn(p.shape, generator=g))
-                perturbed += 1
-    assert perturbed == 2 * sum(1 for m in ref.modules() if isinstance(m, torch.nn.GroupNorm))
-    tmp = tmp_path_factory.mktemp("sdvae")
-    ref.save_pretrained(tmp / "diffusers")
-    assert cli.main(["convert", "sd-vae", str(tmp / "diffusers"), str(tmp / "ours")]) == 0
-    ours, cfg = load_pretrained(tmp / "ours")
-    return ref, ours, cfg, tmp
+    return converted_pair(AutoencoderKL(**TINY).eval(), tmp_path_factory.mktemp("sdvae"), "sd-vae")
 
 
 def test_tiny_preset_is_the_test_model(vae_pair):
@@ -131,30 +134,36 @@ def test_codec_spec(vae_pair):
         get_codec(f"wan-vae:{tmp / 'ours'}")
 
 
-def test_round_trip_is_bitwise(vae_pair):
-    ref, _, _, tmp = vae_pair
-    assert cli.main(["export", "sd-vae", str(tmp / "ours"), str(tmp / "back")]) == 0
+def assert_bitwise_round_trip(ref, tmp, fmt):
+    """`hallojax export FMT` of tmp/ours (converted from ref) gives ref's tensors back bit for bit, and
+    diffusers loads the directory."""
+    assert cli.main(["export", fmt, str(tmp / "ours"), str(tmp / "back")]) == 0
     back = TensorStore(tmp / "back")
     state = {k: v.numpy() for k, v in ref.state_dict().items()}
     assert sorted(back.keys()) == sorted(state)
     for k, v in state.items():
         assert np.array_equal(back.get(k), v), k
-    from diffusers import AutoencoderKL
-
-    reloaded = AutoencoderKL.from_pretrained(tmp / "back")
+    reloaded = type(ref).from_pretrained(tmp / "back")
     for k, v in reloaded.state_dict().items():
         assert torch.equal(v, ref.state_dict()[k]), k
+
+
+def diffusers_param_count(cls, config: dict) -> int:
+    """Parameters of the diffusers model a `config_to_diffusers` dict describes (built on the meta device)."""
+    with torch.device("meta"):
+        ref = cls(**{k: v for k, v in config.items() if not k.startswith("_")})
+    return sum(p.numel() for p in ref.parameters())
+
+
+def test_round_trip_is_bitwise(vae_pair):
+    assert_bitwise_round_trip(vae_pair[0], vae_pair[3], "sd-vae")
 
 
 def test_full_size_parameter_count_equals_diffusers():
     from diffusers import AutoencoderKL
 
     cfg = PRESETS["sd"]
-    kwargs = {k: v for k, v in config_to_diffusers(cfg).items() if not k.startswith("_")}
-    with torch.device("meta"):
-        ref = AutoencoderKL(**kwargs)
-    n = sum(p.numel() for p in ref.parameters())
-    assert param_count(abstract(cfg)) == n == 83_653_863
+    assert param_count(abstract(cfg)) == diffusers_param_count(AutoencoderKL, config_to_diffusers(cfg)) == 83_653_863
 
 
 def test_bad_checkpoints_and_inputs(vae_pair, tmp_path):

@@ -31,7 +31,7 @@ from flax import nnx
 
 from hallojax.modelconfig import DTYPES, ModelConfig, check_dtypes, with_precision
 from hallojax.models.vae_codec import VAECodec
-from hallojax.nn.vae_blocks import Decoder, Encoder, VAEOps, blend, posterior, tiled_decode
+from hallojax.nn.vae_blocks import Decoder, Encoder, VAEOps, check_widths, blend, posterior, tiled_decode
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,11 +54,7 @@ class HunyuanVAEConfig(ModelConfig):
     precision: str = "auto"  # matmul/conv precision (hallojax.modelconfig): auto = highest for float32
 
     def __post_init__(self):
-        object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
-        bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
-        if not self.block_out_channels or bad:
-            raise ValueError(f"hunyuan-vae.block_out_channels {self.block_out_channels}: need at least one, each "
-                             f"a multiple of norm_num_groups={self.norm_num_groups}")
+        check_widths(self, "hunyuan-vae")
         if self.temporal_compression_ratio != 4:  # the reference decoder supports 4 only
             raise ValueError(f"hunyuan-vae.temporal_compression_ratio={self.temporal_compression_ratio}: only 4")
         if self.spatial_compression_ratio not in (1, 2, 4, 8, 16, 32, 64):

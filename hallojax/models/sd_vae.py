@@ -26,7 +26,7 @@ from flax import nnx
 
 from hallojax.modelconfig import DTYPES, ModelConfig, check_dtypes, with_precision
 from hallojax.models.vae_codec import VAECodec
-from hallojax.nn.vae_blocks import Decoder, Encoder, VAEOps, posterior
+from hallojax.nn.vae_blocks import Decoder, Encoder, VAEOps, check_widths, posterior
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,11 +47,7 @@ class SDVAEConfig(ModelConfig):
     precision: str = "auto"  # matmul/conv precision (hallojax.modelconfig): auto = highest for float32
 
     def __post_init__(self):
-        object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
-        bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
-        if not self.block_out_channels or bad:
-            raise ValueError(f"sd-vae.block_out_channels {self.block_out_channels}: need at least one, each a "
-                             f"multiple of norm_num_groups={self.norm_num_groups}")
+        check_widths(self, "sd-vae")
         check_dtypes(self, "sd-vae")
 
     temporal_stride: ClassVar[int] = 1  # frame by frame

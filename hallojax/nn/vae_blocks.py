@@ -160,6 +160,15 @@ class Attention(nnx.Module):
 # --- ResNet block, up/down samplers, trunks --------------------------------------------------------
 
 
+def check_widths(cfg, where: str) -> None:
+    """For a frozen VAE config's __post_init__: `block_out_channels` as a tuple, at least one, each a
+    multiple of `norm_num_groups`."""
+    object.__setattr__(cfg, "block_out_channels", tuple(cfg.block_out_channels))
+    if not cfg.block_out_channels or any(c % cfg.norm_num_groups for c in cfg.block_out_channels):
+        raise ValueError(f"{where}.block_out_channels {cfg.block_out_channels}: need at least one, each a "
+                         f"multiple of norm_num_groups={cfg.norm_num_groups}")
+
+
 @dataclasses.dataclass(frozen=True)
 class VAEOps:
     """How a VAE family builds its layers (see the module docstring): `causal3d` False = per-frame 2D."""
