@@ -20,8 +20,8 @@ from hallojax.convert.table import ConversionError
 from hallojax.models.hunyuan_vae import PRESETS, HunyuanVAEConfig, compile_decode
 from hallojax.models.wan import param_count
 from hallojax.registry import abstract
-from hallojax.sharding import batch_sharding, make_mesh
-from test_sd_vae import _broken_from, assert_bitwise_round_trip, converted_pair, diffusers_param_count
+from test_sd_vae import (_broken_from, assert_bitwise_round_trip, assert_sharded_equals_single_device, converted_pair,
+                         diffusers_param_count)
 from test_vae import _cf, _cl, assert_close
 
 TINY = dict(block_out_channels=[8, 16, 16, 16], layers_per_block=1, norm_num_groups=4, latent_channels=4)
@@ -93,12 +93,9 @@ def test_framewise_decode_matches_diffusers_in_bounded_memory(vae_pair):
     assert_close(compiled(nnx.state(ours), z), expected, "framewise decode")
     small = compiled.memory_analysis()
     large = compile_decode(ours, (1, 13, 2, 3, 4), clamp=False).memory_analysis()
-    whole = compile_decode(ours, (1, 13, 2, 3, 4), clamp=False, frames=None).memory_analysis()
     out_growth = large.output_size_in_bytes - small.output_size_in_bytes
-    print(f"temp bytes: 7 latent frames {small.temp_size_in_bytes}, 13: {large.temp_size_in_bytes}, "
-          f"13 untiled: {whole.temp_size_in_bytes}; output growth {out_growth}")
+    # measured: 2.56 MB, 1.64 MB; decoding the 13 frames whole (frames=None) plans 4.54 MB
     assert large.temp_size_in_bytes < small.temp_size_in_bytes + 2 * out_growth
-    assert whole.temp_size_in_bytes > 2 * large.temp_size_in_bytes
 
 
 def test_spatially_tiled_decode_matches_diffusers(vae_pair):
@@ -116,22 +113,7 @@ def test_spatially_tiled_decode_matches_diffusers(vae_pair):
 
 
 def test_batch_sharded_equals_single_device(vae_pair, devices):
-    """Each device encodes and decodes one sample: equal to one device doing the same sample by sample."""
-    _, ours, _, _ = vae_pair
-    video = np.random.default_rng(5).uniform(-1, 1, (8, 5, 16, 24, 3)).astype(np.float32)
-
-    def round_trip(v):
-        latents = ours.encode(v)
-        return latents, ours.decode(latents)
-
-    single = jax.jit(lambda v: jax.lax.map(lambda x: round_trip(x[None]), v))(video)
-    single = [np.asarray(a)[:, 0] for a in single]
-    mesh = make_mesh(dict(data=-1))
-    with jax.set_mesh(mesh):
-        latents, decoded = jax.jit(round_trip)(jax.device_put(video, batch_sharding(mesh, video.shape)))
-    assert latents.addressable_shards[0].data.shape[0] == decoded.addressable_shards[0].data.shape[0] == 1
-    np.testing.assert_allclose(np.asarray(latents), single[0], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(decoded), single[1], rtol=1e-5, atol=1e-6)
+    assert_sharded_equals_single_device(vae_pair[1], np.random.default_rng(5).uniform(-1, 1, (8, 5, 16, 24, 3)))
 
 
 def test_codec_spec(vae_pair):
