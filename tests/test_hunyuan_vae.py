@@ -19,6 +19,7 @@ from hallojax.convert.hunyuan_vae import config_to_diffusers, convert_hunyuan_va
 from hallojax.convert.table import ConversionError
 from hallojax.models.hunyuan_vae import PRESETS, HunyuanVAEConfig, compile_decode
 from hallojax.models.wan import param_count
+from hallojax.nn.vae_blocks import single_head_attention
 from hallojax.registry import abstract
 from test_sd_vae import (_broken_from, assert_bitwise_round_trip, assert_sharded_equals_single_device, converted_pair,
                          diffusers_param_count)
@@ -110,6 +111,20 @@ def test_spatially_tiled_decode_matches_diffusers(vae_pair):
         ref.use_tiling = False
     assert expected.shape == (1, 5, 16, 48, 3)
     assert_close(jax.jit(lambda z: ours.decode(z, clamp=False, tile=32, tile_stride=24))(z), expected, "tiled decode")
+
+
+def test_attention_in_query_blocks_equals_whole():
+    """The mid-block attention over 3 frames of 10 positions, queries 7 at a time (5 blocks, the last
+    padded): the same as all at once; a query never sees a later frame."""
+    rng = np.random.default_rng(6)
+    q, k, v = (rng.standard_normal((2, 30, 8)).astype(np.float32) for _ in range(3))
+    whole = np.asarray(single_head_attention(q, k, v, frames=3))
+    np.testing.assert_allclose(single_head_attention(q, k, v, frames=3, block=7), whole, rtol=1e-6, atol=1e-6)
+    later = k.copy()
+    later[:, 20:] = 0.0
+    changed = np.asarray(single_head_attention(q, later, v, frames=3, block=7))
+    np.testing.assert_array_equal(changed[:, :20], whole[:, :20])
+    assert np.abs(changed[:, 20:] - whole[:, 20:]).max() > 1e-3
 
 
 def test_batch_sharded_equals_single_device(vae_pair, devices):
