@@ -342,13 +342,22 @@ def tiled_decode(decode_raw, z: jax.Array, spatial_stride: int, tile: int, tile_
     """Decode z [B, F, h, w, C] in overlapping spatial tiles (sizes in pixels) and blend them.
 
     Each tile is blended with its upper and left neighbours *after* those were blended themselves
-    (the reference blends in place), then cropped to the stride."""
+    (the reference blends in place), then cropped to the stride. Tiles of one shape (the full ones, and
+    those cut by the bottom or right edge) run under one `lax.map`, one after the other, so activation
+    memory is that of one tile, not of all of them at once."""
     lt, ls = tile // spatial_stride, tile_stride // spatial_stride
     h, w = z.shape[2:4]
     extent = tile - tile_stride
-    rows = []
+    by_shape: dict[tuple[int, int], list[tuple[int, int]]] = {}
     for i in range(0, h, ls):
-        rows.append([decode_raw(z[:, :, i:i + lt, j:j + lt]) for j in range(0, w, ls)])
+        for j in range(0, w, ls):
+            by_shape.setdefault((min(lt, h - i), min(lt, w - j)), []).append((i, j))
+    decoded = {}
+    for corners in by_shape.values():
+        stacked = jnp.stack([z[:, :, i:i + lt, j:j + lt] for i, j in corners])  # [K, B, F, th, tw, C]
+        outs = jax.lax.map(decode_raw, stacked) if len(corners) > 1 else decode_raw(stacked[0])[None]
+        decoded.update({corner: outs[k] for k, corner in enumerate(corners)})
+    rows = [[decoded[(i, j)] for j in range(0, w, ls)] for i in range(0, h, ls)]
     out_rows = []
     for i, row in enumerate(rows):
         pieces = []
