@@ -10,12 +10,14 @@ over frames. The encoder's blocks downsample by (1, 2, 2), (2, 2, 2), (2, 2, 2) 
 replicate-padded input), the decoder's upsample by (1, 2, 2), (2, 2, 2), (2, 2, 2) (nearest; in time
 the first frame is kept once: 1 + 2(T − 1) frames) — `hallojax.nn.vae_blocks` holds the blocks.
 
-Unlike the Wan VAE the whole clip runs at once (GroupNorm couples all frames), so, as diffusers does by
+Unlike the Wan VAE the whole clip runs at once: GroupNorm couples all frames (so a latent frame also
+depends, through the statistics, on later frames; only convs and attention are causal). As diffusers does by
 default, long clips are cut into overlapping temporal tiles that are blended linearly: decode takes
 5 latent frames every 3 (17 video frames, the first dropped after the first tile, the last 4 blended),
 encode 17 frames every 12 (the first latent dropped after the first tile, 1 blended). The tiles of
 full length run under one `lax.map`, so activation memory stays that of one tile however long the clip
-(`decode_memory` measures it). `tile`/`tile_stride` add diffusers' spatial tiling inside each tile.
+(`decode_memory` measures it). `tile`/`tile_stride` add diffusers' spatial tiling inside each tile,
+its tiles of one shape under one `lax.map` too (`hallojax.nn.vae_blocks.tiled_decode`).
 """
 
 from __future__ import annotations
