@@ -8,10 +8,13 @@
     hallojax info  --config configs/wan.py:hallo3-style,size=1.3b
     hallojax info  --config configs/wan.py:echomimic-v3-flash,size=1.3b
 
-arg = PRESET[,size=SIZE][,mesh=MESH][,dtype=DTYPE][,remat=POLICY]. PRESET is one of MODELS (backbones),
+arg = PRESET[,size=SIZE][,mesh=MESH][,dtype=DTYPE][,remat=POLICY][,objective=OBJ]. PRESET is one of MODELS (backbones),
 STYLES (portrait-animation presets on a backbone of SIZE: tiny or 1.3b), ECHOMIMIC (EchoMimicV3 as released,
 SIZE tiny or 1.3b) or RECIPES (the mini portrait model on the synthetic talking faces: demo, lipsync-small);
-MESH one of MESHES.
+MESH one of MESHES; OBJ one of OBJECTIVES (default flow: flow matching, as Wan; v: CogVideoX / Hallo3
+v-prediction; ddpm: LetsTalk's ε + learned variance), which sets the model's prediction and the sampler.
+
+    hallojax train --config configs/wan.py:hallo3-style,objective=v --workdir runs/v
 """
 
 import dataclasses
@@ -79,6 +82,16 @@ RECIPES = {
                       "model": dict(dtype="float32")},  # a CPU recipe: float32 matmuls are the fast ones there
 }
 
+# train.objective -> what the model predicts and how `hallojax generate` samples it by default (hallojax.diffusion):
+# v as Hallo3 (CogVideoX-5B: SNR shift 1, 50 steps of the stochastic DPM-Solver++(2M)), ddpm as LetsTalk
+# (250 respaced ancestral steps)
+OBJECTIVES = {
+    "flow": dict(model={}, sample={}),
+    "v": dict(model=dict(prediction="v"), sample=dict(sampler="cogvideox-dpm", steps=50, shift=1.0)),
+    "ddpm": dict(model=dict(prediction="epsilon", learned_variance=True),
+                 sample=dict(sampler="ddpm", steps=250, shift=1.0)),
+}
+
 # Mesh shapes over (data, fsdp, context, tensor); -1 fills the remaining devices.
 MESHES = {
     "single": dict(data=1, fsdp=1, context=1, tensor=1),
@@ -93,12 +106,16 @@ MESHES = {
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     name, *opts = [s.strip() for s in (arg or "tiny").split(",")]
     opts = dict(o.split("=", 1) for o in opts if o)
-    unknown = set(opts) - {"mesh", "dtype", "remat", "size"}
+    unknown = set(opts) - {"mesh", "dtype", "remat", "size", "objective"}
     known = name in MODELS or name in STYLES or name in ECHOMIMIC or name in RECIPES
     if not known or unknown or opts.get("size", "tiny") not in SIZES:
         presets = sorted(MODELS) + sorted(STYLES) + sorted(ECHOMIMIC) + sorted(RECIPES)
         raise ValueError(f"config arg {arg!r}: preset must be one of {presets}, "
-                         f"options mesh=, dtype=, remat=, size= ({sorted(SIZES)}, styles only)")
+                         f"options mesh=, dtype=, remat=, size= ({sorted(SIZES)}, styles only), objective= "
+                         f"({sorted(OBJECTIVES)})")
+    objective = opts.get("objective", "flow")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"config arg {arg!r}: objective must be one of {sorted(OBJECTIVES)}")
     mesh = opts.get("mesh", "fsdp")
     if mesh not in MESHES:
         raise ValueError(f"config arg {arg!r}: mesh must be one of {sorted(MESHES)}")
@@ -122,7 +139,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         model = DiTConfig(**base, added_kv_proj_dim=dim, audio_dim=dim).to_dict()
     else:
         model = DiTConfig(**MODELS[name]).to_dict()
-    model.update({k: opts[k] for k in ("dtype", "remat") if k in opts})
+    model.update({k: opts[k] for k in ("dtype", "remat") if k in opts}, **OBJECTIVES[objective]["model"])
     config.model = ml_collections.ConfigDict(model)
 
     config.mesh = ml_collections.ConfigDict({**dict(data=1, fsdp=1, context=1, tensor=1), **MESHES[mesh]})
@@ -138,6 +155,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         schedule="constant", warmup_steps=0, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.0, grad_clip=1.0,
         accum_steps=1, ema_decay=0.999,
         trainable=[],  # regexes over parameter paths; empty = train everything (e.g. ["audio"] for stage 2)
+        # flow (flow matching) | v (v-prediction, zero-terminal SNR) | ddpm (ε + learned variance, hybrid loss)
+        objective=objective,
+        # flow: σ from sigma_sampling, shifted by `shift`; v: `shift` is the SNR shift scale (CogVideoX-5B 1, -2B 3)
         sigma_sampling="logit_normal", shift=1.0,
         loss_weighting="none",  # none | sigma_sqrt | cosmap (per sample; see hallojax.flow)
         # per-sample tasks for the known-frame mask ([[task, probability], ...]; empty = all generated);
@@ -161,7 +181,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     # sampling defaults of `hallojax generate` for checkpoints of this preset (flags override); the style
     # presets guide as their system does (hallojax.sample.guidance.PRESETS); models trained without
     # condition dropout (the backbones, the demo) have no null branches to guide with
-    sample = SampleConfig(guidance=STYLE_GUIDANCE.get(name, "none"))
+    sample = SampleConfig(guidance=STYLE_GUIDANCE.get(name, "none"), **OBJECTIVES[objective]["sample"])
     config.sample = ml_collections.ConfigDict(dataclasses.asdict(sample))
     # where batches come from (hallojax.data): "random" (a fixed random batch, for tests), "synthetic" (the
     # talking faces rendered and prepared into data.workdir) or "prepared" (a `hallojax prepare` directory:

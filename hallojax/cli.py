@@ -1,7 +1,9 @@
 """The `hallojax` command.
 
-    hallojax convert FORMAT SRC_DIR OUT_DIR [--overwrite]       FORMAT: wan-diffusers, wan, wan-vae, wav2vec2, umt5, t5
+    hallojax convert FORMAT SRC_DIR OUT_DIR [--overwrite]       FORMAT: wan-diffusers, wan, wan-vae, wav2vec2, umt5, t5,
+                                                                cogvideox
     hallojax convert echomimic-v3 BASE_DIR ECHO_FILE OUT_DIR    Wan2.1-Fun-InP base + an EchoMimicV3 file
+    hallojax convert letstalk CKPT_FILE OUT_DIR [--weights ema|model]   a LetsTalk torch.save file
     hallojax export  FORMAT CKPT_DIR OUT_DIR [--overwrite] [--max-shard-gb 5]
     hallojax demo    [--config configs/wan.py:demo] [--config.key=value ...]
     hallojax train   --config configs/wan.py:demo --workdir DIR [--config.train.steps=200 ...]
@@ -39,7 +41,10 @@ def _convert(args):
     if len(args.src) != len(names):
         raise UsageError("hallojax convert", f"convert {args.format} takes {' '.join(names)} OUT: "
                          f"{len(args.src) + 1} paths given")
-    out = converter(args.format, "convert")(*args.src, args.out, overwrite=args.overwrite)
+    if args.weights and args.format != "letstalk":
+        raise UsageError("hallojax convert", f"--weights is a letstalk option, not {args.format}'s")
+    kw = {"weights": args.weights} if args.weights else {}  # letstalk: which state dict of the file
+    out = converter(args.format, "convert")(*args.src, args.out, overwrite=args.overwrite, **kw)
     print(f"wrote {out}")
 
 
@@ -144,6 +149,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("src", nargs="+", help="the source (echomimic-v3: BASE_DIR ECHO_FILE)")
     p.add_argument("out")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--weights", choices=("ema", "model"), help="letstalk: the file's EMA (default) or raw weights")
     p.set_defaults(fn=_convert)
 
     p = sub.add_parser("export", help="a hallojax pretrained directory -> PyTorch weights")

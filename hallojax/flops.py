@@ -111,7 +111,7 @@ def forward_flops(cfg: DiTConfig, *, batch: int, frames: int, height: int, width
                                 + cfg.num_layers * _block(b, per_frame, 0, 0, d, ffn, 1, 0))
     if cfg.audio != "none":
         out.update(_audio_flops(cfg, b, frames, gf, video, d))
-    out["head"] = _mm(b * video, d, pv * cfg.out_channels)
+    out["head"] = _mm(b * video, d, pv * cfg.output_channels)
     out["total"] = sum(out.values())
     return out
 

@@ -54,8 +54,12 @@ def masked_mse(pred: jax.Array, target: jax.Array, generate: jax.Array | None = 
 
     pred/target [B, F, ...]; generate [B, F] (1 = generated, 0 = known frame, excluded) or None;
     weights [B] or None. A sample with no generated frame contributes 0."""
-    err = jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32))
-    per_elem = err.reshape(err.shape[0], err.shape[1], -1)  # [B, F, E]
+    return masked_mean(jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)), generate, weights)
+
+
+def masked_mean(values: jax.Array, generate: jax.Array | None = None, weights: jax.Array | None = None) -> jax.Array:
+    """mean_b w_b · mean over sample b's generated elements of `values` [B, F, ...] (see `masked_mse`)."""
+    per_elem = values.reshape(values.shape[0], values.shape[1], -1)  # [B, F, E]
     if generate is None:
         per_sample = per_elem.mean(axis=(1, 2))
     else:

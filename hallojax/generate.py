@@ -44,7 +44,7 @@ from hallojax.fsutil import write_json
 from hallojax.media import MediaError, normalize_loudness, read_audio, read_image, speech_16k, write_mp4
 from hallojax.sample import guidance as guidance_lib
 from hallojax.sample import long_video
-from hallojax.sample.schedules import flow_schedule
+from hallojax.sample.schedules import make_schedule
 from hallojax.sample.solvers import Known, get_sampler, sample, schedule_arrays
 from hallojax.sharding import DEFAULT_RULES, make_mesh, normalize_rules, state_shardings, use_rules
 
@@ -55,9 +55,9 @@ log = logging.getLogger("hallojax.generate")
 class SampleConfig:
     """Sampling settings (`config.sample` in a config file; CLI flags override)."""
 
-    sampler: str = "unipc"  # euler | unipc | dpm++
+    sampler: str = "unipc"  # flow: euler | unipc | dpm++ | wan-unipc; VP: cogvideox-ddim | cogvideox-dpm | ddpm | ddim
     steps: int = 25
-    shift: float = 3.0
+    shift: float = 3.0  # the σ shift of flow samplers; the SNR shift of the cogvideox-* ones (1 for ddpm / ddim)
     guidance: str = "none"  # a chain spec or a preset (hallojax.sample.guidance.PRESETS)
     long_video: str = "auto"  # auto | motion | overlap | continue
     overlap: int = 0  # latent frames shared by consecutive clips / windows (0: a quarter of a clip)
@@ -124,15 +124,15 @@ def _mesh_for(config, devices=None) -> jax.sharding.Mesh:
         return make_mesh({"fsdp": -1}, devices)
 
 
-def _check_overrides(config, overrides) -> None:
+def _check_overrides(config, overrides, numeric_fields=DiTConfig.NUMERIC_FIELDS) -> None:
     """--config.KEY=VALUE on a checkpoint may only change numerics, the mesh and sampling settings."""
-    allowed = ("model." + f for f in DiTConfig.NUMERIC_FIELDS)
+    allowed = tuple("model." + f for f in numeric_fields)
     for item in overrides:
         key = item.removeprefix("--").removeprefix("config.").partition("=")[0]
         if key.startswith(("mesh.", "sample.", "data.face_scale")) or key in allowed or key == "rules":
             continue
         raise ValueError(f"{item}: a checkpoint's {key} cannot be changed at generation (only "
-                         f"model.{{{','.join(DiTConfig.NUMERIC_FIELDS)}}}, mesh.*, sample.*)")
+                         f"model.{{{','.join(numeric_fields)}}}, mesh.*, sample.*)")
 
 
 def _steps_in(workdir: Path) -> list[int]:
@@ -247,6 +247,24 @@ def _load_converted(path: Path, overrides, devices):
     rules = normalize_rules(config.rules)
     model, cfg = load_pretrained(path, mesh=mesh, rules=rules, **numeric)
     return config, (model, mesh, rules), {"kind": "converted", "path": str(path)}
+
+
+def load_text_encoder(text_encoder, tokenizer, text_dim: int):
+    """(T5Encoder, tokenizer) from a converted T5 / umT5 directory and its tokenizer directory, or None."""
+    if not (text_encoder or tokenizer):
+        return None
+    if not (text_encoder and tokenizer):
+        raise ValueError("--text-encoder and --tokenizer go together (a converted umT5 directory and its "
+                         "local tokenizer directory)")
+    from hallojax.checkpoint import load_pretrained
+    from hallojax.models.encoders.t5 import T5Encoder, load_tokenizer
+
+    enc, enc_cfg = load_pretrained(text_encoder)
+    if not isinstance(enc, T5Encoder):
+        raise ValueError(f"--text-encoder {text_encoder} holds a {type(enc).__name__}, not a T5/umT5 encoder")
+    if enc_cfg.dim != text_dim:
+        raise ValueError(f"--text-encoder {text_encoder}: width {enc_cfg.dim} != the model's text_dim {text_dim}")
+    return enc, load_tokenizer(tokenizer)
 
 
 # --- what the model was trained on ---------------------------------------------------------------
@@ -387,8 +405,26 @@ class Result:
         return len(self.frames) / self.fps
 
 
+def run_timings(t_start: float, video_s: float, t_encode, t_compile, t_denoise, t_decode) -> dict:
+    """The sidecar's timings (seconds), logged."""
+    total = time.perf_counter() - t_start
+    log.info("encode %.2f s, compile %.2f s, denoise %.2f s, decode %.2f s: %.2f s for %.2f s of video "
+             "(%.2f s per second)", t_encode, t_compile, t_denoise, t_decode, total, video_s, total / video_s)
+    return {"encode_s": t_encode, "compile_s": t_compile, "denoise_s": t_denoise, "decode_s": t_decode,
+            "total_s": total, "video_s": video_s, "seconds_per_video_second": total / video_s}
+
+
 # --- the pipeline --------------------------------------------------------------------------------
 COND_OF = {"context": "text", "audio": "audio", "reference": "ref", "reference_cache": "ref"}
+
+
+def combine_branches(out: jax.Array, weights: jax.Array, channels: int) -> jax.Array:
+    """Guidance branches' outputs [branches, B, ..., C or 2C] combined with their weights [branches]. A learned
+    variance is not extrapolated: the prediction half is guided, the variance half is that of the branch with the
+    most conditions (the last; DiT's forward_with_cfg keeps the conditional half's)."""
+    if out.shape[-1] == channels:
+        return jnp.tensordot(weights, out, axes=1)
+    return jnp.concatenate([jnp.tensordot(weights, out[..., :channels], axes=1), out[-1, ..., channels:]], axis=-1)
 
 
 class SamplingEngine:
@@ -437,8 +473,7 @@ class SamplingEngine:
                 kw[k] = jnp.concatenate(parts, axis=0)
         ctx = kw.pop("context")
         out = model(xb, jnp.full((nb * b,), t, jnp.float32), ctx, **kw).astype(jnp.float32)
-        out = out.reshape(nb, b, *out.shape[1:])
-        return jnp.tensordot(weights_live[i], out, axes=1)
+        return combine_branches(out.reshape(nb, b, *out.shape[1:]), weights_live[i], self.cfg.out_channels)
 
     def program(self, kind: str, sampler, guidance, steps: int, progress: bool):
         key = (kind, sampler.name, guidance.spec, steps, progress)
@@ -448,6 +483,7 @@ class SamplingEngine:
         drops = guidance.branches()
         on_step = self._tick if progress else None
         masked_model = self.masked_input
+        prediction = self.cfg.prediction
 
         def weights_for(weights, live):
             return weights[:, jnp.array(live)]
@@ -465,8 +501,8 @@ class SamplingEngine:
                 dens = [lambda x, t, i, live=live: self.guided(state, x, t, i, full, null, [drops[k] for k in live],
                                                               weights_for(weights, live), masked, neg)
                         for _, _, live in phases]
-                return sample(dens, x, arrays, sampler, phases=[(a, b) for a, b, _ in phases], known=known,
-                              on_step=on_step)
+                return sample(dens, x, arrays, sampler, prediction, phases=[(a, b) for a, b, _ in phases],
+                              known=known, on_step=on_step, key=arrays.get("key"))
         else:  # overlap windows over the whole sequence
             def program(state, x, full, null, known, arrays, weights, window):
                 known = Known(*known)
@@ -503,8 +539,8 @@ class SamplingEngine:
                     return denoise
 
                 dens = [make(live) for _, _, live in phases]
-                return sample(dens, x, arrays, sampler, phases=[(a, b) for a, b, _ in phases], known=known,
-                              on_step=on_step)
+                return sample(dens, x, arrays, sampler, prediction, phases=[(a, b) for a, b, _ in phases],
+                              known=known, on_step=on_step, key=arrays.get("key"))
 
         fn = jax.jit(program)
         self._programs[key] = fn
@@ -599,7 +635,13 @@ class Pipeline:
              tokenizer=None, fps=None, height=None, width=None, overrides=(), devices=None,
              image_encoder=None) -> "Pipeline":
         from data_pipeline.features import get_audio_features
+        from hallojax import generate_families
 
+        if generate_families.family_kind(checkpoint) is not None:  # Hallo3 / LetsTalk: their own adapters
+            return generate_families.FamilyPipeline.load(
+                checkpoint, step=step, weights=weights, codec=codec, audio_features=audio_features,
+                text_encoder=text_encoder, tokenizer=tokenizer, fps=fps, height=height, width=width,
+                overrides=overrides, devices=devices, image_encoder=image_encoder)
         loaded = load_checkpoint(checkpoint, step=step, weights=weights, overrides=overrides, devices=devices)
         spec = media_spec(loaded.config, codec=codec, audio_features=audio_features, fps=fps, height=height,
                           width=width)
@@ -609,21 +651,7 @@ class Pipeline:
                 raise ValueError("the model takes audio but the checkpoint records no audio features: pass "
                                  "--audio-features (rms, or wav2vec2:DIR)")
             audio_fn = get_audio_features(spec.audio_features)
-        text = None
-        if text_encoder or tokenizer:
-            if not (text_encoder and tokenizer):
-                raise ValueError("--text-encoder and --tokenizer go together (a converted umT5 directory and its "
-                                 "local tokenizer directory)")
-            from hallojax.checkpoint import load_pretrained
-            from hallojax.models.encoders.t5 import T5Encoder, load_tokenizer
-
-            enc, enc_cfg = load_pretrained(text_encoder)
-            if not isinstance(enc, T5Encoder):
-                raise ValueError(f"--text-encoder {text_encoder} holds a {type(enc).__name__}, not a T5/umT5 encoder")
-            if enc_cfg.dim != loaded.cfg.text_dim:
-                raise ValueError(f"--text-encoder {text_encoder}: width {enc_cfg.dim} != the DiT's text_dim "
-                                 f"{loaded.cfg.text_dim}")
-            text = (enc, load_tokenizer(tokenizer))
+        text = load_text_encoder(text_encoder, tokenizer, loaded.cfg.text_dim)
         clip = None
         if image_encoder:
             from hallojax.checkpoint import load_pretrained
@@ -677,6 +705,10 @@ class Pipeline:
         if self.has_ref:
             out.add("ref")
         return out
+
+    def audio_feature_shape(self) -> tuple[tuple[int, int], str]:
+        """(layers, width) of the audio features per video frame the model takes, and the config fields named."""
+        return (self.cfg.audio_in_layers, self.cfg.audio_in_dim), "model.audio_in_layers, audio_in_dim"
 
     # ---- inputs ----
     def _portrait(self, image, width, height, face_box, warnings) -> Portrait:
@@ -734,10 +766,10 @@ class Pipeline:
         n = min(len(src), total - pre)
         wave[pre:pre + n] = src[:n]
         feats = np.asarray(self.audio_fn(wave[None], fps, count), np.float32)
-        want = (self.cfg.audio_in_layers, self.cfg.audio_in_dim)
+        want, names = self.audio_feature_shape()
         if feats.shape[2:] != want:
             raise ValueError(f"audio features {self.spec.audio_features!r} give {feats.shape[2:]} per frame; the model "
-                             f"takes {want} (model.audio_in_layers, audio_in_dim): wrong --audio-features?")
+                             f"takes {want} ({names}): wrong --audio-features?")
         return feats
 
     def _context(self, prompt, negative):
@@ -853,7 +885,7 @@ class Pipeline:
             full["face_mask"] = null["face_mask"] = np.broadcast_to(
                 mask, (1, f_lat // cfg.patch_size[0], *grid)).astype(np.float32)
         sampler_obj = get_sampler(sc.sampler)
-        schedule = flow_schedule(sc.sampler, sc.steps, sc.shift)
+        schedule = make_schedule(sc.sampler, sc.steps, sc.shift, cfg.prediction)
         arrays = schedule_arrays(sampler_obj, schedule)
         if sc.negative_scale != 1.0 and negative_prompt is not None:
             arrays["negative"] = sc.negative_multipliers()
@@ -886,10 +918,7 @@ class Pipeline:
             t_compile, t_denoise, t_decode = run(job)
         finally:
             clip_bar.close()
-        total = time.perf_counter() - t_start
-        video_s = n_frames / fps
-        timings = {"encode_s": t_encode, "compile_s": t_compile, "denoise_s": t_denoise, "decode_s": t_decode,
-                   "total_s": total, "video_s": video_s, "seconds_per_video_second": total / video_s}
+        timings = run_timings(t_start, n_frames / fps, t_encode, t_compile, t_denoise, t_decode)
         settings = {"checkpoint": self.loaded.source, "codec": codec.name, "audio_features": spec.audio_features,
                     "sampler": sc.sampler, "steps": sc.steps, "shift": sc.shift, "guidance": g.spec,
                     "known_frames": sc.known_frames, "negative_scale": sc.negative_scale,
@@ -898,13 +927,14 @@ class Pipeline:
                     "guidance_requested": sc.guidance, "long_video": strategy, "overlap": plan.overlap,
                     "clip_frames": clip_len, "clips": len(plan.clips), "height": height, "width": width,
                     "fps": fps, "frames": n_frames, "seed": seed, "prompt": prompt, "negative_prompt": negative_prompt,
-                    "face_box": portrait.source_box, "face_box_from": portrait.box_from,
-                    "face_box_output": portrait.box, "audio_rate": rate, "audio_channels": int(wave.shape[1]),
-                    "mesh": dict(self.mesh.shape), "devices": jax.device_count(),
-                    "device_kind": jax.devices()[0].device_kind}
-        log.info("encode %.2f s, compile %.2f s, denoise %.2f s, decode %.2f s: %.2f s for %.2f s of video "
-                 "(%.2f s per second)", t_encode, t_compile, t_denoise, t_decode, total, video_s, total / video_s)
+                    **self.run_settings(portrait, rate, wave)}
         return Result(frames, wave, rate, fps, plan, settings, timings, warnings, portrait, latents_out)
+
+    def run_settings(self, portrait: Portrait, rate: int, wave: np.ndarray) -> dict:
+        """The sidecar's settings every model shares: the face box, the speech, the devices."""
+        return {"face_box": portrait.source_box, "face_box_from": portrait.box_from, "face_box_output": portrait.box,
+                "audio_rate": rate, "audio_channels": int(wave.shape[1]), "mesh": dict(self.mesh.shape),
+                "devices": jax.device_count(), "device_kind": jax.devices()[0].device_kind}
 
     def _encode_frames(self, frames_uint8: np.ndarray) -> np.ndarray:
         return np.asarray(self.codec.encode(to_model_range(frames_uint8)[None]), np.float32)
@@ -950,6 +980,8 @@ class Pipeline:
             mask = np.zeros((1, lat_shape[1], 1, 1, 1), bool)
             mask[:, :n_known] = True
             arrays = job.arrays
+            if getattr(job.sampler, "stochastic", False):  # the per-step noise of DDPM / CogVideoX DPM
+                arrays = {**arrays, "key": jax.random.fold_in(jax.random.fold_in(job.key, k), 1)}
             if job.known_frames == "condition":  # as Wan-Fun-InP / EchoMimicV3: the masked clip, VAE-encoded
                 arrays = {**arrays, **self._condition_inputs(src if clip.known else None, plan.clip_frames)}
                 mask[:] = False  # nothing pasted into x
@@ -992,6 +1024,8 @@ class Pipeline:
         known_lat = np.zeros(shape, np.float32)
         mask = np.zeros((1, total, 1, 1, 1), bool)
         arrays = job.arrays
+        if getattr(job.sampler, "stochastic", False):
+            arrays = {**arrays, "key": jax.random.fold_in(job.key, 1)}
         if job.known_frames == "condition":
             arrays = {**arrays, **self._condition_inputs(job.portrait[None], plan.clip_frames)}
         elif self.masked_input:  # image-to-video: frame 0 is the portrait
@@ -1055,9 +1089,13 @@ def add_arguments(p) -> None:
     p.add_argument("--prompt", default=None, help="text prompt (needs --text-encoder and --tokenizer)")
     p.add_argument("--negative-prompt", default=None, help="the unconditional branches' prompt (default: null)")
     g = p.add_argument_group("sampling (defaults: the checkpoint's config.sample)")
-    g.add_argument("--sampler", choices=["euler", "unipc", "dpm++", "wan-unipc"], default=None)
+    g.add_argument("--sampler", choices=["euler", "unipc", "dpm++", "wan-unipc", "cogvideox-ddim", "cogvideox-dpm",
+                                         "ddpm", "ddim"], default=None,
+                   help="flow samplers for flow models; cogvideox-ddim / cogvideox-dpm / ddpm / ddim for VP (v or ε) "
+                        "models (the model's config says which it is)")
     g.add_argument("--steps", type=int, default=None)
-    g.add_argument("--shift", type=float, default=None, help="flow shift of the σ schedule")
+    g.add_argument("--shift", type=float, default=None,
+                   help="flow shift of the σ schedule (cogvideox-*: the SNR shift; ddpm / ddim: 1)")
     g.add_argument("--guidance", default=None, help="e.g. text=4,audio=2.9 | text+audio=3.5 | a preset "
                    f"({', '.join(sorted(guidance_lib.PRESETS))}); see hallojax.sample.guidance")
     g.add_argument("--long-video", default=None, choices=["auto", *long_video.STRATEGIES])
@@ -1079,6 +1117,8 @@ def add_arguments(p) -> None:
     g.add_argument("--audio-features", default=None, help="rms | wav2vec2:DIR (default: the training run's)")
     g.add_argument("--text-encoder", default=None, help="a converted umT5 / T5 directory")
     g.add_argument("--tokenizer", default=None, help="its local tokenizer directory")
+    g.add_argument("--face-embedding", default=None, help="Hallo3: the portrait's InsightFace identity embedding, a "
+                   ".npy of 512 float values (computed outside hallojax: README, Hallo3)")
     g.add_argument("--image-encoder", default=None, help="a `hallojax convert clip` directory (models with CLIP image "
                    "context: Wan I2V / Wan-Fun-InP / EchoMimicV3)")
     p.add_argument("--no-progress", action="store_true")
@@ -1101,12 +1141,16 @@ def run(args, overrides=()) -> int:
         raise ValueError(f"--out {out} is a directory")
     read_image(args.image)  # unreadable inputs fail before a large model is loaded
     read_audio(args.audio)
+    from hallojax.generate_families import preflight
+
+    preflight(args.checkpoint, args.face_embedding)
     pipe = Pipeline.load(args.checkpoint, step=args.step, weights=args.weights, codec=args.codec,
                          audio_features=args.audio_features, text_encoder=args.text_encoder, tokenizer=args.tokenizer,
                          fps=args.fps, height=args.height, width=args.width, overrides=overrides,
                          image_encoder=args.image_encoder)
+    extra = {} if args.face_embedding is None else {"face_embedding": args.face_embedding}
     result = pipe.generate(args.image, args.audio, prompt=args.prompt, negative_prompt=args.negative_prompt,
-                           sampler=args.sampler, steps=args.steps, shift=args.shift, guidance=args.guidance,
+                           **extra, sampler=args.sampler, steps=args.steps, shift=args.shift, guidance=args.guidance,
                            long_video_strategy=args.long_video, overlap=args.overlap, clip_frames=args.clip_frames,
                            seed=args.seed, face_box=args.face_box, allow_silent=args.allow_silent,
                            progress=not args.no_progress)

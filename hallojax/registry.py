@@ -19,6 +19,12 @@ KINDS: dict[str, tuple[str, str, str]] = {
     "clip-vision": ("hallojax.models.encoders.clip", "CLIPVisionConfig", "CLIPVision"),
     "sd-vae": ("hallojax.models.sd_vae", "SDVAEConfig", "SDVAE"),
     "hunyuan-vae": ("hallojax.models.hunyuan_vae", "HunyuanVAEConfig", "HunyuanVAE"),
+    "whisper-encoder": ("hallojax.models.encoders.whisper", "WhisperEncoderConfig", "WhisperEncoder"),
+    "cogvideox": ("hallojax.models.cogvideox", "CogVideoXConfig", "CogVideoXTransformer"),
+    "hallo3": ("hallojax.models.hallo3", "Hallo3Config", "Hallo3"),
+    "letstalk": ("hallojax.models.letstalk", "LetsTalkConfig", "LetsTalk"),
+    "hunyuan-video": ("hallojax.models.hunyuan", "HunyuanVideoConfig", "HunyuanVideoTransformer"),
+    "cogvideox-vae": ("hallojax.models.cogvideox_vae", "CogVideoXVAEConfig", "CogVideoXVAE"),
 }
 
 

@@ -1,4 +1,4 @@
-"""Flow-matching training of the DiT: sharded state, Grain input, Orbax checkpoints with exact resume.
+"""Training of the DiT (flow matching, or the VP objectives of hallojax.diffusion): sharded state, Grain input, Orbax checkpoints with exact resume.
 
     hallojax train --config configs/wan.py:demo --workdir runs/train [--config.train.steps=200]
 
@@ -166,14 +166,41 @@ def known_frames(key, t, batch: int, frames: int, motion: int) -> jax.Array:
     return known.astype(jnp.float32)
 
 
+# the trainer's objectives (train.objective) and the prediction each trains the model to make
+OBJECTIVES = {"flow": "flow", "v": "v", "ddpm": "epsilon"}
+
+
+def objective_of(cfg: DiTConfig, t) -> str:
+    """train.objective (default "flow"), checked against what the model is configured to predict."""
+    objective = t.get("objective", "flow")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"train.objective={objective!r}: expected one of {sorted(OBJECTIVES)}")
+    if cfg.prediction != OBJECTIVES[objective] or (cfg.learned_variance and objective != "ddpm"):
+        raise ValueError(f"train.objective={objective!r} trains a model with prediction={OBJECTIVES[objective]!r}"
+                         f"{'' if objective == 'ddpm' else ' and no learned variance'}; this model has "
+                         f"model.prediction={cfg.prediction!r}, learned_variance={cfg.learned_variance} "
+                         f"(configs/wan.py:PRESET,objective={objective} sets both)")
+    if objective == "ddpm" and t.shift != 1:
+        raise ValueError(f"train.shift={t.shift}: the ddpm objective's linear-beta process has no shift; use 1")
+    return objective
+
+
 def step_randomness(cfg: DiTConfig, t, batch: dict, key) -> dict:
-    """What the step draws once per global batch: σ, ε, keep flags, known frames, motion latents."""
+    """What the step draws once per global batch: the noise level (σ; integer t for the VP objectives, and
+    σ = t/1000 as the level condition dropout reads), ε, keep flags, known frames, motion latents."""
     from hallojax.conditioning import DropoutConfig, condition_dropout, motion_from_clip
+    from hallojax.diffusion import sample_timesteps
 
     k_noise, k_drop, k_mask, k_motion = jax.random.split(key, 4)
     x0 = batch["latents"]
-    sigma, noise = sample_noise(k_noise, x0, shift=t.shift, mode=t.sigma_sampling)
-    out = {"sigma": sigma, "noise": noise}
+    if objective_of(cfg, t) == "flow":
+        sigma, noise = sample_noise(k_noise, x0, shift=t.shift, mode=t.sigma_sampling)
+        out = {"sigma": sigma, "noise": noise}
+    else:
+        k_t, k_eps = jax.random.split(k_noise)
+        steps = sample_timesteps(k_t, x0.shape[0])
+        out = {"timestep": steps, "sigma": steps.astype(jnp.float32) / 1000.0,
+               "noise": jax.random.normal(k_eps, x0.shape, jnp.float32)}
     keep = condition_dropout(k_drop, sigma, DropoutConfig(**t.dropout))
     out.update({f"keep_{k}": v for k, v in keep.items()})
     out["known"] = known_frames(k_mask, t, x0.shape[0], x0.shape[1], cfg.motion_frames)
@@ -206,20 +233,44 @@ def _need(b: dict, key: str):
     return b[key]
 
 
+def predict(model, cfg: DiTConfig, b: dict, x_t: jax.Array, time: jax.Array) -> jax.Array:
+    """The model's output on x_t at `time` [B] with the batch's conditions (and, for masked-input models,
+    the known frames' mask channels and clean latents)."""
+    from hallojax.conditioning import apply_keep, inpainting_input
+
+    x_in = x_t
+    if masked_input(cfg):
+        k = b["known"][:, :, None, None, None]
+        x0 = b["latents"].astype(jnp.float32)
+        x_in = inpainting_input(x_t, jnp.broadcast_to(k, (*x0.shape[:4], 4)), x0 * k)
+    return model(x_in, time, apply_keep(b["context"], b["keep_text"]), **model_kwargs(cfg, b))
+
+
 def flow_loss(model, cfg: DiTConfig, t, b: dict) -> jax.Array:
     """Velocity loss of one (micro)batch with its drawn randomness (see `step_randomness`)."""
-    from hallojax.conditioning import apply_keep, inpainting_input
     from hallojax.flow import interpolate, loss_weight, masked_mse
 
     x0 = b["latents"].astype(jnp.float32)
-    x_t = interpolate(x0, b["noise"], b["sigma"])
-    known = b["known"]  # [B, F]
-    x_in = x_t
-    if masked_input(cfg):
-        k = known[:, :, None, None, None]
-        x_in = inpainting_input(x_t, jnp.broadcast_to(k, (*x0.shape[:4], 4)), x0 * k)
-    v = model(x_in, 1000.0 * b["sigma"], apply_keep(b["context"], b["keep_text"]), **model_kwargs(cfg, b))
-    return masked_mse(v, b["noise"] - x0, 1.0 - known, loss_weight(b["sigma"], t.loss_weighting))
+    v = predict(model, cfg, b, interpolate(x0, b["noise"], b["sigma"]), 1000.0 * b["sigma"])
+    return masked_mse(v, b["noise"] - x0, 1.0 - b["known"], loss_weight(b["sigma"], t.loss_weighting))
+
+
+def vp_loss(model, cfg: DiTConfig, t, b: dict) -> jax.Array:
+    """The v (CogVideoX / Hallo3) or ddpm (LetsTalk) objective's loss of one (micro)batch (hallojax.diffusion):
+    the model sees x_t = √ᾱ·x0 + √(1 − ᾱ)·ε at its integer t; the loss covers the generated frames."""
+    from hallojax import diffusion
+
+    objective = objective_of(cfg, t)
+    tables = diffusion.training_tables(diffusion.OBJECTIVE_PROCESS[objective], t.shift)
+    x0, steps = b["latents"].astype(jnp.float32), b["timestep"]
+    out = predict(model, cfg, b, diffusion.noised(tables, x0, b["noise"], steps), steps.astype(jnp.float32))
+    loss = diffusion.v_loss if objective == "v" else diffusion.ddpm_loss
+    return loss(tables, out, x0, b["noise"], steps, 1.0 - b["known"])
+
+
+def objective_loss(model, cfg: DiTConfig, t, b: dict) -> jax.Array:
+    """The loss of train.objective: flow matching, v-prediction or the DDPM hybrid."""
+    return flow_loss(model, cfg, t, b) if objective_of(cfg, t) == "flow" else vp_loss(model, cfg, t, b)
 
 
 NONFINITE = ("skip", "stop")
@@ -234,12 +285,13 @@ def make_train_step(graphdef, cfg: DiTConfig, t, seed: int):
     fold_in(seed, step), then the batch is split into `accum_steps` equal microbatches whose gradients
     are averaged: the same loss as one batch, in less memory."""
     check_channels(cfg)
+    objective_of(cfg, t)
     if t.nonfinite not in NONFINITE:
         raise ValueError(f"train.nonfinite={t.nonfinite!r}: expected one of {NONFINITE}")
     inject = [int(s) for s in t.get("inject_nonfinite", [])]
 
     def loss_fn(params, micro):
-        return flow_loss(nnx.merge(graphdef, params), cfg, t, micro)
+        return objective_loss(nnx.merge(graphdef, params), cfg, t, micro)
 
     def step(state, batch):
         k = t.accum_steps

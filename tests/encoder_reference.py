@@ -63,3 +63,36 @@ def hallo3_audio_features(model: torch.nn.Module, values: torch.Tensor, frames: 
     finally:
         model.feature_extractor = conv
     return torch.stack(hidden[1:], dim=2).numpy()
+
+
+# transformers WhisperConfig of the tiny test model: the encoder at our "test" preset's sizes (2 s windows)
+WHISPER_TINY_HF = dict(d_model=32, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=48, decoder_layers=1,
+                       decoder_attention_heads=4, decoder_ffn_dim=24, num_mel_bins=80, max_source_positions=100,
+                       max_target_positions=16, vocab_size=40, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                       decoder_start_token_id=1)
+
+
+def speech_like(seconds=2.5, seed=0, batch=1) -> np.ndarray:
+    """[batch, samples] of a voiced, syllable-rate-modulated 16 kHz waveform (harmonics of a gliding pitch
+    plus breath noise): a real waveform for the log-mel front ends, without an audio file."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * 16000)) / 16000
+    out = []
+    for _ in range(batch):
+        f0 = rng.uniform(100, 220) * (1 + 0.1 * np.sin(2 * np.pi * 0.7 * t))
+        phase = 2 * np.pi * np.cumsum(f0) / 16000
+        voiced = sum(np.sin(k * phase) / k for k in range(1, 12))
+        envelope = 0.5 + 0.5 * np.sin(2 * np.pi * rng.uniform(3, 6) * t) ** 2
+        out.append(0.2 * envelope * voiced + 0.01 * rng.standard_normal(t.size))
+    return np.stack(out).astype(np.float32)
+
+
+def bad_copy(src, tensors: dict, out):
+    """A copy of the transformers directory `src` (its config.json) holding `tensors` as model.safetensors:
+    the edited checkpoint of a converter-error test. Returns `out`."""
+    import safetensors.numpy
+
+    out.mkdir()
+    (out / "config.json").write_text((src / "config.json").read_text())
+    safetensors.numpy.save_file(tensors, str(out / "model.safetensors"))
+    return out

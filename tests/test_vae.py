@@ -124,19 +124,25 @@ def test_batch_sharded_equals_single_device(vae_pair, devices):
     np.testing.assert_allclose(np.asarray(decoded), np.asarray(jax.jit(ours.decode)(single)), rtol=1e-5, atol=1e-5)
 
 
-def test_round_trip_is_bitwise(vae_pair):
-    ref, _, _, tmp = vae_pair
-    export_wan_vae(tmp / "ours", tmp / "back", progress=False)
-    back = TensorStore(tmp / "back")
+def assert_export_bitwise(ref, back_dir, diffusers_cls):
+    """The exported directory holds exactly `ref`'s tensors, bit for bit, and `diffusers_cls` loads it."""
+    back = TensorStore(back_dir)
     state = {k: v.numpy() for k, v in ref.state_dict().items()}
     assert sorted(back.keys()) == sorted(state)
     for k, v in state.items():
         assert np.array_equal(back.get(k), v), k
-    from diffusers import AutoencoderKLWan
-
-    reloaded = AutoencoderKLWan.from_pretrained(tmp / "back")
+    reloaded = diffusers_cls.from_pretrained(back_dir)
     for k, v in reloaded.state_dict().items():
         assert torch.equal(v, ref.state_dict()[k]), k
+    return reloaded
+
+
+def test_round_trip_is_bitwise(vae_pair):
+    from diffusers import AutoencoderKLWan
+
+    ref, _, _, tmp = vae_pair
+    export_wan_vae(tmp / "ours", tmp / "back", progress=False)
+    assert_export_bitwise(ref, tmp / "back", AutoencoderKLWan)
 
 
 def test_full_size_parameter_count_equals_diffusers():

@@ -22,6 +22,13 @@ FORMATS: dict[str, tuple[str, str, str]] = {
     "wav2vec2": ("hallojax.convert.wav2vec2", "convert_wav2vec2", "export_wav2vec2"),
     "umt5": ("hallojax.convert.t5", "convert_umt5", "export_umt5"),
     "t5": ("hallojax.convert.t5", "convert_t5", "export_t5"),
+    "whisper": ("hallojax.convert.whisper", "convert_whisper", "export_whisper"),
+    "cogvideox": ("hallojax.convert.cogvideox", "convert_cogvideox", "export_cogvideox"),
+    "hallo3": ("hallojax.convert.hallo3", "convert_hallo3", "export_hallo3"),
+    "letstalk": ("hallojax.convert.letstalk", "convert_letstalk", "export_letstalk"),
+    "hunyuan-video": ("hallojax.convert.hunyuan", "convert_hunyuan_diffusers", "export_hunyuan_diffusers"),
+    "hunyuan-video-original": ("hallojax.convert.hunyuan", "convert_hunyuan_original", "export_hunyuan_original"),
+    "cogvideox-vae": ("hallojax.convert.cogvideox_vae", "convert_cogvideox_vae", "export_cogvideox_vae"),
 }
 
 

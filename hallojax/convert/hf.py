@@ -56,7 +56,12 @@ def _to_numpy(t) -> np.ndarray:
     return t.numpy()
 
 
-def _torch_load(path: Path) -> dict:
+# the dicts a state dict comes wrapped in: Lightning's, DeepSpeed's (Hallo3), HunyuanVideo's --load-key choices
+WRAPPERS = ("state_dict", "module", "ema")
+
+
+def _torch_load(path: Path, wrapper: str | None = None) -> dict:
+    """The state dict in `path`, unwrapped from `wrapper` (default: the first of WRAPPERS the file holds)."""
     try:
         import torch
     except ImportError as e:
@@ -70,8 +75,10 @@ def _torch_load(path: Path) -> dict:
         sd = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:  # torch raises many kinds (UnpicklingError, RuntimeError, ...)
         raise ConversionError(f"{path}: not a loadable PyTorch state dict ({type(e).__name__}: {e})") from e
-    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
+    for name in (wrapper,) if wrapper else WRAPPERS:
+        if isinstance(sd, dict) and isinstance(sd.get(name), dict):
+            sd = sd[name]
+            break
     if not isinstance(sd, dict) or not all(hasattr(v, "shape") for v in sd.values()):
         raise ConversionError(f"{path}: expected a dict of tensors (a state dict)")
     return sd

@@ -2,8 +2,10 @@
 entry drives import, export and the tests.
 
 A rule whose torch name contains ``{i}`` is per layer: import stacks layers 0..L-1 along a new
-leading axis (the ``layers`` axis that `nnx.scan` runs over); export splits it again. Every check
-happens before any tensor is read, and all problems are reported together in one error.
+leading axis (the ``layers`` axis that `nnx.scan` runs over); export splits it again. A model with
+several stacks gives `num_layers` as {our path prefix: count}. A rule with `rows` reads rows [a, b)
+of a fused torch tensor (e.g. one qkv Linear into separate q, k, v); export concatenates the parts
+back. Every check happens before any tensor is read, and all problems are reported together in one error.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class Rule:
     torch: str  # e.g. "blocks.{i}.attn1.to_q.weight"
     ours: str  # dotted path in our parameter tree, e.g. "blocks.attn1.to_q.kernel"
     transform: Transform = IDENTITY
+    rows: tuple[int, int] | None = None  # rows [a, b) (axis 0, torch layout) of a fused torch tensor
 
     @property
     def per_layer(self) -> bool:
@@ -87,12 +90,36 @@ def select(rules: Sequence[Rule], our_shapes: Mapping[str, tuple[int, ...]]) -> 
     return chosen
 
 
-def _expand(rule: Rule, num_layers: int) -> list[str]:
-    return [rule.torch.format(i=i) for i in range(num_layers)] if rule.per_layer else [rule.torch]
+def _layers(rule: Rule, num_layers: int | Mapping[str, int]) -> int:
+    """The layer count of `rule`'s stack: `num_layers`, or the entry of the longest matching path prefix."""
+    if not isinstance(num_layers, Mapping):
+        return num_layers
+    prefixes = [p for p in num_layers if rule.ours.startswith(p + ".")]
+    if not prefixes:
+        raise ConversionError(f"no layer count for the stacked parameter {rule.ours} (have {sorted(num_layers)})")
+    return num_layers[max(prefixes, key=len)]
+
+
+def _expand(rule: Rule, num_layers) -> list[str]:
+    return [rule.torch.format(i=i) for i in range(_layers(rule, num_layers))] if rule.per_layer else [rule.torch]
+
+
+def _read(rule: Rule, source: Source, name: str) -> np.ndarray:
+    x = source.get(name)
+    return rule.transform.to_ours(x if rule.rows is None else x[rule.rows[0]:rule.rows[1]])
+
+
+def _rows_total(rules: Sequence[Rule]) -> dict[str, int]:
+    """{torch name pattern: rows of the whole fused tensor} for the rules that read row ranges."""
+    total: dict[str, int] = {}
+    for r in rules:
+        if r.rows is not None:
+            total[r.torch] = max(total.get(r.torch, 0), r.rows[1])
+    return total
 
 
 def import_tensors(rules: Sequence[Rule], source: Source, our_shapes: Mapping[str, tuple[int, ...]],
-                   num_layers: int, *, ignore: Sequence[str] = (), what: str = "checkpoint",
+                   num_layers: int | Mapping[str, int], *, ignore: Sequence[str] = (), what: str = "checkpoint",
                    progress: bool = True) -> dict[str, np.ndarray]:
     """Torch-named tensors from `source` -> {our dotted path: array} in the source's dtype.
 
@@ -101,18 +128,28 @@ def import_tensors(rules: Sequence[Rule], source: Source, our_shapes: Mapping[st
     """
     rules = select(rules, our_shapes)
     present = set(source.keys())
-    expected = {name: rule for rule in rules for name in _expand(rule, num_layers)}
+    pairs = [(name, rule) for rule in rules for name in _expand(rule, num_layers)]
+    expected = {name: rule for name, rule in pairs}  # a fused name: any one of its parts' rules
+    total = _rows_total(rules)
     missing = sorted(set(expected) - present)
     unexpected = sorted(k for k in present - set(expected)
                         if not any(fnmatch.fnmatchcase(k, pat) for pat in ignore))
     mis_shaped = []
-    for name, rule in expected.items():
+    for name, rule in pairs:
         if name not in present:
             continue
+        shape = tuple(source.shape(name))
+        if rule.rows is not None:
+            if not shape or shape[0] != total[rule.torch]:
+                if rule.rows[0] == 0:  # reported once per fused tensor
+                    mis_shaped.append(f"{name}: {shape}, expected {total[rule.torch]} rows (fused parts)")
+                continue
+            shape = (rule.rows[1] - rule.rows[0], *shape[1:])
         want = tuple(our_shapes[rule.ours])[1 if rule.per_layer else 0:]
-        got = rule.transform.our_shape(source.shape(name))
+        got = rule.transform.our_shape(shape)
         if got != want:
-            mis_shaped.append(f"{name}: {tuple(source.shape(name))} -> {got} via {rule.transform.name}, "
+            part = "" if rule.rows is None else f" rows {rule.rows[0]}:{rule.rows[1]}"
+            mis_shaped.append(f"{name}{part}: {shape} -> {got} via {rule.transform.name}, "
                               f"expected {want} for {rule.ours}")
     if missing or unexpected or mis_shaped:
         lines = [f"cannot convert {what}:"]
@@ -128,13 +165,13 @@ def import_tensors(rules: Sequence[Rule], source: Source, our_shapes: Mapping[st
     out: dict[str, np.ndarray] = {}
     for rule in tqdm(rules, desc=f"converting {what}", unit="tensor", disable=not progress):
         names = _expand(rule, num_layers)
-        first = rule.transform.to_ours(source.get(names[0]))
+        first = _read(rule, source, names[0])
         if not rule.per_layer:
             out[rule.ours] = np.array(first)
             continue
-        stacked = np.empty((num_layers, *first.shape), first.dtype)  # one buffer, filled layer by layer
+        stacked = np.empty((len(names), *first.shape), first.dtype)  # one buffer, filled layer by layer
         for i, name in enumerate(names):
-            stacked[i] = rule.transform.to_ours(source.get(name))
+            stacked[i] = _read(rule, source, name)
         out[rule.ours] = stacked
     return out
 
@@ -143,18 +180,26 @@ def _torch_shape(rule: Rule, our_shapes) -> tuple[int, ...]:
     return rule.transform.torch_shape(tuple(our_shapes[rule.ours])[1 if rule.per_layer else 0:])
 
 
-def export_tensors(rules: Sequence[Rule], params: Mapping[str, np.ndarray], num_layers: int, *,
+def export_tensors(rules: Sequence[Rule], params: Mapping[str, np.ndarray], num_layers: int | Mapping[str, int], *,
                    progress: bool = True) -> dict[str, np.ndarray]:
-    """{our dotted path: array} -> torch-named, torch-layout tensors (contiguous)."""
+    """{our dotted path: array} -> torch-named, torch-layout tensors (contiguous); row parts concatenated."""
     rules = select(rules, {k: v.shape for k, v in params.items()})
     out: dict[str, np.ndarray] = {}
+    parts: dict[str, list[tuple[tuple[int, int], np.ndarray]]] = {}
     for rule in tqdm(rules, desc="exporting", unit="tensor", disable=not progress):
         arr = np.asarray(params[rule.ours])
-        if rule.per_layer:
-            if arr.shape[0] != num_layers:
-                raise ConversionError(f"{rule.ours}: leading axis {arr.shape[0]} != num_layers {num_layers}")
-            for i in range(num_layers):
-                out[rule.torch.format(i=i)] = np.ascontiguousarray(rule.transform.to_torch(arr[i]))
-        else:
-            out[rule.torch] = np.ascontiguousarray(rule.transform.to_torch(arr))
+        n = _layers(rule, num_layers) if rule.per_layer else 1
+        if rule.per_layer and arr.shape[0] != n:
+            raise ConversionError(f"{rule.ours}: leading axis {arr.shape[0]} != num_layers {n}")
+        items = ([(rule.torch.format(i=i), arr[i]) for i in range(n)] if rule.per_layer else [(rule.torch, arr)])
+        for name, a in items:
+            if rule.rows is None:
+                out[name] = np.ascontiguousarray(rule.transform.to_torch(a))
+            else:
+                parts.setdefault(name, []).append((rule.rows, rule.transform.to_torch(a)))
+    for name, pieces in parts.items():
+        pieces.sort(key=lambda p: p[0])
+        if [p[0][0] for p in pieces] != [0] + [p[0][1] for p in pieces[:-1]]:
+            raise ConversionError(f"{name}: row parts {[p[0] for p in pieces]} do not tile the fused tensor")
+        out[name] = np.ascontiguousarray(np.concatenate([p[1] for p in pieces], axis=0))
     return out

@@ -33,7 +33,8 @@ from flax import nnx
 
 from hallojax.modelconfig import DTYPES, ModelConfig, check_dtypes, with_precision
 from hallojax.models.vae_codec import VAECodec
-from hallojax.nn.vae_blocks import Decoder, Encoder, VAEOps, check_widths, blend, posterior, tiled_decode
+from hallojax.nn.conv import check_latents, check_video, posterior, posterior_sample
+from hallojax.nn.vae_blocks import Decoder, Encoder, VAEOps, check_widths, blend, tiled_decode
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,18 +141,10 @@ class HunyuanVAE(nnx.Module):
 
     # --- shapes ---------------------------------------------------------------------------------
     def _check_video(self, video):
-        cfg = self.cfg
-        if video.ndim != 5 or video.shape[-1] != cfg.in_channels:
-            raise ValueError(f"video has shape {tuple(video.shape)}; expected [B, T, H, W, {cfg.in_channels}]")
-        t, h, w = video.shape[1:4]
-        st, ss = cfg.temporal_stride, cfg.spatial_stride
-        if (t - 1) % st or h % ss or w % ss:
-            raise ValueError(f"video {tuple(video.shape)}: T must be 1 + {st}k and H, W multiples of {ss}")
+        check_video(video, self.cfg.in_channels, self.cfg.temporal_stride, self.cfg.spatial_stride)
 
     def _check_latents(self, z):
-        if z.ndim != 5 or z.shape[-1] != self.cfg.latent_channels:
-            raise ValueError(f"latents have shape {tuple(z.shape)}; expected [B, F, H, W, "
-                             f"{self.cfg.latent_channels}]")
+        check_latents(z, self.cfg.latent_channels)
 
     # --- encode ---------------------------------------------------------------------------------
     @with_precision
@@ -173,8 +166,7 @@ class HunyuanVAE(nnx.Module):
     def encode(self, video: jax.Array, *, rng: jax.Array | None = None, **tiling) -> jax.Array:
         """Scaled latents: the posterior mean (or a sample when `rng` is given) times scaling_factor."""
         mean, logvar = self.encode_moments(video, **tiling)
-        z = mean if rng is None else mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape)
-        return z * self.cfg.scaling_factor
+        return posterior_sample(mean, logvar, rng) * self.cfg.scaling_factor
 
     # --- decode ---------------------------------------------------------------------------------
     @with_precision

@@ -26,7 +26,8 @@ from flax import nnx
 
 from hallojax.modelconfig import DTYPES, ModelConfig, check_dtypes, with_precision
 from hallojax.models.vae_codec import VAECodec
-from hallojax.nn.vae_blocks import Decoder, Encoder, VAEOps, check_widths, posterior
+from hallojax.nn.conv import check_latents, check_video, posterior, posterior_sample
+from hallojax.nn.vae_blocks import Decoder, Encoder, VAEOps, check_widths
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,17 +96,11 @@ class SDVAE(nnx.Module):
 
     # --- shapes ---------------------------------------------------------------------------------
     def _check_video(self, video):
-        cfg, s = self.cfg, self.cfg.spatial_stride
-        if video.ndim != 5 or video.shape[-1] != cfg.in_channels:
-            raise ValueError(f"video has shape {tuple(video.shape)}; expected [B, T, H, W, {cfg.in_channels}] "
-                             f"(an image batch [N, H, W, C] is video[:, None])")
-        if video.shape[2] % s or video.shape[3] % s:
-            raise ValueError(f"video {tuple(video.shape)}: H and W must be multiples of {s}")
+        check_video(video, self.cfg.in_channels, 1, self.cfg.spatial_stride,
+                    hint=" (an image batch [N, H, W, C] is video[:, None])")
 
     def _check_latents(self, z):
-        if z.ndim != 5 or z.shape[-1] != self.cfg.latent_channels:
-            raise ValueError(f"latents have shape {tuple(z.shape)}; expected [B, T, H, W, "
-                             f"{self.cfg.latent_channels}]")
+        check_latents(z, self.cfg.latent_channels)
 
     # --- encode / decode ---------------------------------------------------------------------------
     @with_precision
@@ -118,8 +113,7 @@ class SDVAE(nnx.Module):
     def encode(self, video: jax.Array, *, rng: jax.Array | None = None, frames_per_step: int | None = None):
         """Scaled latents: the posterior mean (or a sample when `rng` is given) times scaling_factor."""
         mean, logvar = self.encode_moments(video, frames_per_step=frames_per_step)
-        z = mean if rng is None else mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape)
-        return z * self.cfg.scaling_factor
+        return posterior_sample(mean, logvar, rng) * self.cfg.scaling_factor
 
     @with_precision
     def decode_raw(self, z: jax.Array, *, frames_per_step: int | None = None) -> jax.Array:

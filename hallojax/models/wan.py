@@ -26,25 +26,12 @@ from hallojax.nn.audio import AudioCrossAttention, AudioProjector, frame_windows
 from hallojax.nn.context_parallel import MODES as CONTEXT_PARALLEL, RING_IMPLS, self_attention
 from hallojax.models.echomimic import PROJECTORS, FlashProjector, PreviewProjector
 from hallojax.modelconfig import DTYPES, ModelConfig, check_dtypes, with_precision
-from hallojax.nn.layers import MLP, Dense, LayerNorm, RMSNorm, gelu_erf, gelu_tanh, stacked, timestep_embedding
+from hallojax.nn.layers import (  # noqa: F401  (REMAT_POLICIES, PatchEmbed: re-exported)
+    MLP, REMAT_POLICIES, Dense, LayerNorm, PatchEmbed, RMSNorm, gelu_erf, gelu_tanh, stacked, timestep_embedding)
 from hallojax.nn.rope import apply_rope, frame_coords, grid_coords, rope_cos_sin
 from hallojax.sharding import constrain
 
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "save_dots": jax.checkpoint_policies.dots_saveable,
-    "save_matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "save_attn_out": jax.checkpoint_policies.save_only_these_names("attn_out"),
-    "offload_attn_out": jax.checkpoint_policies.save_and_offload_only_these_names(
-        names_which_can_be_saved=[], names_which_can_be_offloaded=["attn_out"],
-        offload_src="device", offload_dst="pinned_host"),
-    # every layer's input (the residual stream the layer loop carries) to pinned host memory, the rest
-    # recomputed: device memory no longer grows with depth (14B at 720p, 2 samples per v5p chip)
-    "offload_layer_input": jax.checkpoint_policies.save_and_offload_only_these_names(
-        names_which_can_be_saved=[], names_which_can_be_offloaded=["layer_input"],
-        offload_src="device", offload_dst="pinned_host"),
-}
+PREDICTIONS = ("flow", "v", "epsilon")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +100,11 @@ class DiTConfig(ModelConfig):
     # the 6-way time projection in float32 on the float32 embedding, its output (and the embedding) then
     # rounded to `dtype` (EchoMimicV3 / original Wan), instead of the input rounded first (diffusers)
     time_proj_float32: bool = False
+    # what the output is (hallojax.diffusion, hallojax.sample): "flow" (velocity ε − x0, Wan), "v" (VP
+    # v-prediction, CogVideoX / Hallo3) or "epsilon" (VP ε-prediction, LetsTalk); learned_variance doubles the
+    # output channels to [prediction, learned-range variance] (guided-diffusion's learn_sigma, LetsTalk)
+    prediction: str = "flow"
+    learned_variance: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
@@ -163,6 +155,9 @@ class DiTConfig(ModelConfig):
                                                      or self.audio_dim != self.dim or self.audio_stride < 2):
             raise ValueError(f"model.audio_projector={self.audio_projector!r} (EchoMimicV3) needs audio='decoupled', "
                              f"audio_neighbors=0, audio_dim = dim ({self.dim}) and audio_stride >= 2")
+        if self.prediction not in PREDICTIONS or (self.learned_variance and self.prediction == "flow"):
+            raise ValueError(f"model.prediction={self.prediction!r} / learned_variance={self.learned_variance}: "
+                             f"expected one of {PREDICTIONS}; a learned variance needs a VP prediction (v, epsilon)")
         if self.audio_kv_bias and self.audio != "decoupled":
             raise ValueError("model.audio_kv_bias is a decoupled-audio (EchoMimicV3 Flash) option: "
                              "needs audio='decoupled'")
@@ -170,6 +165,11 @@ class DiTConfig(ModelConfig):
     @property
     def dim(self) -> int:
         return self.num_heads * self.head_dim
+
+    @property
+    def output_channels(self) -> int:
+        """Channels of the model's output: out_channels, doubled with a learned variance."""
+        return self.out_channels * (2 if self.learned_variance else 1)
 
     @property
     def patch_volume(self) -> int:
@@ -188,31 +188,26 @@ class DiTConfig(ModelConfig):
         return self.in_channels + motion
 
 
-class PatchEmbed(nnx.Module):
-    """Conv3d with kernel = stride = patch, as one matmul over patches. kernel [pt, ph, pw, C, D]."""
-
-    def __init__(self, patch, in_channels: int, dim: int, *, rngs: nnx.Rngs, dtype, param_dtype,
-                 zero_from: int | None = None):
-        """zero_from: input channels from this index on start at zero (conditioning channels added to
-        a pretrained model contribute nothing until trained)."""
-        self.patch = tuple(patch)
-        init = nnx.initializers.xavier_uniform(in_axis=(0, 1, 2, 3), out_axis=4)
-        kernel = init(rngs.params(), (*patch, in_channels, dim), param_dtype)
-        if zero_from is not None:
-            kernel = kernel.at[..., zero_from:, :].set(0)
-        self.kernel = nnx.Param(kernel, out_sharding=(None, None, None, None, "embed"), eager_sharding=False)
-        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), out_sharding=("embed",), eager_sharding=False)
-        self.dtype = dtype
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        b, f, h, w, c = x.shape
-        pt, ph, pw = self.patch
-        x = x.reshape(b, f // pt, pt, h // ph, ph, w // pw, pw, c)
-        x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7)  # [B, F', H', W', pt, ph, pw, C]
-        x = x.reshape(b, -1, pt, ph, pw, c).astype(self.dtype)  # [B, L, pt, ph, pw, C]
-        y = jnp.einsum("blthwc,thwcd->bld", x, self.kernel[...].astype(self.dtype),
-                       preferred_element_type=jnp.float32)
-        return (y + self.bias[...].astype(jnp.float32)).astype(self.dtype)
+def check_video_inputs(latents, timesteps, context, coords, *, in_channels: int, patch, text_dim: int) -> None:
+    """The DiTs' shared input checks: latents [B, F, H, W, in_channels] divisible by the (t, h, w) patch,
+    timesteps [B], context [B, M, text_dim], coords None or [L, 3] / [B, L, 3] (one per video token)."""
+    if latents.ndim != 5 or latents.shape[-1] != in_channels:
+        raise ValueError(f"latents have shape {tuple(latents.shape)}; expected [B, F, H, W, "
+                         f"{in_channels}] (channels last)")
+    b, f, h, w, _ = latents.shape
+    for name, n, p in zip("FHW", (f, h, w), patch):
+        if n % p:
+            raise ValueError(f"latents {tuple(latents.shape)}: {name}={n} is not divisible by patch {p}")
+    if timesteps.shape != (b,):
+        raise ValueError(f"timesteps have shape {tuple(timesteps.shape)}; expected [{b}]")
+    if context.ndim != 3 or context.shape[0] != b or context.shape[-1] != text_dim:
+        raise ValueError(f"context has shape {tuple(context.shape)}; expected [{b}, M, {text_dim}]")
+    if coords is not None:
+        want = f * h * w // math.prod(patch)
+        if np.ndim(coords) not in (2, 3) or np.shape(coords)[-2:] != (want, 3) or (
+                np.ndim(coords) == 3 and np.shape(coords)[0] != b):
+            raise ValueError(f"coords have shape {tuple(np.shape(coords))}; expected [{want}, 3] or "
+                             f"[{b}, {want}, 3] (one (t, h, w) per video token)")
 
 
 class ImageEmbedder(nnx.Module):
@@ -510,7 +505,7 @@ class WanDiT(nnx.Module):
                                    if cfg.image_dim is not None else None)
             self.blocks = stacked(WanBlock, cfg.num_layers, rngs, cfg)
             self.norm_out = LayerNorm(dim, cfg.eps, affine=False)
-            self.proj_out = Dense(dim, cfg.out_channels * cfg.patch_volume, ("embed", "mlp"), rngs=rngs,
+            self.proj_out = Dense(dim, cfg.output_channels * cfg.patch_volume, ("embed", "mlp"), rngs=rngs,
                                   dtype=dtype, param_dtype=pdt)
             self.scale_shift_table = nnx.Param(
                 jax.random.normal(rngs.params(), (1, 2, dim), f32) / dim**0.5,
@@ -535,23 +530,9 @@ class WanDiT(nnx.Module):
     # ---------------------------------------------------------------------------------------------
     def check_inputs(self, latents, timesteps, context, image_context, coords=None):
         cfg = self.cfg
-        if latents.ndim != 5 or latents.shape[-1] != cfg.in_channels:
-            raise ValueError(f"latents have shape {tuple(latents.shape)}; expected [B, F, H, W, "
-                             f"{cfg.in_channels}] (channels last)")
-        b, f, h, w, _ = latents.shape
-        for name, n, p in zip("FHW", (f, h, w), cfg.patch_size):
-            if n % p:
-                raise ValueError(f"latents {tuple(latents.shape)}: {name}={n} is not divisible by patch {p}")
-        if timesteps.shape != (b,):
-            raise ValueError(f"timesteps have shape {tuple(timesteps.shape)}; expected [{b}]")
-        if context.ndim != 3 or context.shape[0] != b or context.shape[-1] != cfg.text_dim:
-            raise ValueError(f"context has shape {tuple(context.shape)}; expected [{b}, M, {cfg.text_dim}]")
-        if coords is not None:
-            want = f * h * w // cfg.patch_volume
-            if np.ndim(coords) not in (2, 3) or np.shape(coords)[-2:] != (want, 3) or (
-                    np.ndim(coords) == 3 and np.shape(coords)[0] != b):
-                raise ValueError(f"coords have shape {tuple(np.shape(coords))}; expected [{want}, 3] or "
-                                 f"[{b}, {want}, 3] (one (t, h, w) per video token)")
+        check_video_inputs(latents, timesteps, context, coords, in_channels=cfg.in_channels, patch=cfg.patch_size,
+                           text_dim=cfg.text_dim)
+        b = latents.shape[0]
         if image_context is not None:
             if cfg.image_dim is None:
                 raise ValueError("image_context given to a model without an image embedder (T2V config)")
@@ -761,9 +742,9 @@ class WanDiT(nnx.Module):
         shift, scale = mod[:, 0:1], mod[:, 1:2]
         x = (self.norm_out(x) * (1 + scale) + shift).astype(dtype)
         x = self.proj_out(x)  # [B, L, pt·ph·pw·C]
-        x = x.reshape(b, gf, gh, gw, pt, ph, pw, cfg.out_channels)
+        x = x.reshape(b, gf, gh, gw, pt, ph, pw, cfg.output_channels)
         x = x.transpose(0, 1, 4, 2, 5, 3, 6, 7)  # [B, F', pt, H', ph, W', pw, C]
-        return x.reshape(b, f, h, w, cfg.out_channels)
+        return x.reshape(b, f, h, w, cfg.output_channels)
 
 
 def build_model(cfg: DiTConfig, seed: int = 0) -> WanDiT:

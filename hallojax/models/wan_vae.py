@@ -5,8 +5,8 @@ Video [B, T, H, W, 3] in [-1, 1] with T = 1 + 4k  <->  latents [B, 1 + k, H/8, W
 Every temporal convolution is causal, so the network can run chunk by chunk in time with a small
 feature cache, which bounds activation memory for long videos: the encoder sees the first frame alone,
 then chunks of 4 frames; the decoder one latent frame at a time. The cache is an explicit list of
-arrays (`_Cache`), one entry per cached layer in call order, with the same shapes for every chunk after
-the first, so the chunks after the first run under one `lax.scan`. As in the reference:
+arrays (`FrameCache`, hallojax.nn.conv), one entry per cached layer in call order, with the same shapes
+for every chunk after the first, so the chunks after the first run under one `lax.scan`. As in the reference:
 - a causal conv with temporal kernel k caches the last k−1 frames of its (zero-padded) input;
 - the encoder's temporal downsampler passes the first chunk through and then convolves
   [last frame of the previous chunk, chunk] with stride 2;
@@ -28,10 +28,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hallojax.models.vae_codec import VAECodec
-from hallojax.nn.layers import Dense
-from hallojax.nn.vae_blocks import (CausalConv3d, Conv2d, posterior, single_head_attention,
-                                    tiled_decode)
-from hallojax.nn.vae_blocks import silu as _silu
+from hallojax.nn.conv import (CausalConv3d, Conv2d, check_latents, check_video, posterior, posterior_sample,
+                              run_chunked)
+from hallojax.nn.layers import Dense, silu as _silu
+from hallojax.nn.vae_blocks import single_head_attention, tiled_decode
 from hallojax.modelconfig import DTYPES, ModelConfig, check_dtypes, with_precision
 
 WAN21_LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -81,23 +81,6 @@ class VAEConfig(ModelConfig):
     @property
     def latent_channels(self) -> int:
         return self.z_dim
-
-
-class _Cache:
-    """Feature cache of one chunked pass: `take` the previous chunk's entry (None on the first chunk),
-    `put` this chunk's; entries are matched by call order, as the reference does."""
-
-    def __init__(self, entries: list | None):
-        self.entries, self.new, self._i = entries, [], 0
-
-    def take(self):
-        if self.entries is None:
-            return None
-        self._i += 1
-        return self.entries[self._i - 1]
-
-    def put(self, value):
-        self.new.append(value)
 
 
 class ChannelRMSNorm(nnx.Module):
@@ -267,23 +250,6 @@ class Decoder(nnx.Module):
         return self.conv_out(_silu(self.norm_out(x)), cache)
 
 
-def _chunked(step, first: jax.Array, rest: jax.Array | None):
-    """Run `step(chunk, cache_entries) -> (out, new_entries)` on `first`, then scan it over
-    `rest` [K, B, t, ...]; returns the outputs concatenated in time."""
-    out0, entries = step(first, None)
-    if rest is None:
-        return out0
-
-    def body(entries, chunk):
-        out, entries = step(chunk, entries)
-        return entries, out
-
-    _, outs = jax.lax.scan(body, entries, rest)  # [K, B, t', ...]
-    outs = jnp.moveaxis(outs, 0, 1)
-    outs = outs.reshape(outs.shape[0], -1, *outs.shape[3:])
-    return jnp.concatenate([out0, outs], axis=1)
-
-
 class WanVAE(nnx.Module):
     """``vae.encode(video) -> latents``, ``vae.decode(latents) -> video`` (channels last, see module doc)."""
 
@@ -298,17 +264,10 @@ class WanVAE(nnx.Module):
 
     # --- shapes ---------------------------------------------------------------------------------
     def _check_video(self, video):
-        cfg = self.cfg
-        if video.ndim != 5 or video.shape[-1] != cfg.in_channels:
-            raise ValueError(f"video has shape {tuple(video.shape)}; expected [B, T, H, W, {cfg.in_channels}]")
-        t, h, w = video.shape[1:4]
-        if (t - 1) % cfg.temporal_stride or h % cfg.spatial_stride or w % cfg.spatial_stride:
-            raise ValueError(f"video {tuple(video.shape)}: T must be 1 + {cfg.temporal_stride}k and H, W "
-                             f"multiples of {cfg.spatial_stride}")
+        check_video(video, self.cfg.in_channels, self.cfg.temporal_stride, self.cfg.spatial_stride)
 
     def _check_latents(self, z):
-        if z.ndim != 5 or z.shape[-1] != self.cfg.z_dim:
-            raise ValueError(f"latents have shape {tuple(z.shape)}; expected [B, F, H, W, {self.cfg.z_dim}]")
+        check_latents(z, self.cfg.z_dim)
 
     # --- encode ---------------------------------------------------------------------------------
     @with_precision
@@ -319,14 +278,10 @@ class WanVAE(nnx.Module):
         b, t = video.shape[:2]
         x = video.astype(DTYPES[self.cfg.dtype])
 
-        def step(chunk, entries):
-            cache = _Cache(entries)
-            return self.encoder(chunk, cache), cache.new
-
         rest = None
         if t > 1:
             rest = jnp.moveaxis(x[:, 1:].reshape(b, (t - 1) // s, s, *x.shape[2:]), 1, 0)  # [K, B, s, H, W, C]
-        return posterior(self.quant_conv(_chunked(step, x[:, :1], rest)))
+        return posterior(self.quant_conv(run_chunked(self.encoder, x[:, :1], rest)))
 
     def normalize(self, z: jax.Array) -> jax.Array:
         mean = jnp.asarray(self.cfg.latents_mean, jnp.float32)
@@ -341,8 +296,7 @@ class WanVAE(nnx.Module):
     def encode(self, video: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
         """Normalised latents: the posterior mean, or a sample when `rng` is given."""
         mean, logvar = self.encode_moments(video)
-        z = mean if rng is None else mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape)
-        return self.normalize(z)
+        return self.normalize(posterior_sample(mean, logvar, rng))
 
     # --- decode ---------------------------------------------------------------------------------
     @with_precision
@@ -351,12 +305,8 @@ class WanVAE(nnx.Module):
         self._check_latents(z)
         x = self.post_quant_conv(z.astype(DTYPES[self.cfg.dtype]))
 
-        def step(chunk, entries):
-            cache = _Cache(entries)
-            return self.decoder(chunk, cache), cache.new
-
         rest = jnp.moveaxis(x[:, 1:, None], 1, 0) if x.shape[1] > 1 else None  # [F-1, B, 1, h, w, C]
-        video = _chunked(step, x[:, :1], rest).astype(jnp.float32)
+        video = run_chunked(self.decoder, x[:, :1], rest).astype(jnp.float32)
         return jnp.clip(video, -1.0, 1.0) if clamp else video
 
     def decode(self, latents: jax.Array, *, tile: int | None = None, tile_stride: int | None = None) -> jax.Array:

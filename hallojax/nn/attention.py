@@ -117,15 +117,25 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, interpret: boo
     return fn(q, k, v)
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str = "xla") -> jax.Array:
-    """softmax(q·kᵀ/√K)·v for q [B, L, N, K], k/v [B, M, N, K] -> [B, L, N, K]; no mask."""
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str = "xla", *,
+                          mask: jax.Array | None = None) -> jax.Array:
+    """softmax(q·kᵀ/√K)·v for q [B, L, N, K], k/v [B, M, N, K] -> [B, L, N, K].
+
+    mask: optional bool, broadcastable to [B, N, L, M]; False drops the key for that query (as torch's
+    boolean SDPA mask). Every query must keep at least one key. Not available with ``splash``.
+    """
     if impl == "cudnn":
-        return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
     if impl == "splash":
+        if mask is not None:
+            raise ValueError("attention impl 'splash' takes no mask (padded text): use 'xla' or 'cudnn'")
         return splash_attention(q, k, v)
     if impl != "xla":
         raise ValueError(f"attention impl {impl!r}: expected one of {ATTENTION_IMPLS}")
-    return _attend(_logits(q, k), v)
+    logits = _logits(q, k)
+    if mask is not None:
+        logits = jnp.where(mask, logits, -jnp.inf)
+    return _attend(logits, v)
 
 
 def _attend(logits: jax.Array, v: jax.Array) -> jax.Array:

@@ -79,6 +79,15 @@ class AudioProjector(nnx.Module):
             dimension_numbers=("NWC", "WIO", "NWC"), preferred_element_type=jnp.float32).astype(x.dtype)
         return y.reshape(b, k, -1, d).transpose(0, 2, 1, 3)
 
+    def window_tokens(self, windows: jax.Array) -> jax.Array:
+        """The MLP alone: windows [B, T, 2w+1, layers, D_a] (flattened in that order) -> [B, T, K, D], before
+        alignment and the norm (LetsTalk's windows come clamped at the ends of the whole audio, not the clip)."""
+        b, t = windows.shape[:2]
+        x = windows.reshape(b, t, -1)
+        x = jax.nn.relu(self.fc1(x.astype(self.dtype or windows.dtype)))
+        x = jax.nn.relu(self.fc2(x))
+        return self.fc3(x).reshape(b, t, self.tokens, self.out_dim)
+
     def __call__(self, feats: jax.Array) -> jax.Array:
         if feats.ndim != 4 or feats.shape[2:] != (self.in_layers, self.in_dim):
             raise ValueError(f"audio features have shape {tuple(feats.shape)}; expected "
@@ -86,10 +95,7 @@ class AudioProjector(nnx.Module):
         b, t = feats.shape[:2]
         f = frames_to_latent(t, self.stride)
         s = self.stride
-        x = window_features(feats, self.window).reshape(b, t, -1)
-        x = jax.nn.relu(self.fc1(x.astype(self.dtype or feats.dtype)))
-        x = jax.nn.relu(self.fc2(x))
-        x = self.fc3(x).reshape(b, t, self.tokens, self.out_dim)  # [B, T, K, D]
+        x = self.window_tokens(window_features(feats, self.window))  # [B, T, K, D]
         if self.align == "group":
             x = jnp.concatenate([jnp.repeat(x[:, :1], s - 1, axis=1), x], axis=1)  # [B, s·F, K, D]
             x = x.reshape(b, f, s * self.tokens, self.out_dim)

@@ -1,4 +1,5 @@
-"""Small layers shared by every model: dense with logical axes, fp32 norms, MLPs, timestep embedding.
+"""Small layers shared by every model: dense with logical axes, fp32 norms (layer, RMS, group), MLPs,
+timestep embedding, the patch embedding and the remat policies of the DiTs.
 
 Norms always compute in float32 whatever the compute dtype (as diffusers' FP32LayerNorm and the Wan
 reference do): in bf16 the variance of a 5120-wide activation loses too many bits otherwise.
@@ -12,6 +13,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from hallojax.sharding import constrain
@@ -80,6 +82,33 @@ class RMSNorm(nnx.Module):
         return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
+class GroupNorm(nnx.Module):
+    """torch GroupNorm on channels-last input [B, ..., C]: each of `groups` channel groups is normalised
+    over its channels and every non-batch axis (biased variance), in float32, cast back to x.dtype.
+    `batch_axes` leading axes index separate samples (2 on video [B, T, H, W, C]: statistics per frame)."""
+
+    def __init__(self, channels: int, groups: int, eps: float, *, batch_axes: int = 1):
+        if channels % groups:
+            raise ValueError(f"GroupNorm: {channels} channels do not split into {groups} groups")
+        self.groups, self.eps, self.batch_axes = groups, eps, batch_axes
+        self.scale = nnx.Param(jnp.ones((channels,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((channels,), jnp.float32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shape = x.shape
+        n = math.prod(shape[:self.batch_axes])
+        xf = x.astype(jnp.float32).reshape(n, -1, self.groups, shape[-1] // self.groups)  # [B, P, G, C/G]
+        mean = jnp.mean(xf, axis=(1, 3), keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=(1, 3), keepdims=True)
+        y = ((xf - mean) * jax.lax.rsqrt(var + self.eps)).reshape(shape)
+        return (y * self.scale[...] + self.bias[...]).astype(x.dtype)
+
+
+def silu(x):
+    """SiLU evaluated in float32 and rounded once to x.dtype."""
+    return jax.nn.silu(x.astype(jnp.float32)).astype(x.dtype)
+
+
 def gelu_tanh(x):
     return jax.nn.gelu(x, approximate=True)
 
@@ -113,11 +142,14 @@ class MLP(nnx.Module):
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
     """Sinusoidal embedding, [cos, sin] order (diffusers `Timesteps(flip_sin_to_cos=True, shift=0)`).
 
-    t: [B] (float or int). Returns float32 [B, dim]. Frequencies exp(-ln(max_period) * i / half).
+    t: [B] (float or int). Returns float32 [B, dim]. Frequencies exp(-ln(max_period) * i / half): the
+    exponent in float32 as the reference computes it, the exp correctly rounded on the host (XLA's and
+    torch's float32 exp each miss by an ulp here and there, which t ~ 1000–6000 magnifies to ~1e-4 rad).
     """
     half = dim // 2
-    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half
-    args = t.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
+    exponent = np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32) / np.float32(half)
+    freqs = np.exp(exponent.astype(np.float64)).astype(np.float32)
+    args = t.astype(jnp.float32)[:, None] * jnp.asarray(freqs)[None, :]
     return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
 
@@ -130,3 +162,52 @@ def stacked(cls, n: int, rngs: nnx.Rngs, *args, **kw):
         return cls(*args, rngs=r, **kw)
 
     return make(rngs)
+
+
+# --- patch embedding and remat policies (every DiT) ---
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_saveable,
+    "save_matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_attn_out": jax.checkpoint_policies.save_only_these_names("attn_out"),
+    "offload_attn_out": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=["attn_out"],
+        offload_src="device", offload_dst="pinned_host"),
+    # every layer's input (the residual stream the layer loop carries) to pinned host memory, the rest
+    # recomputed: device memory no longer grows with depth (14B at 720p, 2 samples per v5p chip)
+    "offload_layer_input": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=["layer_input"],
+        offload_src="device", offload_dst="pinned_host"),
+}
+
+
+class PatchEmbed(nnx.Module):
+    """Conv3d with kernel = stride = patch, as one matmul over patches. kernel [pt, ph, pw, C, D].
+
+    Input channels-last [B, F, H, W, C]; tokens ordered (f, h, w). Also CogVideoX's per-frame Conv2d
+    (patch (1, p, p)) and its 1.5 Linear over (c, pt, ph, pw)-flattened patches (converters reorder).
+    """
+
+    def __init__(self, patch, in_channels: int, dim: int, *, rngs: nnx.Rngs, dtype, param_dtype,
+                 zero_from: int | None = None):
+        """zero_from: input channels from this index on start at zero (conditioning channels added to
+        a pretrained model contribute nothing until trained)."""
+        self.patch = tuple(patch)
+        init = nnx.initializers.xavier_uniform(in_axis=(0, 1, 2, 3), out_axis=4)
+        kernel = init(rngs.params(), (*patch, in_channels, dim), param_dtype)
+        if zero_from is not None:
+            kernel = kernel.at[..., zero_from:, :].set(0)
+        self.kernel = nnx.Param(kernel, out_sharding=(None, None, None, None, "embed"), eager_sharding=False)
+        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), out_sharding=("embed",), eager_sharding=False)
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, f, h, w, c = x.shape
+        pt, ph, pw = self.patch
+        x = x.reshape(b, f // pt, pt, h // ph, ph, w // pw, pw, c)
+        x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7)  # [B, F', H', W', pt, ph, pw, C]
+        x = x.reshape(b, -1, pt, ph, pw, c).astype(self.dtype)  # [B, L, pt, ph, pw, C]
+        y = jnp.einsum("blthwc,thwcd->bld", x, self.kernel[...].astype(self.dtype),
+                       preferred_element_type=jnp.float32)
+        return (y + self.bias[...].astype(jnp.float32)).astype(self.dtype)

@@ -1,9 +1,13 @@
 """3D rotary position embedding on explicit per-token (t, h, w) integer coordinates.
 
-Wan splits the head dim into t/h/w parts (h = w = 2·(K // 6), t = K − h − w; 128 → 44/42/42) and
-rotates interleaved pairs (2i, 2i+1) by angle pos · theta^(−2i/d). The reference builds its cos/sin
-tables in float64 and casts them to float32; we do the same on the host, once per (K, theta, range),
-and gather rows by coordinate inside the jitted program. Coordinates are explicit per token rather
+Both families rotate interleaved pairs (2i, 2i+1) of each axis' part of the head by angle
+pos · theta^(−2i/d) and differ in the split and the angle precision (``split``):
+``wan``: h = w = 2·(K // 6), t = K − h − w (128 → 44/42/42), angles in float64 cast to float32;
+``cogvideox`` (diffusers `get_3d_rotary_pos_embed`, SAT `Rotary3DPositionEmbeddingMixin`): t = K/4,
+h = w = 3K/8 (64 → 16/24/24), angles computed in float32 as both references do. HunyuanVideo gives
+its axis sizes explicitly (``axes``, e.g. 16/56/56) with float32 angles (``angle_dtype``).
+The tables are built on the host, once per (K, theta, range, split), and rows are gathered by
+coordinate inside the jitted program. Coordinates are explicit per token rather
 than implied by a grid, so conditioning tokens can sit at t = −1 (identity frame) or at spatially
 shifted positions, and the rotation stays exact for every position in [−max_pos, max_pos).
 """
@@ -17,37 +21,60 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def axis_dims(head_dim: int) -> tuple[int, int, int]:
-    """(t, h, w) sub-dimensions of a head, as Wan splits them."""
+SPLITS = ("wan", "cogvideox")
+
+
+def axis_dims(head_dim: int, split: str = "wan") -> tuple[int, int, int]:
+    """(t, h, w) sub-dimensions of a head, as Wan (default) or CogVideoX splits them."""
+    if split == "cogvideox":
+        if head_dim % 16:
+            raise ValueError(f"CogVideoX RoPE needs head_dim % 16 == 0 (t = K/4, h = w = 3K/8 even), got {head_dim}")
+        return head_dim // 4, head_dim // 8 * 3, head_dim // 8 * 3
+    if split != "wan":
+        raise ValueError(f"RoPE split {split!r}: expected one of {SPLITS}")
     h = w = 2 * (head_dim // 6)
     return head_dim - h - w, h, w
 
 
 @functools.lru_cache(maxsize=16)
-def _tables(head_dim: int, theta: float, max_pos: int) -> tuple[np.ndarray, np.ndarray]:
+def _tables(axes: tuple[int, int, int], theta: float, max_pos: int,
+            angle_dtype: str = "float64") -> tuple[np.ndarray, np.ndarray]:
     """cos/sin of every (position, pair) for positions −max_pos … max_pos−1: float32 [2·max_pos, K/2].
 
-    Columns are the t pairs, then h pairs, then w pairs; row r is position r − max_pos.
+    Columns are the t pairs, then h pairs, then w pairs; row r is position r − max_pos. Frequencies and
+    angles in `angle_dtype`, each reference's own: float64 (Wan) or float32 (CogVideoX, HunyuanVideo).
     """
-    pos = np.arange(-max_pos, max_pos, dtype=np.float64)
+    f64 = np.dtype(angle_dtype) == np.float64
+    pos = np.arange(-max_pos, max_pos, dtype=np.float64 if f64 else np.float32)
     cos, sin = [], []
-    for d in axis_dims(head_dim):
-        inv = 1.0 / (theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
-        ang = np.outer(pos, inv)  # float64, as the reference computes it
+    for d in axes:
+        if f64:
+            inv = 1.0 / (theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+        else:  # torch's float32 `1 / theta ** (arange / d)`: its pow is the float64 power rounded (bitwise equal)
+            e = np.arange(0, d, 2, dtype=np.float32) / np.float32(d)
+            inv = np.float32(1.0) / (np.float64(theta) ** e.astype(np.float64)).astype(np.float32)
+        ang = np.outer(pos, inv).astype(np.float64)  # float32 products stay float32 values
         cos.append(np.cos(ang).astype(np.float32))
         sin.append(np.sin(ang).astype(np.float32))
     return np.concatenate(cos, axis=1), np.concatenate(sin, axis=1)
 
 
 def rope_cos_sin(coords: jax.Array | np.ndarray, head_dim: int, theta: float = 10000.0,
-                 max_pos: int = 1024) -> tuple[jax.Array, jax.Array]:
+                 max_pos: int = 1024, split: str = "wan", *, axes: tuple[int, int, int] | None = None,
+                 angle_dtype: str | None = None) -> tuple[jax.Array, jax.Array]:
     """cos, sin for integer coordinates `coords` [..., L, 3] (t, h, w): float32 [..., L, K/2].
 
-    Coordinates outside [−max_pos, max_pos) raise for host arrays; inside jit (where values are not
+    split: the (t, h, w) sub-dimensions and angle precision of a family (`axis_dims`); `axes` (even, summing
+    to head_dim) and `angle_dtype` override them (HunyuanVideo: (16, 56, 56), float32). Coordinates outside [−max_pos, max_pos) raise for host arrays; inside jit (where values are not
     known) they produce NaN rather than silently reading another position's row.
     """
-    dt, dh, dw = axis_dims(head_dim)
-    cos_t, sin_t = _tables(head_dim, float(theta), int(max_pos))
+    axes = axis_dims(head_dim, split) if axes is None else tuple(int(a) for a in axes)
+    if sum(axes) != head_dim or any(a % 2 for a in axes):
+        raise ValueError(f"RoPE axis dims {axes}: must be even and sum to head_dim {head_dim}")
+    if angle_dtype is None:
+        angle_dtype = "float64" if split == "wan" else "float32"
+    dt, dh, dw = axes
+    cos_t, sin_t = _tables(axes, float(theta), int(max_pos), angle_dtype)
     if not isinstance(coords, jax.core.Tracer):
         coords = np.asarray(coords)
         if coords.size and (coords.min() < -max_pos or coords.max() >= max_pos):

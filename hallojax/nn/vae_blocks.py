@@ -1,5 +1,6 @@
-"""Blocks of the diffusers-style VAEs, channels-last on video [B, T, H, W, C]: convolutions, GroupNorm,
-the ResNet block, the mid-block attention, the encoder/decoder trunks and spatial tiled decoding.
+"""Blocks of the diffusers-style VAEs, channels-last on video [B, T, H, W, C]: the ResNet block, the
+mid-block attention, the encoder/decoder trunks and spatial tiled decoding, built from the shared
+convolutions (`hallojax.nn.conv`) and GroupNorm (`hallojax.nn.layers`).
 
 Two families share them through `VAEOps`:
 - 2D (SD's `AutoencoderKL`, run per frame): 3x3 convs with zero padding, GroupNorm statistics and
@@ -7,9 +8,9 @@ Two families share them through `VAEOps`:
 - causal 3D (`AutoencoderKLHunyuanVideo`): 3x3x3 convs padded by replicating the first frame k_t − 1
   times on the left and the edge pixels in space, GroupNorm over (T, H, W), attention over all T·H·W
   positions with a causal mask over frames (a position sees its own frame and the earlier ones).
-The Wan VAE (`hallojax.models.wan_vae`) uses the zero-padded causal conv, the per-frame 2D conv and the
-tiled decode from here. Numerics: norms, softmax and SiLU in float32, convs and linears accumulate in
-float32 and round once to the compute dtype.
+The Wan VAE uses the attention kernel and the tiled decode from here; the CogVideoX VAE only the
+shared convs and GroupNorm. Numerics: norms, softmax and SiLU in float32, convs and linears accumulate
+in float32 and round once to the compute dtype.
 """
 
 from __future__ import annotations
@@ -19,109 +20,10 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from hallojax.nn.layers import Dense
-
-
-def kernel_init(rngs, shape, dtype):
-    fan_in = int(np.prod(shape[:-1]))
-    return jax.random.normal(rngs.params(), shape, dtype) / np.sqrt(fan_in)
-
-
-def silu(x):
-    return jax.nn.silu(x.astype(jnp.float32)).astype(x.dtype)
-
-
-# --- convolutions ---------------------------------------------------------------------------------
-
-
-class CausalConv3d(nnx.Module):
-    """Conv3d on [B, T, H, W, C], causal in time; kernel [kt, kh, kw, I, O].
-
-    pad_mode "zeros" (Wan): 2·p_t zero (or cached, see `wan_vae._Cache`) frames on the left and p_h, p_w
-    zeros on each side in space. "replicate" (HunyuanVideo): the first frame repeated kt − 1 times on
-    the left and the edge pixels repeated k // 2 times on each side in space (`padding` must be 0).
-    """
-
-    def __init__(self, cin: int, cout: int, kernel, *, stride=(1, 1, 1), padding=(0, 0, 0), pad_mode="zeros", rngs,
-                 dtype, param_dtype):
-        kernel = (kernel,) * 3 if isinstance(kernel, int) else tuple(kernel)
-        padding = (padding,) * 3 if isinstance(padding, int) else tuple(padding)
-        stride = (stride,) * 3 if isinstance(stride, int) else tuple(stride)
-        if pad_mode not in ("zeros", "replicate") or (pad_mode == "replicate" and any(padding)):
-            raise ValueError(f"CausalConv3d: pad_mode {pad_mode!r} with padding {padding}")
-        self.kernel = nnx.Param(kernel_init(rngs, (*kernel, cin, cout), param_dtype))  # [kt, kh, kw, I, O]
-        self.bias = nnx.Param(jnp.zeros((cout,), param_dtype))
-        self.replicate = pad_mode == "replicate"
-        if self.replicate:
-            self.time_pad, self.spatial_pad = 0, ((0, 0), (0, 0))
-            self.edge_pad = ((0, 0), (kernel[0] - 1, 0), (kernel[1] // 2,) * 2, (kernel[2] // 2,) * 2, (0, 0))
-        else:
-            self.time_pad = 2 * padding[0]
-            self.spatial_pad = ((padding[1], padding[1]), (padding[2], padding[2]))
-        self.stride = stride
-        self.dtype = dtype
-
-    def conv(self, x: jax.Array) -> jax.Array:
-        y = jax.lax.conv_general_dilated(
-            x.astype(self.dtype), self.kernel[...].astype(self.dtype), self.stride, ((0, 0), *self.spatial_pad),
-            dimension_numbers=("NDHWC", "DHWIO", "NDHWC"), preferred_element_type=jnp.float32)
-        return (y + self.bias[...].astype(jnp.float32)).astype(self.dtype)
-
-    def __call__(self, x: jax.Array, cache=None) -> jax.Array:
-        if self.replicate:
-            return self.conv(jnp.pad(x, self.edge_pad, mode="edge"))
-        if self.time_pad:
-            prev = cache.take() if cache is not None else None
-            if prev is None:
-                prev = jnp.zeros((x.shape[0], self.time_pad, *x.shape[2:]), x.dtype)
-            x = jnp.concatenate([prev, x], axis=1)
-            if cache is not None:
-                cache.put(x[:, -self.time_pad:])
-        return self.conv(x)
-
-
-class Conv2d(nnx.Module):
-    """Per-frame 2D convolution on [B, T, H, W, C]; kernel [kh, kw, I, O]; zero padding."""
-
-    def __init__(self, cin, cout, kernel, *, stride=1, padding=0, rngs, dtype, param_dtype):
-        self.kernel = nnx.Param(kernel_init(rngs, (kernel, kernel, cin, cout), param_dtype))
-        self.bias = nnx.Param(jnp.zeros((cout,), param_dtype))
-        self.stride, self.padding, self.dtype = (stride, stride), padding, dtype
-
-    def __call__(self, x, cache=None):
-        b, t = x.shape[:2]
-        pad = self.padding if isinstance(self.padding, tuple) else ((self.padding,) * 2,) * 2
-        y = jax.lax.conv_general_dilated(
-            x.reshape(b * t, *x.shape[2:]).astype(self.dtype), self.kernel[...].astype(self.dtype), self.stride,
-            pad, dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=jnp.float32)
-        y = (y + self.bias[...].astype(jnp.float32)).astype(self.dtype)
-        return y.reshape(b, t, *y.shape[1:])
-
-
-# --- norm, attention --------------------------------------------------------------------------------
-
-
-class GroupNorm(nnx.Module):
-    """torch.nn.GroupNorm (affine) on [B, T, H, W, C] in float32: statistics per sample and channel group
-    over (H, W) of each frame (`per_frame`) or over (T, H, W)."""
-
-    def __init__(self, dim: int, groups: int, eps: float, *, per_frame: bool):
-        if dim % groups:
-            raise ValueError(f"GroupNorm: {dim} channels do not split into {groups} groups")
-        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
-        self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
-        self.groups, self.eps, self.per_frame = groups, eps, per_frame
-
-    def __call__(self, x):
-        xf = x.astype(jnp.float32).reshape(*x.shape[:-1], self.groups, x.shape[-1] // self.groups)
-        axes = (2, 3, 5) if self.per_frame else (1, 2, 3, 5)
-        mean = jnp.mean(xf, axis=axes, keepdims=True)
-        var = jnp.mean(jnp.square(xf - mean), axis=axes, keepdims=True)
-        y = ((xf - mean) * jax.lax.rsqrt(var + self.eps)).reshape(x.shape)
-        return (y * self.scale[...] + self.bias[...]).astype(x.dtype)
+from hallojax.nn.conv import CausalConv3d, Conv2d
+from hallojax.nn.layers import Dense, GroupNorm, silu
 
 
 def single_head_attention(q, k, v, frames: int | None = None, block: int = 4096):
@@ -158,7 +60,7 @@ class Attention(nnx.Module):
     T·H·W positions with a causal mask over frames."""
 
     def __init__(self, dim: int, groups: int, eps: float, *, per_frame: bool, rngs, dtype, param_dtype):
-        self.group_norm = GroupNorm(dim, groups, eps, per_frame=per_frame)
+        self.group_norm = GroupNorm(dim, groups, eps, batch_axes=2 if per_frame else 1)
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.to_q, self.to_k, self.to_v, self.to_out = (Dense(dim, dim, (None, None), **kw) for _ in range(4))
         self.per_frame = per_frame
@@ -197,7 +99,8 @@ class VAEOps:
     def conv(self, cin: int, cout: int, kernel: int, stride=(1, 1, 1)):
         kw = dict(rngs=self.rngs, dtype=self.dtype, param_dtype=self.param_dtype)
         if self.causal3d:
-            return CausalConv3d(cin, cout, kernel, stride=stride, pad_mode="replicate", **kw)
+            return CausalConv3d(cin, cout, kernel, stride=stride, padding=kernel // 2, time_fill="first",
+                                spatial_fill="edge", **kw)
         if tuple(stride) == (1, 2, 2):  # diffusers' Downsample2D(padding=0): zero row/column at the bottom/right
             return Conv2d(cin, cout, kernel, stride=2, padding=((0, 1), (0, 1)), **kw)
         if tuple(stride) != (1, 1, 1):
@@ -205,7 +108,7 @@ class VAEOps:
         return Conv2d(cin, cout, kernel, padding=kernel // 2, **kw)
 
     def norm(self, dim: int) -> GroupNorm:
-        return GroupNorm(dim, self.groups, self.eps, per_frame=not self.causal3d)
+        return GroupNorm(dim, self.groups, self.eps, batch_axes=1 if self.causal3d else 2)
 
     def attention(self, dim: int) -> Attention:
         return Attention(dim, self.groups, self.eps, per_frame=not self.causal3d, rngs=self.rngs, dtype=self.dtype,
@@ -315,12 +218,6 @@ class Decoder(nnx.Module):
         for block in self.up_blocks:
             x = block(x)
         return self.conv_out(silu(self.conv_norm_out(x)))
-
-
-def posterior(moments: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """diffusers' DiagonalGaussianDistribution: (mean, logvar clipped to [-30, 20]) in float32."""
-    mean, logvar = jnp.split(moments.astype(jnp.float32), 2, axis=-1)
-    return mean, jnp.clip(logvar, -30.0, 20.0)
 
 
 # --- tiled decoding -----------------------------------------------------------------------------------

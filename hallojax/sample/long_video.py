@@ -75,11 +75,13 @@ def known_video_frames(latent: int, stride: int) -> int:
 
 
 def plan(strategy: str, frames: int, clip_frames: int, stride: int, *, known_latent: int = 1,
-         overlap_latent: int = 1, overlap_frames: int = 8) -> Plan:
+         overlap_latent: int = 1, overlap_frames: int = 8, motion_video_frames: int | None = None) -> Plan:
     """The clips for `frames` output frames with clips of `clip_frames` (= 1 + stride·(F − 1)) frames.
 
     known_latent: latent frames carried from one clip to the next (motion: the model's motion_frames;
-    continue: the continuation overlap); overlap_latent: the window overlap of `overlap`."""
+    continue: the continuation overlap); overlap_latent: the window overlap of `overlap`;
+    motion_video_frames: motion only, the video frames carried when the model counts them in pixels (Hallo3:
+    2, encoded into its conditioning channels; LetsTalk: 0, its memory bank lies before the clip)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"--long-video {strategy!r}: expected one of {STRATEGIES}")
     if frames < 1:
@@ -98,10 +100,15 @@ def plan(strategy: str, frames: int, clip_frames: int, stride: int, *, known_lat
             a = clips[-1].start + clip_frames - m
             clips.append(Clip(start=a, known=m, emit=(a, min(a + clip_frames, frames))))
         return Plan(strategy, frames, clip_frames, f, stride, tuple(clips), m)
-    if not 0 < known_latent < f:
+    if strategy == "motion" and motion_video_frames is not None:
+        m = motion_video_frames
+        if not 0 <= m < clip_frames:
+            raise ValueError(f"motion: {m} motion frames per clip must be in 0..{clip_frames - 1}")
+    elif not 0 < known_latent < f:
         raise ValueError(f"{strategy}: {known_latent} known latent frames per clip must be in 1..{f - 1} "
                          f"(clips have {f} latent frames)")
-    m = known_video_frames(known_latent, stride)
+    else:
+        m = known_video_frames(known_latent, stride)
     step = clip_frames - m
     clips = []
     if strategy == "motion":

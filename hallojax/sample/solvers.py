@@ -1,4 +1,5 @@
-"""Samplers: Euler, UniPC (bh2, order 2) and DPM-Solver++ 2M, each one jitted loop over all steps.
+"""Samplers: Euler, UniPC (bh2, order 2), DPM-Solver++ 2M and the VP ones (CogVideoX DDIM / DPM, DDPM,
+DDIM), each one jitted loop over all steps.
 
 k-diffusion's shape: a sampler is a small object over a `Schedule` and a denoiser callable
 `denoise(x, t, i) -> model output` (guidance is a wrapper around the model, not inside the sampler).
@@ -15,6 +16,14 @@ the host in float64 from the float32 schedule, giving per-step coefficient array
 first and last step) to float32 rounding: final latents within 1e-5 relative (tested against diffusers
 with a deterministic stand-in model). Euler is `x + (σ_{i+1} − σ_i)·v` with diffusers' float32 `dt`,
 bit for bit. The (α, σ, prediction) form takes VP / v-prediction schedules unchanged.
+
+VP samplers (v or ε models on `vp_schedule`s): CogVideoX DDIM and the stochastic CogVideoX DPM-Solver++(2M)
+(diffusers `CogVideoXDDIMScheduler` / `CogVideoXDPMScheduler`), DDPM ancestral sampling with the
+learned-range (or fixed small) variance (`DDPMScheduler`, guided-diffusion's `p_sample`) and DDIM with η = 0
+(`DDIMScheduler`). Each step is x ← p_x·x + p_0·x̂0_i + p_1·x̂0_{i−1} (+ noise), the coefficients from ᾱ and
+the level ᾱ_to the step lands on, in float64 on the host. The stochastic ones draw their noise per step from
+`step_noise(key, i, shape)`: pass `key` to `sample`. Models with a learned variance output 2C channels
+[prediction, variance]; only DDPM reads the variance half.
 
 Known frames (image-to-video, motion frames, continuation): `known=(latents, mask, noise)` puts the
 known latent frames at the current noise level, α_i·known + σ_i·noise, before every model call (exactly
@@ -66,7 +75,7 @@ class Euler:
     def init(self, x: jax.Array) -> dict:
         return {"x": x}
 
-    def step(self, state: dict, out: jax.Array, c: dict, alpha, sigma, prediction: str) -> dict:
+    def step(self, state: dict, out: jax.Array, c: dict, alpha, sigma, prediction: str, noise=None) -> dict:
         return {"x": state["x"] + c["dt"] * out}
 
 
@@ -98,7 +107,7 @@ class _LinearMultistep:
         zero = jnp.zeros_like(x)
         return {"x": x, "last": x, "m1": zero, "m2": zero}
 
-    def step(self, state: dict, out: jax.Array, c: dict, alpha, sigma, prediction: str) -> dict:
+    def step(self, state: dict, out: jax.Array, c: dict, alpha, sigma, prediction: str, noise=None) -> dict:
         x = state["x"]
         m0 = to_x0(out, x, alpha, sigma, prediction)  # from the uncorrected sample, as diffusers does
         x = c["c_x"] * x + c["c_last"] * state["last"] + c["c_0"] * m0 + c["c_1"] * state["m1"] + c["c_2"] * state["m2"]
@@ -170,14 +179,125 @@ class DPMSolverPP(_LinearMultistep):
                 c["p_1"][i] = 0.5 * big_a / r0
 
 
+# --- VP samplers ---------------------------------------------------------------------------------
+class _VPSampler:
+    """x_{i+1} = p_x·x + p_0·x̂0_i + p_1·x̂0_{i−1} + p_n·z_i over a VP schedule (ᾱ, ᾱ_to per step)."""
+
+    name = ""
+    stochastic = False
+    KEYS = ("p_x", "p_0", "p_1", "p_n")
+
+    def _coefficients(self, c: dict, ab, ab_to, n) -> None:
+        raise NotImplementedError
+
+    def coefficients(self, schedule: Schedule) -> dict[str, np.ndarray]:
+        if schedule.abar is None or schedule.prediction not in ("v", "epsilon"):
+            raise ValueError(f"the {self.name} sampler needs a VP schedule (hallojax.sample.schedules.vp_schedule)")
+        n = schedule.steps
+        c = {k: np.zeros(n) for k in self.KEYS}
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            self._coefficients(c, schedule.abar.astype(np.float64), schedule.abar_to.astype(np.float64), n)
+        bad = [k for k, v in c.items() if not np.all(np.isfinite(v))]
+        if bad:
+            raise ValueError(f"{self.name}: non-finite solver coefficients {bad}")
+        return {k: v.astype(np.float32) for k, v in c.items()}
+
+    def init(self, x: jax.Array) -> dict:
+        return {"x": x, "m1": jnp.zeros_like(x)}
+
+    def _noise_scale(self, out_var, c):
+        return c["p_n"]
+
+    def step(self, state: dict, out: jax.Array, c: dict, alpha, sigma, prediction: str, noise=None) -> dict:
+        x = state["x"]
+        ch = x.shape[-1]
+        m0 = to_x0(out[..., :ch], x, alpha, sigma, prediction)
+        nxt = c["p_x"] * x + c["p_0"] * m0 + c["p_1"] * state["m1"]
+        if self.stochastic:
+            nxt = nxt + self._noise_scale(out[..., ch:], c) * noise
+        return {"x": nxt, "m1": m0}
+
+
+class DDIM(_VPSampler):
+    """DDIM, η = 0: x_to = √ᾱ_to·x̂0 + √(1 − ᾱ_to)·ε̂ with ε̂ = (x − √ᾱ·x̂0)/√(1 − ᾱ) (diffusers `DDIMScheduler`,
+    `CogVideoXDDIMScheduler`; guided-diffusion's `ddim_sample`)."""
+
+    name = "ddim"
+
+    def _coefficients(self, c, ab, ab_to, n):
+        a_t = np.sqrt((1.0 - ab_to) / (1.0 - ab))
+        c["p_x"][:] = a_t
+        c["p_0"][:] = np.sqrt(ab_to) - np.sqrt(ab) * a_t
+
+
+class CogVideoXDPM(_VPSampler):
+    """CogVideoX's stochastic DPM-Solver++(2M) (SAT `VPSDEDPMPP2MSampler`, diffusers `CogVideoXDPMScheduler`):
+    with λ = log √(ᾱ/(1 − ᾱ)) and h = λ_to − λ_i, x ← √((1 − ᾱ_to)/(1 − ᾱ))·e^{−h}·x − expm1(−2h)·√ᾱ_to·D
+    + √(1 − ᾱ_to)·√(1 − e^{−2h})·z, D = x̂0 at the first step and when landing on ᾱ = 1, else
+    (1 + 1/(2r))·x̂0 − (1/(2r))·x̂0_prev with r = (λ_i − λ_{i−1})/h."""
+
+    name = "cogvideox-dpm"
+    stochastic = True
+
+    def _coefficients(self, c, ab, ab_to, n):
+        lam, lam_to = 0.5 * np.log(ab / (1.0 - ab)), 0.5 * np.log(ab_to / (1.0 - ab_to))
+        h = lam_to - lam
+        mult2 = np.expm1(-2.0 * h) * np.sqrt(ab_to)
+        c["p_x"][:] = np.sqrt((1.0 - ab_to) / (1.0 - ab)) * np.exp(-h)
+        c["p_0"][:] = -mult2
+        c["p_n"][:] = np.sqrt(1.0 - ab_to) * np.sqrt(-np.expm1(-2.0 * h))
+        for i in range(1, n):
+            if ab_to[i] >= 1.0:  # diffusers: prev_timestep < 0, first order
+                continue
+            r = (lam[i] - lam[i - 1]) / h[i]
+            c["p_0"][i] = -mult2[i] * (1.0 + 1.0 / (2.0 * r))
+            c["p_1"][i] = mult2[i] / (2.0 * r)
+
+
+class DDPM(_VPSampler):
+    """Ancestral DDPM on the respaced chain: x_to = coef_x0·x̂0 + coef_xt·x + [t > 0]·e^{log σ²/2}·z with the
+    learned-range log σ² = f·log β + (1 − f)·log β̃ (f = (y + 1)/2 from the model's variance half y) or, for
+    a model without one, the fixed small log β̃ (diffusers `DDPMScheduler`, guided-diffusion `p_sample`)."""
+
+    name = "ddpm"
+    stochastic = True
+    KEYS = ("p_x", "p_0", "p_1", "p_n", "max_log", "min_log")
+
+    def _coefficients(self, c, ab, ab_to, n):
+        from hallojax.diffusion import posterior_tables
+
+        post = {k: v[::-1] for k, v in posterior_tables(ab[::-1], ab_to[::-1]).items()}  # tables run up in t
+        c["p_x"][:] = post["coef_xt"]
+        c["p_0"][:] = post["coef_x0"]
+        c["p_n"][:] = ab_to < 1.0  # no noise on the step to the data (t = 0)
+        c["max_log"][:] = np.where(ab_to < 1.0, post["log_beta"], 0.0)
+        c["min_log"][:] = np.where(ab_to < 1.0, post["log_var_clipped"], 0.0)
+
+    def _noise_scale(self, out_var, c):
+        if out_var.shape[-1] == 0:  # no learned variance: the posterior's
+            return c["p_n"] * jnp.exp(0.5 * c["min_log"])
+        frac = (out_var + 1.0) / 2.0
+        return c["p_n"] * jnp.exp(0.5 * (frac * c["max_log"] + (1.0 - frac) * c["min_log"]))
+
+
 SAMPLERS = {"euler": Euler, "unipc": UniPC, "dpm++": DPMSolverPP,
-            "wan-unipc": UniPC}  # Wan's FlowUniPCMultistepScheduler: the same solver on Wan's σ grid (schedules.py)
+            "wan-unipc": UniPC,  # Wan's FlowUniPCMultistepScheduler: the same solver on Wan's σ grid (schedules.py)
+            "cogvideox-ddim": DDIM, "cogvideox-dpm": CogVideoXDPM, "ddpm": DDPM, "ddim": DDIM}
+# the sampler names that run VP (v / ε) models, on hallojax.sample.schedules.vp_schedule grids
+VP = ("cogvideox-ddim", "cogvideox-dpm", "ddpm", "ddim")
 
 
 def get_sampler(name: str):
     if name not in SAMPLERS:
         raise ValueError(f"sampler {name!r}: expected one of {sorted(SAMPLERS)}")
-    return SAMPLERS[name]()
+    sampler = SAMPLERS[name]()
+    sampler.name = name  # one class may serve several names (programs are cached by name)
+    return sampler
+
+
+def step_noise(key: jax.Array, i, shape) -> jax.Array:
+    """The standard normal noise a stochastic sampler adds at step i: a function of (key, i) alone."""
+    return jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32)
 
 
 class Known(NamedTuple):
@@ -197,14 +317,17 @@ def schedule_arrays(sampler, schedule: Schedule) -> dict[str, np.ndarray]:
 
 def sample(denoise: Denoiser | Sequence[Denoiser], x: jax.Array, arrays: dict, sampler, prediction: str = "flow",
            *, phases: Sequence[tuple[int, int]] | None = None, known: Known | None = None,
-           on_step: Callable[[], None] | None = None) -> jax.Array:
+           on_step: Callable[[], None] | None = None, key: jax.Array | None = None) -> jax.Array:
     """Run every step of `sampler` from noise `x` (traceable: call it inside `jax.jit`).
 
     arrays: `schedule_arrays(sampler, schedule)` (jnp or np). denoise: one denoiser, or one per phase
     with `phases` [(start, stop), ...] covering 0..N: each phase is its own `lax.scan` (guidance whose
     active branches change at a step, e.g. HunyuanVideo-Avatar's). on_step: a host callback per step
-    (progress bars)."""
+    (progress bars). key: the stochastic samplers' noise key (`step_noise`)."""
     n = int(np.shape(arrays["t"])[0])
+    stochastic = getattr(sampler, "stochastic", False)
+    if stochastic and key is None:
+        raise ValueError(f"the {sampler.name} sampler adds noise at every step: pass sample(..., key=...)")
     denoisers = list(denoise) if isinstance(denoise, (list, tuple)) else [denoise]
     phases = list(phases) if phases is not None else [(0, n)]
     if len(phases) != len(denoisers) or phases[0][0] != 0 or phases[-1][1] != n or any(
@@ -221,7 +344,8 @@ def sample(denoise: Denoiser | Sequence[Denoiser], x: jax.Array, arrays: dict, s
             x = jnp.where(known.mask, s["alpha"] * known.latents + s["sigma"] * known.noise, x)
             state = {**state, "x": x}
         out = denoiser(x, s["t"], s["i"]).astype(jnp.float32)
-        state = sampler.step(state, out, s["coef"], s["alpha"], s["sigma"], prediction)
+        noise = step_noise(key, s["i"], x.shape) if stochastic else None
+        state = sampler.step(state, out, s["coef"], s["alpha"], s["sigma"], prediction, noise)
         if on_step is not None:
             jax.debug.callback(on_step)
         return state, None

@@ -1,5 +1,5 @@
 """Pieces shared by the audio and text encoders: activations by transformers name, attention with an
-additive bias and a key-padding mask, and config (de)serialisation helpers."""
+additive bias and a key-padding mask, a channels-last 1-D convolution, and config (de)serialisation helpers."""
 
 from __future__ import annotations
 
@@ -40,3 +40,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, bias: j
         logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("bnlm,bmnk->blnk", probs, v, preferred_element_type=jnp.float32).astype(v.dtype)
+
+
+def conv1d(x: jax.Array, kernel: jax.Array, stride: int = 1, padding: int = 0, groups: int = 1) -> jax.Array:
+    """x [B, T, I], kernel [K, I/groups, O] (torch Conv1d weight [O, I, K] transposed) -> [B, T', O] in float32."""
+    return jax.lax.conv_general_dilated(x, kernel, window_strides=(stride,), padding=[(padding, padding)],
+                                        dimension_numbers=("NWC", "WIO", "NWC"), feature_group_count=groups,
+                                        preferred_element_type=jnp.float32)

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from hallojax.models.encoders.common import activation, attention
+from hallojax.models.encoders.common import activation, attention, conv1d
 from hallojax.modelconfig import DTYPES, ModelConfig, check_dtypes, with_precision
 from hallojax.nn.layers import MLP, Dense, LayerNorm, stacked
 from hallojax.sharding import constrain
@@ -111,13 +111,6 @@ class Wav2Vec2Output(NamedTuple):
     extract_features: jax.Array  # [B, T, C]: the normalised convolutional features (before projection)
 
 
-def _conv1d(x, kernel, stride: int = 1, padding: int = 0, groups: int = 1):
-    """x [B, T, I], kernel [K, I/groups, O] -> [B, T', O] in float32."""
-    return jax.lax.conv_general_dilated(x, kernel, window_strides=(stride,), padding=[(padding, padding)],
-                                        dimension_numbers=("NWC", "WIO", "NWC"), feature_group_count=groups,
-                                        preferred_element_type=jnp.float32)
-
-
 class ChannelGroupNorm(nnx.Module):
     """GroupNorm with one group per channel (torch `GroupNorm(C, C)`): each channel normalised over time,
     in float32, eps 1e-5."""
@@ -153,7 +146,7 @@ class FeatureConv(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x):
-        y = _conv1d(x.astype(self.dtype), self.kernel[...].astype(self.dtype), self.stride)
+        y = conv1d(x.astype(self.dtype), self.kernel[...].astype(self.dtype), self.stride)
         if self.bias is not None:
             y = y + self.bias[...].astype(jnp.float32)
         y = y.astype(self.dtype)
@@ -201,7 +194,7 @@ class PositionalConv(nnx.Module):
 
     def __call__(self, x):  # [B, T, D]
         t = x.shape[1]
-        y = _conv1d(x.astype(self.dtype), self.weight().astype(self.dtype), padding=self.k // 2, groups=self.groups)
+        y = conv1d(x.astype(self.dtype), self.weight().astype(self.dtype), padding=self.k // 2, groups=self.groups)
         y = (y + self.bias[...].astype(jnp.float32))[:, :t]  # even K: one frame too many, the last is dropped
         return self.act(y.astype(self.dtype).astype(jnp.float32)).astype(self.dtype)
 
