@@ -12,6 +12,8 @@ x_t = √ᾱ_t·x0 + √(1 − ᾱ_t)·ε at integer t ∈ {0 .. T−1}, T = 100
   |ε̂ − ε|² + L_vb, L_vb = KL(q(x_{t−1} | x_t, x0) ‖ p(x_{t−1} | x_t)) for t > 0 and the discretised Gaussian
   decoder NLL (bins of width 2/255 on [−1, 1], the tanh approximation of the normal CDF) at t = 0, both in bits, with ε̂
   stop-gradiented inside L_vb (the bound trains the variance only). Without learned variance: |ε̂ − ε|².
+  The terms are computed through exact identities that avoid guided-diffusion's float32 cancellations
+  (see `ddpm_terms`); in float64 they equal its formulas to 1e-9 (tests/test_objectives.py).
 
 Every per-element term is averaged per sample over its generated positions, then over samples
 (`flow.masked_mean`): defined at batch 1, and equal microbatches average exactly to their union.
@@ -83,16 +85,17 @@ def posterior_tables(ab: np.ndarray, ab_prev: np.ndarray) -> dict[str, np.ndarra
             "log_var_clipped": log_var, "log_beta": log_beta}
 
 
-def training_tables(process: str, shift: float = 1.0) -> dict[str, np.ndarray]:
-    """float32 [1000] rows the device gathers by t: √ᾱ, √(1 − ᾱ), and the posterior's tables."""
+def training_tables(process: str, shift: float = 1.0, dtype=np.float32) -> dict[str, np.ndarray]:
+    """[1000] rows the device gathers by t (float32 unless `dtype`): √ᾱ, √(1 − ᾱ), and the posterior's tables."""
     ab = alphas_cumprod(process, shift)
     with np.errstate(divide="ignore", invalid="ignore"):  # ᾱ = 0 at the zero-terminal-SNR end
         post = posterior_tables(ab, np.concatenate([[1.0], ab[:-1]]))
     out = {"sqrt_ab": np.sqrt(ab), "sqrt_1m_ab": np.sqrt(1.0 - ab)}
     if not PROCESSES[process]["zero_snr"]:  # x̂0 from ε and the posterior: the ddpm objective (ᾱ > 0 throughout)
-        out.update({"recip_sqrt_ab": np.sqrt(1.0 / ab), "sqrt_recipm1_ab": np.sqrt(1.0 / ab - 1.0)},
-                   **{k: post[k] for k in ("coef_x0", "coef_xt", "log_var_clipped", "log_beta")})
-    return {k: v.astype(np.float32) for k, v in out.items()}
+        out.update(sqrt_recipm1_ab=np.sqrt(1.0 / ab - 1.0), coef_x0=post["coef_x0"],
+                   log_var_clipped=post["log_var_clipped"],
+                   log_var_ratio=post["log_beta"] - post["log_var_clipped"])  # log(β/β̃), small at large t
+    return {k: v.astype(dtype) for k, v in out.items()}
 
 
 def sample_timesteps(rng: jax.Array, batch: int) -> jax.Array:
@@ -123,32 +126,53 @@ def v_loss(tables: dict, out: jax.Array, x0: jax.Array, noise: jax.Array, t: jax
 
 
 # --- the ddpm hybrid objective -------------------------------------------------------------------
-def normal_kl(mean1, logvar1, mean2, logvar2):
-    """KL(N(mean1, e^logvar1) ‖ N(mean2, e^logvar2)) per element, in nats."""
-    return 0.5 * (-1.0 + logvar2 - logvar1 + jnp.exp(logvar1 - logvar2)
-                  + jnp.square(mean1 - mean2) * jnp.exp(-logvar2))
+# guided-diffusion's float32 formulas subtract nearly equal numbers: the two posterior means (x_t dominates
+# both) and log β vs log β̃ (equal to 1e-6 at large t). Written with the identities
+#   true mean − model mean = coef_x0·√(1/ᾱ − 1)·(ε̂ − ε),   log σ²_model − log β̃ = f·log(β/β̃)
+# (log(β/β̃) from a float64 table) the same terms are well conditioned, and so are their gradients.
+@jax.custom_jvp
+def _kl_log_var_term(d):
+    """d + e^{−d} − 1 (the KL's variance part for log-variance gap d), with the derivative −expm1(−d)."""
+    return d + jnp.expm1(-d)
 
 
-def _approx_std_normal_cdf(x):
-    return 0.5 * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+@_kl_log_var_term.defjvp
+def _kl_log_var_term_jvp(primals, tangents):
+    (d,), (dd,) = primals, tangents
+    return _kl_log_var_term(d), -jnp.expm1(-d) * dd
 
 
-def discretized_gaussian_nll(x, mean, log_scale):
+def gaussian_kl(mean_gap, log_var_gap, log_var2):
+    """KL(N(m1, e^{lv1}) ‖ N(m2, e^{lv2})) per element, in nats, from m1 − m2, lv2 − lv1 and lv2."""
+    return 0.5 * (_kl_log_var_term(log_var_gap) + jnp.square(mean_gap) * jnp.exp(-log_var2))
+
+
+def _cdf_logit(x):
+    """guided-diffusion's approximate normal CDF is ½(1 + tanh(√(2/π)(x + 0.044715x³))) = sigmoid(this)."""
+    return 2.0 * math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)
+
+
+def discretized_gaussian_nll(x, centered, log_scale):
     """−log P(x) per element, in nats, of N(mean, e^{2·log_scale}) integrated over x's bin of width 2/255
-    (the outer bins open to ±∞ beyond ∓0.999), as guided-diffusion scores 8-bit data in [−1, 1]."""
-    centered = x - mean
+    (the outer bins open to ±∞ beyond ∓0.999; every probability floored at 1e-12), as guided-diffusion
+    scores 8-bit data in [−1, 1]; centered = x − mean. Its formula's ½(1 + tanh(·)) differences, taken as
+    sigmoids of the bin reflected into the lower tail (the CDF is odd about ½), keep their precision far
+    from the mean."""
     inv_std = jnp.exp(-log_scale)
-    cdf_plus = _approx_std_normal_cdf(inv_std * (centered + 1.0 / 255.0))
-    cdf_min = _approx_std_normal_cdf(inv_std * (centered - 1.0 / 255.0))
-    log_cdf_plus = jnp.log(jnp.maximum(cdf_plus, 1e-12))
-    log_one_minus_cdf_min = jnp.log(jnp.maximum(1.0 - cdf_min, 1e-12))
-    log_delta = jnp.log(jnp.maximum(cdf_plus - cdf_min, 1e-12))
-    return -jnp.where(x < -0.999, log_cdf_plus, jnp.where(x > 0.999, log_one_minus_cdf_min, log_delta))
+    floor = math.log(1e-12)
+    # Φ(a) − Φ(b) = Φ(−b) − Φ(−a): the bin moved below the mean, where both CDF values are small and exact
+    far = -jnp.abs(centered)
+    upper, lower = _cdf_logit(inv_std * (far + 1.0 / 255.0)), _cdf_logit(inv_std * (far - 1.0 / 255.0))
+    log_delta = jnp.log(jnp.maximum(jax.nn.sigmoid(upper) - jax.nn.sigmoid(lower), 1e-12))
+    log_cdf_plus = jax.nn.log_sigmoid(_cdf_logit(inv_std * (centered + 1.0 / 255.0)))  # log Φ(a)
+    log_one_minus_cdf_min = jax.nn.log_sigmoid(-_cdf_logit(inv_std * (centered - 1.0 / 255.0)))  # log(1 − Φ(b))
+    return -jnp.where(x < -0.999, jnp.maximum(log_cdf_plus, floor),
+                      jnp.where(x > 0.999, jnp.maximum(log_one_minus_cdf_min, floor), log_delta))
 
 
 def ddpm_terms(tables: dict, out: jax.Array, x0: jax.Array, noise: jax.Array, t: jax.Array) -> dict:
     """Per-element {"mse", "vb"} of the hybrid loss (vb only with a 2C-channel output; in bits)."""
-    out = out.astype(jnp.float32)
+    out = out.astype(jnp.promote_types(out.dtype, jnp.float32))
     c = x0.shape[-1]
     eps = out[..., :c]
     terms = {"mse": jnp.square(eps - noise)}
@@ -158,16 +182,12 @@ def ddpm_terms(tables: dict, out: jax.Array, x0: jax.Array, noise: jax.Array, t:
         raise ValueError(f"ddpm objective: the model outputs {out.shape[-1]} channels; expected {c} (ε) or "
                          f"{2 * c} (ε and the learned-range variance)")
     n = x0.ndim
-    x_t = noised(tables, x0, noise, t)
-    eps = jax.lax.stop_gradient(eps)  # the bound trains the variance, not the mean
-    x0_hat = _rows(tables, "recip_sqrt_ab", t, n) * x_t - _rows(tables, "sqrt_recipm1_ab", t, n) * eps
-    cx0, cxt = _rows(tables, "coef_x0", t, n), _rows(tables, "coef_xt", t, n)
-    true_mean, model_mean = cx0 * x0 + cxt * x_t, cx0 * x0_hat + cxt * x_t
-    min_log = _rows(tables, "log_var_clipped", t, n)
-    frac = (out[..., c:] + 1.0) / 2.0
-    model_log_var = frac * _rows(tables, "log_beta", t, n) + (1.0 - frac) * min_log
-    kl = normal_kl(true_mean, min_log, model_mean, model_log_var)
-    nll = discretized_gaussian_nll(x0, model_mean, 0.5 * model_log_var)
+    x0_gap = _rows(tables, "sqrt_recipm1_ab", t, n) * (jax.lax.stop_gradient(eps) - noise)  # x0 − x̂0; the
+    # bound trains the variance, not the mean
+    min_log = _rows(tables, "log_var_clipped", t, n)  # the true posterior's log variance
+    gap = (out[..., c:] + 1.0) / 2.0 * _rows(tables, "log_var_ratio", t, n)  # model − true log variance
+    kl = gaussian_kl(_rows(tables, "coef_x0", t, n) * x0_gap, gap, min_log + gap)
+    nll = discretized_gaussian_nll(x0, x0_gap, 0.5 * (min_log + gap))  # t = 0: model mean = x̂0
     first = (t == 0).reshape((-1,) + (1,) * (n - 1))
     terms["vb"] = jnp.where(first, nll, kl) / math.log(2.0)
     return terms
@@ -176,5 +196,5 @@ def ddpm_terms(tables: dict, out: jax.Array, x0: jax.Array, noise: jax.Array, t:
 def ddpm_loss(tables: dict, out: jax.Array, x0: jax.Array, noise: jax.Array, t: jax.Array,
               generate: jax.Array | None = None) -> jax.Array:
     """MSE(ε) + L_vb, per sample over its generated positions, then the mean over samples."""
-    terms = ddpm_terms(tables, out, x0.astype(jnp.float32), noise, t)
+    terms = ddpm_terms(tables, out, x0.astype(jnp.promote_types(x0.dtype, jnp.float32)), noise, t)
     return masked_mean(sum(terms.values()), generate)

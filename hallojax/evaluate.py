@@ -259,12 +259,14 @@ def save(result: dict, out_dir, settings: dict, side_by_side: bool = False, fps:
 
 # --- command line --------------------------------------------------------------------------------
 def add_arguments(p) -> None:
+    from hallojax.sample.solvers import SAMPLERS
+
     p.add_argument("--checkpoint", required=True, help="a `hallojax train` workdir or a converted directory")
     p.add_argument("--videos", required=True, help="held-out synthetic videos (`hallojax synthetic DIR --seed S`)")
     p.add_argument("--out", required=True, help="directory for eval.json, mouth_tracks.png (and videos)")
     p.add_argument("--num-videos", type=int, default=None, help="score the first N videos (default: all)")
     p.add_argument("--max-seconds", type=float, default=None, help="use at most this much of each speech")
-    p.add_argument("--sampler", choices=["euler", "unipc", "dpm++", "wan-unipc"], default=None)
+    p.add_argument("--sampler", choices=list(SAMPLERS), default=None)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--shift", type=float, default=None)
     p.add_argument("--guidance", default=None)

@@ -45,7 +45,7 @@ from hallojax.media import MediaError, normalize_loudness, read_audio, read_imag
 from hallojax.sample import guidance as guidance_lib
 from hallojax.sample import long_video
 from hallojax.sample.schedules import make_schedule
-from hallojax.sample.solvers import Known, get_sampler, sample, schedule_arrays
+from hallojax.sample.solvers import SAMPLERS, Known, get_sampler, sample, schedule_arrays
 from hallojax.sharding import DEFAULT_RULES, make_mesh, normalize_rules, state_shardings, use_rules
 
 log = logging.getLogger("hallojax.generate")
@@ -74,8 +74,6 @@ class SampleConfig:
     # features (EchoMimicV3 Flash: -23, pyloudnorm), not the muxed audio
 
     def validate(self) -> None:
-        from hallojax.sample.solvers import SAMPLERS
-
         if self.sampler not in SAMPLERS:
             raise ValueError(f"--sampler {self.sampler!r}: expected one of {sorted(SAMPLERS)}")
         if not isinstance(self.steps, int) or self.steps < 1:
@@ -484,6 +482,7 @@ class SamplingEngine:
         on_step = self._tick if progress else None
         masked_model = self.masked_input
         prediction = self.cfg.prediction
+        out_c = self.cfg.output_channels  # the model output's channels (2C with a learned variance)
 
         def weights_for(weights, live):
             return weights[:, jnp.array(live)]
@@ -534,7 +533,7 @@ class SamplingEngine:
                         xs = {"start": starts, "blend": blend}
                         if audio_w is not None:
                             xs["audio"] = audio_w
-                        acc, _ = jax.lax.scan(one, jnp.zeros(x.shape, jnp.float32), xs)
+                        acc, _ = jax.lax.scan(one, jnp.zeros((*x.shape[:-1], out_c), jnp.float32), xs)
                         return acc
                     return denoise
 
@@ -1089,8 +1088,7 @@ def add_arguments(p) -> None:
     p.add_argument("--prompt", default=None, help="text prompt (needs --text-encoder and --tokenizer)")
     p.add_argument("--negative-prompt", default=None, help="the unconditional branches' prompt (default: null)")
     g = p.add_argument_group("sampling (defaults: the checkpoint's config.sample)")
-    g.add_argument("--sampler", choices=["euler", "unipc", "dpm++", "wan-unipc", "cogvideox-ddim", "cogvideox-dpm",
-                                         "ddpm", "ddim"], default=None,
+    g.add_argument("--sampler", choices=list(SAMPLERS), default=None,
                    help="flow samplers for flow models; cogvideox-ddim / cogvideox-dpm / ddpm / ddim for VP (v or ε) "
                         "models (the model's config says which it is)")
     g.add_argument("--steps", type=int, default=None)

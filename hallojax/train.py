@@ -1,4 +1,5 @@
-"""Training of the DiT (flow matching, or the VP objectives of hallojax.diffusion): sharded state, Grain input, Orbax checkpoints with exact resume.
+"""Training of the DiT (flow matching, or hallojax.diffusion's VP objectives): sharded state, Grain input,
+Orbax checkpoints with exact resume.
 
     hallojax train --config configs/wan.py:demo --workdir runs/train [--config.train.steps=200]
 
@@ -182,6 +183,9 @@ def objective_of(cfg: DiTConfig, t) -> str:
                          f"(configs/wan.py:PRESET,objective={objective} sets both)")
     if objective == "ddpm" and t.shift != 1:
         raise ValueError(f"train.shift={t.shift}: the ddpm objective's linear-beta process has no shift; use 1")
+    if objective != "flow" and t.loss_weighting != "none":
+        raise ValueError(f"train.loss_weighting={t.loss_weighting!r} weights the flow objective by σ; the {objective} "
+                         "objective has its own (uniform t, the loss as its reference computes it): use 'none'")
     return objective
 
 
@@ -201,7 +205,7 @@ def step_randomness(cfg: DiTConfig, t, batch: dict, key) -> dict:
         steps = sample_timesteps(k_t, x0.shape[0])
         out = {"timestep": steps, "sigma": steps.astype(jnp.float32) / 1000.0,
                "noise": jax.random.normal(k_eps, x0.shape, jnp.float32)}
-    keep = condition_dropout(k_drop, sigma, DropoutConfig(**t.dropout))
+    keep = condition_dropout(k_drop, out["sigma"], DropoutConfig(**t.dropout))
     out.update({f"keep_{k}": v for k, v in keep.items()})
     out["known"] = known_frames(k_mask, t, x0.shape[0], x0.shape[1], cfg.motion_frames)
     if cfg.motion_frames:

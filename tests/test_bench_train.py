@@ -20,6 +20,7 @@ from hallojax.bench import bench_train
 from hallojax.config import load_config
 from hallojax.models.wan import DiTConfig
 from hallojax.flops import train_flops
+from conftest import sim_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE = dict(frames=3, height=8, width=8, text_len=16)
@@ -85,7 +86,7 @@ def test_bench_train_input_errors(devices, capsys, args, message):
 
 def test_bench_train_cli_end_to_end(devices):
     # the conftest's compilation cache: the step compiled above is a cache hit here
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+    env = dict(os.environ, XLA_FLAGS=sim_flags(8), JAX_PLATFORMS="cpu",
                JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
     argv = ["bench", "train", "--config", "configs/wan.py:tiny,dtype=float32", "--steps", "1", "--warmup", "1"]

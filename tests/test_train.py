@@ -29,6 +29,7 @@ from hallojax.config import load_config
 from hallojax.data import make_dataset, prepare_synthetic
 from hallojax.models.wan import DiTConfig
 from hallojax.train import init_state, make_train_step, run
+from conftest import TEST_XLA_FLAGS, sim_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = "configs/wan.py:demo,mesh=fsdp,dtype=float32"
@@ -127,7 +128,7 @@ def _spawn(workdir, args, config=DEMO, devices=8, multi=()):
     cmd = [sys.executable, "-m", "hallojax.cli", "train", "--config", config, "--workdir", str(workdir), *multi, *args]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
                             env={**os.environ, **SUBPROCESS_ENV,
-                                 "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"})
+                                 "XLA_FLAGS": sim_flags(devices)})
 
 
 def _spawn_pair(workdir, args, config=DEMO):
@@ -143,7 +144,8 @@ def _launch_local(workdir, args):
     logs.mkdir(parents=True)
     proc = subprocess.run(["bash", "launch/local.sh", "2", "4", "--", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=300, env={**os.environ, **SUBPROCESS_ENV, "PYTHON": sys.executable,
-                                                       "LOG_DIR": str(logs), "HALLOJAX_PORT": str(_free_port())})
+                                                       "XLA_EXTRA_FLAGS": TEST_XLA_FLAGS, "LOG_DIR": str(logs),
+                                                       "HALLOJAX_PORT": str(_free_port())})
     outs = [(logs / f"process_{i}.log").read_text() for i in range(2)]
     assert proc.returncode == 0, outs
     for out in outs:

@@ -98,15 +98,9 @@ def test_condition_dropout_zeroes_the_dropped_inputs(style):
     assert kept != dropped
 
 
-@pytest.mark.parametrize("style", STYLES)
-def test_style_train_steps_on_1_and_8_devices(style, devices):
-    """Each style preset's real train step (its conditioning, dropout, tasks, AdamW, clipping, EMA) on one
-    device and FSDP×TP over 8. Adam with eps = 1 and lr = 1 makes the first update c·g / (c·|g| + 1)
-    elementwise (c: the clipping factor), so the parameter deltas compare the gradients themselves; the
-    gates start open so every mechanism's parameters receive gradient."""
-    config, cfg, batch = _setup(style, learning_rate=1.0, eps=1.0)
-    config.model.extra_gate_init = 0.5
-    cfg = DiTConfig.from_dict(config.model)
+def step_on_1_and_8_devices(config, cfg, batch, devices):
+    """One real train step from the same initial state on one device and FSDP×TP over 8:
+    [(loss, grad norm, parameter deltas)] for each."""
     rules = normalize_rules(config.rules)
     results = []
     for shape in (dict(fsdp=1), dict(fsdp=4, tensor=2)):
@@ -119,7 +113,19 @@ def test_style_train_steps_on_1_and_8_devices(style, devices):
             state, metrics = step(state, b)
         deltas = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), jax.device_get(state["params"]), init)
         results.append((float(metrics["loss"]), float(metrics["grad_norm"]), deltas))
-    (l1, g1, d1), (l8, g8, d8) = results
+    return results
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_style_train_steps_on_1_and_8_devices(style, devices):
+    """Each style preset's real train step (its conditioning, dropout, tasks, AdamW, clipping, EMA) on one
+    device and FSDP×TP over 8. Adam with eps = 1 and lr = 1 makes the first update c·g / (c·|g| + 1)
+    elementwise (c: the clipping factor), so the parameter deltas compare the gradients themselves; the
+    gates start open so every mechanism's parameters receive gradient."""
+    config, cfg, batch = _setup(style, learning_rate=1.0, eps=1.0)
+    config.model.extra_gate_init = 0.5
+    cfg = DiTConfig.from_dict(config.model)
+    (l1, g1, d1), (l8, g8, d8) = step_on_1_and_8_devices(config, cfg, batch, devices)
     assert np.isfinite(l1) and g1 > 0
     np.testing.assert_allclose([l8, g8], [l1, g1], rtol=1e-5)
     flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(d1)}

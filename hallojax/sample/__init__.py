@@ -1,5 +1,6 @@
-"""Sampling: noise schedules, solvers (Euler, UniPC, DPM-Solver++ 2M; CogVideoX DDIM / DPM, DDPM, DDIM), multi-condition guidance and
-long-video clip plans. `hallojax.generate` puts them together with a model, a codec and media I/O.
+"""Sampling: noise schedules, solvers (Euler, UniPC, DPM-Solver++ 2M; CogVideoX DDIM / DPM, DDPM, DDIM),
+multi-condition guidance and long-video clip plans. `hallojax.generate` puts them together with a model, a
+codec and media I/O.
 
     from hallojax.sample import flow_schedule, get_sampler, sample, schedule_arrays, parse_guidance
 """
