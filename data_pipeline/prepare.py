@@ -37,7 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-seconds", type=float, default=None, help="use at most this much of each video")
     g.add_argument("--seed", type=int, default=0, help="seed of the reference-frame choice")
     g = p.add_argument_group("features (stage 2) and shards")
-    g.add_argument("--codec", default="pixel", help="codec spec: pixel, pixel:4, ...")
+    g.add_argument("--codec", default="pixel",
+                   help="codec spec: pixel, pixel:4, wan-vae:DIR, sd-vae:DIR, hunyuan-vae:DIR, cogvideox-vae:DIR")
     g.add_argument("--audio-features", default=None, help="audio feature spec (e.g. rms); default: raw audio only")
     g.add_argument("--videos-per-shard", type=int, default=16)
     g.add_argument("--encode-batch", type=int, default=8, help="clips per codec call")

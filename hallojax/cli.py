@@ -17,7 +17,8 @@
     hallojax bench   vae [--height 480 --width 832 --frames 17] [--vae DIR]
     hallojax bench   train [--config configs/wan.py:tiny --batch N --frames 3 --height 8 --width 8 --steps 5]
     hallojax synthetic OUT_DIR [--num-videos N --seed S]      synthetic talking faces (mp4 + sidecars)
-    hallojax prepare VIDEO_DIR -o OUT_DIR [--frames 49 --size 256 --codec pixel:8|wan-vae:DIR]
+    hallojax prepare VIDEO_DIR -o OUT_DIR [--frames 49 --size 256 --codec pixel:8|KIND:DIR]
+                                                              (KIND: wan-vae, sd-vae, hunyuan-vae, cogvideox-vae)
 
 Errors in user input (arguments, files, keys, shapes) print one clear message, `hallojax CMD: error: ...`,
 and exit with status 2; argparse's own errors too (no usage block: `--help` prints it).

@@ -9,9 +9,14 @@ tiny lossless `PixelCodec` used by the demo and the tests and a real VAE (Wan's 
     get_codec("pixel:4")     # 4x4 space-to-depth: [B, T, H/4, W/4, 48]
 
     get_codec("wan-vae:DIR") # the Wan2.1 VAE from a `hallojax convert wan-vae` directory
+    get_codec("sd-vae:DIR")  # the SD VAE, frame by frame (stride (1, 8, 8), 4 channels)
+    get_codec("hunyuan-vae:DIR")  # the HunyuanVideo causal 3D VAE (stride (4, 8, 8), 16 channels)
+    get_codec("cogvideox-vae:DIR")  # the CogVideoX VAE (stride (4, 8, 8), 16 channels; also T <= 8 in one piece)
 
-A new codec registers a factory `arg -> Codec` under its name in `CODECS` (or with `register_codec`). Temporal stride `s` follows the causal-VAE rule: `T = 1 + s·k` frames give `F = 1 + k`
-latent frames (the first frame alone, then groups of `s`); see `latent_frames`.
+A new codec registers a factory `arg -> Codec` under its name in `CODECS` (or with `register_codec`).
+Temporal stride `s` follows the causal-VAE rule: `T = 1 + s·k` frames give `F = 1 + k`
+latent frames (the first frame alone, then groups of `s`); see `latent_frames` (a codec with its own
+`latent_frames(T)` method, e.g. the CogVideoX VAE's, has the last word).
 """
 
 from __future__ import annotations
@@ -39,7 +44,11 @@ class Codec(Protocol):
 
 
 def latent_frames(codec: Codec, num_frames: int) -> int:
-    """Latent frames F for `num_frames` video frames; refuses counts that are not 1 + stride·k."""
+    """Latent frames F for `num_frames` video frames: the codec's own `latent_frames(T)` when it has one,
+    else 1 + k for 1 + stride·k frames (other counts refused)."""
+    own = getattr(codec, "latent_frames", None)
+    if callable(own):
+        return own(num_frames)
     s = codec.temporal_stride
     if num_frames < 1 or (num_frames - 1) % s:
         raise ValueError(f"codec {codec.name!r} (temporal stride {s}) needs 1 + {s}·k video frames, got {num_frames}")
@@ -115,8 +124,27 @@ def _wan_vae(arg: str | None) -> Codec:
     return WanVAECodec.load(arg)
 
 
+def _sd_vae(arg: str | None) -> Codec:
+    from hallojax.models.sd_vae import SDVAECodec
+
+    return SDVAECodec.load(arg)
+
+
+def _hunyuan_vae(arg: str | None) -> Codec:
+    from hallojax.models.hunyuan_vae import HunyuanVAECodec
+
+    return HunyuanVAECodec.load(arg)
+
+
+def _cogvideox_vae(arg: str | None) -> Codec:
+    from hallojax.models.cogvideox_vae import CogVideoXVAECodec
+
+    return CogVideoXVAECodec.load(arg)
+
+
 # name -> factory(arg or None): the extension point for codecs
-CODECS: dict[str, Callable[[str | None], Codec]] = {"pixel": _pixel, "wan-vae": _wan_vae}
+CODECS: dict[str, Callable[[str | None], Codec]] = {"pixel": _pixel, "wan-vae": _wan_vae, "sd-vae": _sd_vae,
+                                                    "hunyuan-vae": _hunyuan_vae, "cogvideox-vae": _cogvideox_vae}
 
 
 def register_codec(name: str, factory: Callable[[str | None], Codec]) -> None:

@@ -297,8 +297,8 @@ def media_spec(config, *, codec=None, audio_features=None, fps=None, height=None
             media = {}
     codec = codec or media.get("codec") or data.get("codec")
     if not codec:
-        raise ValueError("the checkpoint records no codec: pass --codec (pixel:P, or wan-vae:DIR for a Wan VAE "
-                         "directory from `hallojax convert wan-vae`)")
+        raise ValueError("the checkpoint records no codec: pass --codec (pixel:P, or KIND:DIR for a VAE directory "
+                         "from `hallojax convert KIND`, KIND one of wan-vae, sd-vae, hunyuan-vae, cogvideox-vae)")
     feats = audio_features or media.get("audio_features") or data.get("audio_features")
     size = data.get("size")
     return MediaSpec(
@@ -1111,7 +1111,8 @@ def add_arguments(p) -> None:
     g.add_argument("--step", type=int, default=None, help="workdir: this checkpoint step (default: the latest)")
     g.add_argument("--weights", choices=["auto", "ema", "params"], default="auto",
                    help="workdir: EMA or raw weights (auto: EMA once it has warmed up)")
-    g.add_argument("--codec", default=None, help="pixel:P | wan-vae:DIR (default: the training run's)")
+    g.add_argument("--codec", default=None, help="pixel:P | wan-vae:DIR | sd-vae:DIR | hunyuan-vae:DIR | "
+                   "cogvideox-vae:DIR (default: the training run's)")
     g.add_argument("--audio-features", default=None, help="rms | wav2vec2:DIR (default: the training run's)")
     g.add_argument("--text-encoder", default=None, help="a converted umT5 / T5 directory")
     g.add_argument("--tokenizer", default=None, help="its local tokenizer directory")

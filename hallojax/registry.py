@@ -17,6 +17,8 @@ KINDS: dict[str, tuple[str, str, str]] = {
     "t5-encoder": ("hallojax.models.encoders.t5", "T5EncoderConfig", "T5Encoder"),
     "wan-vae": ("hallojax.models.wan_vae", "VAEConfig", "WanVAE"),
     "clip-vision": ("hallojax.models.encoders.clip", "CLIPVisionConfig", "CLIPVision"),
+    "sd-vae": ("hallojax.models.sd_vae", "SDVAEConfig", "SDVAE"),
+    "hunyuan-vae": ("hallojax.models.hunyuan_vae", "HunyuanVAEConfig", "HunyuanVAE"),
     "whisper-encoder": ("hallojax.models.encoders.whisper", "WhisperEncoderConfig", "WhisperEncoder"),
     "cogvideox": ("hallojax.models.cogvideox", "CogVideoXConfig", "CogVideoXTransformer"),
     "hallo3": ("hallojax.models.hallo3", "Hallo3Config", "Hallo3"),

@@ -14,6 +14,7 @@ import safetensors.numpy
 import torch
 
 from hallojax import cli, load_pretrained
+from hallojax.codec import get_codec, latent_frames
 from hallojax.convert.cogvideox_vae import (config_from_diffusers, config_to_diffusers, convert_cogvideox_vae,
                                             export_cogvideox_vae)
 from hallojax.convert.table import ConversionError
@@ -91,6 +92,53 @@ def test_decoded_frame_counts_match_diffusers(vae_pair, latent_frames):
     assert jax.eval_shape(ours.decode, z).shape[1] == t == ours.num_frames(latent_frames)
 
 
+@pytest.mark.parametrize("frames", [2, 3, 5])
+def test_short_clips_in_one_chunk_match_diffusers(vae_pair, frames):
+    """T <= 8 frames of any length encode in one piece by the odd/even time halving (Hallo3's 3
+    conditioning frames -> 2 -> 1 latent frame); 1 + 4k beyond (T = 25 above)."""
+    ref, ours, _, _ = vae_pair
+    video = VIDEO[:2, :frames]
+    with torch.no_grad():
+        dist = ref.encode(_cf(video)).latent_dist
+    mean, logvar = jax.jit(ours.encode_moments)(video)
+    assert mean.shape[1] == ours.latent_frames(frames) == -(-frames // 4)
+    assert_close(mean, _cl(dist.mean), f"posterior mean, {frames} frames")
+    assert_close(logvar, _cl(dist.logvar), f"posterior logvar, {frames} frames")
+
+
+def test_latent_frame_counts(vae_pair):
+    """latent_frames(T) = ceil(T/4) in one chunk, 1 + k for T = 1 + 4k over several (diffusers' batching)."""
+    vae = vae_pair[1]
+    for t in [*range(1, 9), 9, 13, 17, 21, 25, 29, 49]:
+        z = jax.eval_shape(vae.encode_moments, jax.ShapeDtypeStruct((1, t, 8, 8, 3), np.float32))[0]
+        assert z.shape[1] == vae.latent_frames(t) == (-(-t // 4) if t <= 8 else 1 + (t - 1) // 4), t
+
+
+def test_codec_round_trip(vae_pair):
+    """`cogvideox-vae:DIR` through get_codec: the model's encode / decode, 3 frames -> 1 latent frame."""
+    tmp = vae_pair[3]
+    codec = get_codec(f"cogvideox-vae:{tmp / 'ours'}")
+    assert (codec.temporal_stride, codec.spatial_stride, codec.latent_channels) == (4, 8, 4)
+    assert [latent_frames(codec, t) for t in (3, 8, 17)] == [1, 2, 5]
+    with pytest.raises(ValueError, match="10 video frames"):
+        latent_frames(codec, 10)
+    ref, video = vae_pair[0], VIDEO[:1, :3]
+    lat = codec.encode(video)
+    assert isinstance(lat, np.ndarray) and lat.shape == (1, 1, 3, 5, 4)
+    with torch.no_grad():
+        expected = ref.encode(_cf(video)).latent_dist.mean * TINY.scaling_factor
+    assert_close(lat, _cl(expected), "codec encode")
+    back = codec.decode(lat)
+    with torch.no_grad():
+        expected = ref.decode(_cf(lat / TINY.scaling_factor)).sample.clamp(-1, 1)
+    assert back.shape == (1, 1, 24, 40, 3) and np.abs(back).max() <= 1.0
+    assert_close(back, _cl(expected), "codec decode (clamped)")
+    with pytest.raises(ValueError, match="needs a path: 'cogvideox-vae:DIR'"):
+        get_codec("cogvideox-vae")
+    with pytest.raises(ValueError, match=r"T must be 1 \+ 4k \(or at most 8\)"):
+        codec.encode(VIDEO[:1, :10])
+
+
 def test_decode_memory_is_bounded_by_the_chunk(jitted):
     """XLA's compiled temp memory for 7 latent frames (3 chunks) exceeds that of 5 (2 chunks) by less than
     the extra output: one more chunk adds no activations (decoding all at once adds ~20x the output)."""
@@ -158,7 +206,7 @@ def test_bad_checkpoint_errors_name_keys_and_write_nothing(vae_pair, tmp_path):
     cfg = json.loads((src / "config.json").read_text())
     with pytest.raises(ConversionError, match="use_quant_conv=true"):
         config_from_diffusers(dict(cfg, use_quant_conv=True))
-    with pytest.raises(ConversionError, match="not multiples of norm_num_groups=3"):
+    with pytest.raises(ConversionError, match="multiple of norm_num_groups=3"):
         config_from_diffusers(dict(cfg, norm_num_groups=3))
     assert cli.main(["convert", "cogvideox-vae", str(tmp_path / "nowhere"), str(tmp_path / "o")]) == 2
 
@@ -166,8 +214,10 @@ def test_bad_checkpoint_errors_name_keys_and_write_nothing(vae_pair, tmp_path):
 def test_bad_shapes_and_presets(vae_pair):
     """The shape checks are nn.conv's, shared with the Wan VAE (tested there); here: they are wired."""
     ours = vae_pair[1]
-    with pytest.raises(ValueError, match="T must be 1 \\+ 4k and H, W multiples of 8"):
-        ours.encode(np.zeros((1, 8, 16, 16, 3), np.float32))
+    with pytest.raises(ValueError, match="T must be 1 \\+ 4k \\(or at most 8\\) and H, W multiples of 8"):
+        ours.encode(np.zeros((1, 10, 16, 16, 3), np.float32))
+    with pytest.raises(ValueError, match="10 video frames; expected 1 \\+ 4k or at most 8"):
+        ours.latent_frames(10)
     with pytest.raises(ValueError, match=r"expected \[B, F, H, W, 4\]"):
         ours.decode(np.zeros((1, 2, 2, 2, 16), np.float32))
     with pytest.raises(ValueError, match="preset 'xl'"):

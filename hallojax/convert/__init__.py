@@ -17,6 +17,8 @@ FORMATS: dict[str, tuple[str, str, str]] = {
     "echomimic-v3": ("hallojax.convert.echomimic", "convert_echomimic_v3", ""),
     "clip": ("hallojax.convert.clip", "convert_clip", ""),
     "wan-vae": ("hallojax.convert.wan_vae", "convert_wan_vae", "export_wan_vae"),
+    "sd-vae": ("hallojax.convert.sd_vae", "convert_sd_vae", "export_sd_vae"),
+    "hunyuan-vae": ("hallojax.convert.hunyuan_vae", "convert_hunyuan_vae", "export_hunyuan_vae"),
     "wav2vec2": ("hallojax.convert.wav2vec2", "convert_wav2vec2", "export_wav2vec2"),
     "umt5": ("hallojax.convert.t5", "convert_umt5", "export_umt5"),
     "t5": ("hallojax.convert.t5", "convert_t5", "export_t5"),

@@ -1,6 +1,8 @@
 """The CogVideoX VAE (diffusers `AutoencoderKLCogVideoX`) in Flax NNX, channels-last.
 
-Video [B, T, H, W, 3] in [-1, 1] with T = 1 + 4k  <->  latents [B, 1 + k, H/8, W/8, 16].
+Video [B, T, H, W, 3] in [-1, 1] with T = 1 + 4k  <->  latents [B, 1 + k, H/8, W/8, 16]; a clip of at
+most 8 frames (one encoder chunk) may have any length, F = ceil(T / 4) (each time halving maps t frames
+to ceil(t / 2): Hallo3's 3 conditioning frames -> 2 -> 1).
 
 Layout (diffusers names, so the converter maps paths one to one): encoder = conv_in, 4 down blocks of
 `layers_per_block` GroupNorm resnets (the first two also halve time, all but the last halve space),
@@ -32,8 +34,11 @@ import numpy as np
 from flax import nnx
 
 from hallojax.modelconfig import DTYPES, ModelConfig, check_dtypes, with_precision
-from hallojax.nn.conv import CausalConv3d, Conv2d, check_latents, check_video, posterior_sample, run_chunked
+from hallojax.models.vae_codec import VAECodec
+from hallojax.nn.conv import (CausalConv3d, Conv2d, check_latents, check_video, posterior, posterior_sample,
+                              run_chunked)
 from hallojax.nn.layers import GroupNorm, silu
+from hallojax.nn.vae_blocks import check_widths
 
 ENCODE_CHUNK_FRAMES = 8  # diffusers `num_sample_frames_batch_size`
 DECODE_CHUNK_LATENTS = 2  # diffusers `num_latent_frames_batch_size`
@@ -66,7 +71,7 @@ class CogVideoXVAEConfig(ModelConfig):
     precision: str = "auto"  # matmul/conv precision (hallojax.modelconfig): auto = highest for float32
 
     def __post_init__(self):
-        object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
+        check_widths(self, "cogvideox_vae")
         levels = int(np.log2(self.temporal_compression_ratio))
         if 2**levels != self.temporal_compression_ratio or levels > len(self.block_out_channels) - 1:
             raise ValueError(f"cogvideox_vae.temporal_compression_ratio={self.temporal_compression_ratio}: expected "
@@ -74,10 +79,6 @@ class CogVideoXVAEConfig(ModelConfig):
         if ENCODE_CHUNK_FRAMES % self.temporal_compression_ratio:
             raise ValueError(f"cogvideox_vae.temporal_compression_ratio={self.temporal_compression_ratio} must divide "
                              f"the encoder's chunk of {ENCODE_CHUNK_FRAMES} frames")
-        bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
-        if bad:
-            raise ValueError(f"cogvideox_vae.block_out_channels {bad} are not multiples of norm_num_groups="
-                             f"{self.norm_num_groups}")
         check_dtypes(self, "cogvideox_vae")
 
     @classmethod
@@ -298,7 +299,18 @@ class CogVideoXVAE(nnx.Module):
 
     # --- shapes ---------------------------------------------------------------------------------
     def _check_video(self, video):
-        check_video(video, self.cfg.in_channels, self.cfg.temporal_stride, self.cfg.spatial_stride)
+        check_video(video, self.cfg.in_channels, self.cfg.temporal_stride, self.cfg.spatial_stride,
+                    any_frames_upto=ENCODE_CHUNK_FRAMES)
+
+    def latent_frames(self, num_frames: int) -> int:
+        """Latent frames `encode` returns for T video frames: each chunk's t frames halve `time_levels`
+        times, t -> ceil(t / 2) (an odd chunk keeps its first frame), so 1 + 4k -> 1 + k and, in one chunk
+        (T <= 8), any T -> ceil(T / 4)."""
+        s, c = self.cfg.temporal_stride, ENCODE_CHUNK_FRAMES
+        if num_frames < 1 or ((num_frames - 1) % s and num_frames > c):
+            raise ValueError(f"CogVideoX VAE: {num_frames} video frames; expected 1 + {s}k or at most {c}")
+        k = max(num_frames // c, 1) - 1  # chunks after the first (`_chunks`)
+        return -(-(num_frames - k * c) // s) + k * (c // s)
 
     def _check_latents(self, z):
         check_latents(z, self.cfg.latent_channels)
@@ -315,9 +327,8 @@ class CogVideoXVAE(nnx.Module):
     def encode_moments(self, video: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Posterior (mean, logvar) [B, F, H/8, W/8, latent_channels] each, unscaled."""
         self._check_video(video)
-        h = run_chunked(self.encoder, *_chunks(video.astype(DTYPES[self.cfg.dtype]), ENCODE_CHUNK_FRAMES))
-        mean, logvar = jnp.split(h.astype(jnp.float32), 2, axis=-1)
-        return mean, jnp.clip(logvar, -30.0, 20.0)
+        return posterior(run_chunked(self.encoder, *_chunks(video.astype(DTYPES[self.cfg.dtype]),
+                                                            ENCODE_CHUNK_FRAMES)))
 
     def encode(self, video: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
         """Scaled latents (× scaling_factor): the posterior mean, or a sample when `rng` is given."""
@@ -337,6 +348,17 @@ class CogVideoXVAE(nnx.Module):
         """Scaled latents [B, F, h, w, C] -> video [B, num_frames(F), 8h, 8w, 3] in [-1, 1]."""
         self._check_latents(latents)
         return self.decode_raw(latents.astype(jnp.float32) / self.cfg.scaling_factor, clamp=clamp)
+
+
+class CogVideoXVAECodec(VAECodec):
+    """The CogVideoX VAE as a codec, spec "cogvideox-vae:PATH": video [B, T, H, W, 3] <-> latents
+    [B, F, H/8, W/8, 16] × scaling_factor (see `hallojax.models.vae_codec`); F from `latent_frames`."""
+
+    KIND, LABEL = "cogvideox-vae", "CogVideoX VAE"
+    MODEL = CogVideoXVAE
+
+    def latent_frames(self, num_frames: int) -> int:
+        return self.vae.latent_frames(num_frames)
 
 
 def decode_memory(cfg: CogVideoXVAEConfig, latent_frames: int, height: int, width: int, batch: int = 1) -> dict:

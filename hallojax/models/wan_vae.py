@@ -25,12 +25,13 @@ from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from hallojax.nn.conv import (CausalConv3d, Conv2d, check_latents, check_video, posterior_sample,
+from hallojax.models.vae_codec import VAECodec
+from hallojax.nn.conv import (CausalConv3d, Conv2d, check_latents, check_video, posterior, posterior_sample,
                               run_chunked)
 from hallojax.nn.layers import Dense, silu as _silu
+from hallojax.nn.vae_blocks import single_head_attention, tiled_decode
 from hallojax.modelconfig import DTYPES, ModelConfig, check_dtypes, with_precision
 
 WAN21_LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -77,6 +78,10 @@ class VAEConfig(ModelConfig):
     def spatial_stride(self) -> int:
         return 2 ** (len(self.dim_mult) - 1)
 
+    @property
+    def latent_channels(self) -> int:
+        return self.z_dim
+
 
 class ChannelRMSNorm(nnx.Module):
     """x / max(‖x‖₂, 1e-12) · √C · γ over channels (the reference's F.normalize form), in float32."""
@@ -118,9 +123,7 @@ class AttentionBlock(nnx.Module):
     def __call__(self, x, cache=None):
         b, t, h, w, c = x.shape
         q, k, v = jnp.split(self.to_qkv(self.norm(x)).reshape(b * t, h * w, 3 * c), 3, axis=-1)
-        logits = jnp.einsum("blc,bmc->blm", q, k, preferred_element_type=jnp.float32) * c**-0.5
-        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        out = jnp.einsum("blm,bmc->blc", probs, v, preferred_element_type=jnp.float32).astype(x.dtype)
+        out = single_head_attention(q, k, v)
         return self.proj(out.reshape(b, t, h, w, c)) + x
 
 
@@ -278,9 +281,7 @@ class WanVAE(nnx.Module):
         rest = None
         if t > 1:
             rest = jnp.moveaxis(x[:, 1:].reshape(b, (t - 1) // s, s, *x.shape[2:]), 1, 0)  # [K, B, s, H, W, C]
-        h = self.quant_conv(run_chunked(self.encoder, x[:, :1], rest))
-        mean, logvar = jnp.split(h.astype(jnp.float32), 2, axis=-1)
-        return mean, jnp.clip(logvar, -30.0, 20.0)
+        return posterior(self.quant_conv(run_chunked(self.encoder, x[:, :1], rest)))
 
     def normalize(self, z: jax.Array) -> jax.Array:
         mean = jnp.asarray(self.cfg.latents_mean, jnp.float32)
@@ -323,76 +324,9 @@ class WanVAE(nnx.Module):
         return jnp.clip(video, -1.0, 1.0)  # after blending, as the reference does
 
 
-def _blend(a: jax.Array, b: jax.Array, extent: int, axis: int) -> jax.Array:
-    """Linear cross-fade of the last `extent` rows of `a` into the first rows of `b` along `axis`."""
-    extent = min(a.shape[axis], b.shape[axis], extent)
-    if extent <= 0:
-        return b
-    ramp = (jnp.arange(extent, dtype=jnp.float32) / extent).reshape((-1,) + (1,) * (b.ndim - axis - 1))
-    a_tail = jax.lax.slice_in_dim(a, a.shape[axis] - extent, a.shape[axis], axis=axis)
-    b_head = jax.lax.slice_in_dim(b, 0, extent, axis=axis)
-    mixed = a_tail * (1 - ramp) + b_head * ramp
-    return jnp.concatenate([mixed, jax.lax.slice_in_dim(b, extent, b.shape[axis], axis=axis)], axis=axis)
+class WanVAECodec(VAECodec):
+    """The Wan VAE as a codec, spec "wan-vae:PATH": video [B, T, H, W, 3] <-> normalised latents
+    [B, F, H/8, W/8, 16] (see `hallojax.models.vae_codec`)."""
 
-
-def tiled_decode(decode_raw, z: jax.Array, spatial_stride: int, tile: int, tile_stride: int) -> jax.Array:
-    """Decode z [B, F, h, w, C] in overlapping spatial tiles (sizes in pixels) and blend them.
-
-    Each tile is blended with its upper and left neighbours *after* those were blended themselves
-    (the reference blends in place), then cropped to the stride."""
-    lt, ls = tile // spatial_stride, tile_stride // spatial_stride
-    h, w = z.shape[2:4]
-    blend = tile - tile_stride
-    rows = []
-    for i in range(0, h, ls):
-        rows.append([decode_raw(z[:, :, i:i + lt, j:j + lt]) for j in range(0, w, ls)])
-    out_rows = []
-    for i, row in enumerate(rows):
-        pieces = []
-        for j in range(len(row)):
-            t = row[j]
-            if i > 0:
-                t = _blend(rows[i - 1][j], t, blend, axis=2)
-            if j > 0:
-                t = _blend(row[j - 1], t, blend, axis=3)
-            row[j] = t
-            pieces.append(t[:, :, :tile_stride, :tile_stride])
-        out_rows.append(jnp.concatenate(pieces, axis=3))
-    return jnp.concatenate(out_rows, axis=2)[:, :, :h * spatial_stride, :w * spatial_stride]
-
-
-class WanVAECodec:
-    """The Wan VAE behind the data pipeline's `Codec` protocol (`hallojax.codec`), spec "wan-vae:PATH".
-
-    encode: float32 video [B, T, H, W, 3] in [-1, 1] -> normalised latents [B, F, H/8, W/8, 16] (numpy);
-    decode: the inverse. Jitted once per shape; runs on the default device (or under the active mesh).
-    """
-
-    def __init__(self, vae: WanVAE, name: str = "wan-vae"):
-        self.vae, self.name = vae, name
-        cfg = vae.cfg
-        self.temporal_stride, self.spatial_stride, self.latent_channels = (cfg.temporal_stride, cfg.spatial_stride,
-                                                                           cfg.z_dim)
-        graphdef, state = nnx.split(vae)
-        self._state = state
-        self._encode = jax.jit(lambda s, v: nnx.merge(graphdef, s).encode(v))
-        self._decode = jax.jit(lambda s, z: nnx.merge(graphdef, s).decode(z))
-
-    @classmethod
-    def load(cls, path: str | None) -> "WanVAECodec":
-        if not path:
-            raise ValueError("codec 'wan-vae' needs a path: 'wan-vae:DIR' (a directory from `hallojax convert wan-vae`)")
-        from hallojax.checkpoint import load_pretrained
-
-        vae, cfg = load_pretrained(path)
-        if not isinstance(vae, WanVAE):
-            raise ValueError(f"{path} holds a {type(vae).__name__}, not a Wan VAE")
-        return cls(vae, name=f"wan-vae:{path}")
-
-    def encode(self, video):
-        self.vae._check_video(video)
-        return np.asarray(self._encode(self._state, jnp.asarray(video, jnp.float32)))
-
-    def decode(self, latents):
-        self.vae._check_latents(latents)
-        return np.asarray(self._decode(self._state, jnp.asarray(latents, jnp.float32)))
+    KIND, LABEL = "wan-vae", "Wan VAE"
+    MODEL = WanVAE

@@ -1,10 +1,12 @@
-"""Convolutions over channels-last video [B, T, H, W, C] shared by the causal video VAEs, and the
-chunk-by-chunk runner with a frame cache that bounds their activation memory.
+"""Convolutions over channels-last video [B, T, H, W, C] shared by every video VAE (Wan, CogVideoX,
+HunyuanVideo, SD per frame), the chunk-by-chunk runner with a frame cache that bounds their activation
+memory, and their shared input checks and posterior.
 
 A causal 3D convolution pads only on the left in time (k_t − 1 frames): on the first chunk with zeros
-(Wan) or copies of the first frame (CogVideoX), on later chunks with the last k_t − 1 frames of the
-previous chunk's padded input, read from a `FrameCache`. Cache entries are matched by call order, as
-the references do. All convolutions take inputs and kernels in the compute dtype and accumulate in
+(Wan) or copies of the first frame (CogVideoX, HunyuanVideo), on later chunks with the last k_t − 1
+frames of the previous chunk's padded input, read from a `FrameCache`; in space with zeros (Wan,
+CogVideoX) or the edge pixels (HunyuanVideo). Cache entries are matched by call order, as the
+references do. All convolutions take inputs and kernels in the compute dtype and accumulate in
 float32; the bias is added in float32 before one rounding back.
 """
 
@@ -39,27 +41,36 @@ def conv_kernel_init(rngs, shape, dtype):
 
 
 TIME_FILLS = ("zeros", "first")
+SPATIAL_FILLS = ("zeros", "edge")
 
 
 class CausalConv3d(nnx.Module):
     """Conv3d, causal in time: 2·p_t frames on the left (zeros, or the first frame repeated when
-    `time_fill="first"`; the cached frames on later chunks), none on the right; p_h, p_w zeros in space."""
+    `time_fill="first"`; the cached frames on later chunks), none on the right; p_h, p_w on each side
+    in space, zeros or (`spatial_fill="edge"`) the edge pixels repeated."""
 
     def __init__(self, cin: int, cout: int, kernel, *, stride=(1, 1, 1), padding=(0, 0, 0), time_fill: str = "zeros",
-                 rngs, dtype, param_dtype):
+                 spatial_fill: str = "zeros", rngs, dtype, param_dtype):
         kernel = (kernel,) * 3 if isinstance(kernel, int) else tuple(kernel)
         padding = (padding,) * 3 if isinstance(padding, int) else tuple(padding)
-        if time_fill not in TIME_FILLS:
-            raise ValueError(f"time_fill {time_fill!r}: expected one of {TIME_FILLS}")
+        stride = (stride,) * 3 if isinstance(stride, int) else tuple(stride)
+        if time_fill not in TIME_FILLS or spatial_fill not in SPATIAL_FILLS:
+            raise ValueError(f"time_fill {time_fill!r}, spatial_fill {spatial_fill!r}: expected one of {TIME_FILLS} "
+                             f"and one of {SPATIAL_FILLS}")
         self.kernel = nnx.Param(conv_kernel_init(rngs, (*kernel, cin, cout), param_dtype))  # [kt, kh, kw, I, O]
         self.bias = nnx.Param(jnp.zeros((cout,), param_dtype))
         self.time_pad = 2 * padding[0]
         self.time_fill = time_fill
-        self.spatial_pad = ((padding[1], padding[1]), (padding[2], padding[2]))
-        self.stride = tuple(stride)
+        pad = ((padding[1], padding[1]), (padding[2], padding[2]))
+        # edge: padded before the conv (jnp.pad), zeros: by the conv itself
+        self.edge_pad = ((0, 0), (0, 0), *pad, (0, 0)) if spatial_fill == "edge" and any(padding[1:]) else None
+        self.spatial_pad = ((0, 0), (0, 0)) if spatial_fill == "edge" else pad
+        self.stride = stride
         self.dtype = dtype
 
     def conv(self, x: jax.Array) -> jax.Array:
+        if self.edge_pad is not None:
+            x = jnp.pad(x, self.edge_pad, mode="edge")
         y = jax.lax.conv_general_dilated(
             x.astype(self.dtype), self.kernel[...].astype(self.dtype), self.stride, ((0, 0), *self.spatial_pad),
             dimension_numbers=("NDHWC", "DHWIO", "NDHWC"), preferred_element_type=jnp.float32)
@@ -128,18 +139,32 @@ def run_chunked(fn, first: jax.Array, rest: jax.Array | None):
 # --- the video VAEs' shared API checks and posterior ----------------------------------------------
 
 
-def check_video(video, channels: int, temporal_stride: int, spatial_stride: int) -> None:
+def check_video(video, channels: int, temporal_stride: int, spatial_stride: int, *, any_frames_upto: int = 0,
+                hint: str = "") -> None:
+    """video [B, T, H, W, channels] with H, W multiples of `spatial_stride` and T = 1 + temporal_stride·k,
+    or any T ≤ `any_frames_upto` (a VAE that encodes such clips in one piece); `hint` ends the shape error."""
     if video.ndim != 5 or video.shape[-1] != channels:
-        raise ValueError(f"video has shape {tuple(video.shape)}; expected [B, T, H, W, {channels}]")
+        raise ValueError(f"video has shape {tuple(video.shape)}; expected [B, T, H, W, {channels}]{hint}")
     t, h, w = video.shape[1:4]
-    if (t - 1) % temporal_stride or h % spatial_stride or w % spatial_stride:
-        raise ValueError(f"video {tuple(video.shape)}: T must be 1 + {temporal_stride}k and H, W "
+    bad_t = (t - 1) % temporal_stride and not 1 <= t <= any_frames_upto
+    if bad_t or h % spatial_stride or w % spatial_stride:
+        if temporal_stride == 1:
+            raise ValueError(f"video {tuple(video.shape)}: H and W must be multiples of {spatial_stride}")
+        upto = f" (or at most {any_frames_upto})" if any_frames_upto else ""
+        raise ValueError(f"video {tuple(video.shape)}: T must be 1 + {temporal_stride}k{upto} and H, W "
                          f"multiples of {spatial_stride}")
 
 
 def check_latents(z, channels: int) -> None:
     if z.ndim != 5 or z.shape[-1] != channels:
         raise ValueError(f"latents have shape {tuple(z.shape)}; expected [B, F, H, W, {channels}]")
+
+
+def posterior(moments: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """diffusers' DiagonalGaussianDistribution of the encoder's moments [..., 2C]: (mean, logvar clipped
+    to [-30, 20]), float32."""
+    mean, logvar = jnp.split(moments.astype(jnp.float32), 2, axis=-1)
+    return mean, jnp.clip(logvar, -30.0, 20.0)
 
 
 def posterior_sample(mean: jax.Array, logvar: jax.Array, rng: jax.Array | None) -> jax.Array:

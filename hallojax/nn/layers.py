@@ -84,18 +84,20 @@ class RMSNorm(nnx.Module):
 
 class GroupNorm(nnx.Module):
     """torch GroupNorm on channels-last input [B, ..., C]: each of `groups` channel groups is normalised
-    over its channels and every non-batch axis (biased variance), in float32, cast back to x.dtype."""
+    over its channels and every non-batch axis (biased variance), in float32, cast back to x.dtype.
+    `batch_axes` leading axes index separate samples (2 on video [B, T, H, W, C]: statistics per frame)."""
 
-    def __init__(self, channels: int, groups: int, eps: float):
+    def __init__(self, channels: int, groups: int, eps: float, *, batch_axes: int = 1):
         if channels % groups:
             raise ValueError(f"GroupNorm: {channels} channels do not split into {groups} groups")
-        self.groups, self.eps = groups, eps
+        self.groups, self.eps, self.batch_axes = groups, eps, batch_axes
         self.scale = nnx.Param(jnp.ones((channels,), jnp.float32))
         self.bias = nnx.Param(jnp.zeros((channels,), jnp.float32))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         shape = x.shape
-        xf = x.astype(jnp.float32).reshape(shape[0], -1, self.groups, shape[-1] // self.groups)  # [B, P, G, C/G]
+        n = math.prod(shape[:self.batch_axes])
+        xf = x.astype(jnp.float32).reshape(n, -1, self.groups, shape[-1] // self.groups)  # [B, P, G, C/G]
         mean = jnp.mean(xf, axis=(1, 3), keepdims=True)
         var = jnp.mean(jnp.square(xf - mean), axis=(1, 3), keepdims=True)
         y = ((xf - mean) * jax.lax.rsqrt(var + self.eps)).reshape(shape)
