@@ -22,6 +22,7 @@ KINDS: dict[str, tuple[str, str, str]] = {
     "hallo3": ("hallojax.models.hallo3", "Hallo3Config", "Hallo3"),
     "letstalk": ("hallojax.models.letstalk", "LetsTalkConfig", "LetsTalk"),
     "hunyuan-video": ("hallojax.models.hunyuan", "HunyuanVideoConfig", "HunyuanVideoTransformer"),
+    "hunyuan-avatar": ("hallojax.models.hunyuan_avatar", "HunyuanAvatarConfig", "HunyuanAvatar"),
 }
 
 
