@@ -114,3 +114,164 @@ def test_bad_inputs_named():
         model(*args, x["ref"], x["audio"], motion_exp=np.zeros((2, 3), np.float32))
     with pytest.raises(ValueError, match="guidance embedder"):
         preset("tiny", guidance_embeds=True)
+
+
+# --- the released checkpoint format (hallojax convert / export hunyuan-avatar) ---
+FP8_MAX = 448.0  # float8_e4m3fn
+
+
+@pytest.fixture(scope="module")
+def released(models, tmp_path_factory):
+    """Our tiny model saved, exported to the released names, and written as the released `.pt` ({"module": sd})
+    in a directory with our config (tiny head size: RoPE axes are not the release's)."""
+    import torch
+
+    from hallojax.checkpoint import save_pretrained
+    from hallojax.convert.hunyuan_avatar import export_hunyuan_avatar
+    from hallojax.convert.safetensors_io import TensorStore
+
+    tmp = tmp_path_factory.mktemp("avatar")
+    ours = {k: np.asarray(v) for k, v in flat_params(models["ours"]).items()}
+    save_pretrained(tmp / "ours", ours, CFG)
+    export_hunyuan_avatar(tmp / "ours", tmp / "orig", progress=False)
+    store = TensorStore(tmp / "orig")
+    sd = {k: torch.from_numpy(np.array(store.get(k))) for k in store.keys()}
+    (tmp / "pt").mkdir()
+    torch.save({"module": sd}, tmp / "pt" / "mp_rank_00_model_states.pt")
+    (tmp / "pt" / "config.json").write_text((tmp / "orig" / "config.json").read_text())
+    return dict(tmp=tmp, ours=ours, sd=sd)
+
+
+def test_released_names_match_diffusers_and_the_reference(models, released):
+    """The exported trunk keys are what diffusers' own Tencent -> diffusers converter maps onto the reference's
+    trunk (single blocks: its split is hard-wired to width 3072, checked by our import below); the Avatar keys
+    are the reference's, bit for bit; no guidance_in."""
+    import torch
+    from diffusers.loaders.single_file_utils import convert_hunyuan_video_transformer_to_diffusers
+
+    sd = released["sd"]
+    extras = models["extras"].state_dict()
+    assert "double_blocks.3.img_attn_qkv.weight" in sd and not any(k.startswith("guidance_in") for k in sd)
+    for k, v in extras.items():
+        assert torch.equal(sd[k], v), k
+    trunk = {k: v for k, v in sd.items() if k not in extras and not k.startswith("single_blocks.")}
+    theirs = convert_hunyuan_video_transformer_to_diffusers(trunk)
+    want = {k: v for k, v in models["trunk"].state_dict().items() if not k.startswith("single_transformer")}
+    assert sorted(theirs) == sorted(want)
+    for k, v in want.items():
+        assert torch.equal(theirs[k], v), k
+
+
+def test_convert_released_pt_round_trips(released):
+    from hallojax import cli
+    from hallojax.checkpoint import load_params_numpy, read_config
+
+    out = released["tmp"] / "back"
+    assert cli.main(["convert", "hunyuan-avatar", str(released["tmp"] / "pt"), str(out)]) == 0
+    back = load_params_numpy(out)
+    assert sorted(back) == sorted(released["ours"])
+    for k, v in released["ours"].items():
+        assert back[k].dtype == v.dtype and np.array_equal(back[k], v), k
+    assert read_config(out)[0].replace(dtype="float32") == CFG  # sizes from the shapes (+ the saved RoPE axes)
+
+
+def _fp8(sd):
+    """The released fp8 layout: every Linear weight under double_blocks / single_blocks as float8_e4m3fn with one
+    scale per module (amax / 448) in the map."""
+    import torch
+
+    q, scales = dict(sd), {}
+    for k, v in sd.items():
+        if k.startswith(("double_blocks.", "single_blocks.")) and k.endswith(".weight") and v.ndim == 2:
+            scale = v.abs().max() / FP8_MAX
+            q[k] = (v / scale).to(torch.float8_e4m3fn)
+            scales[k[:-len(".weight")]] = scale.reshape(())
+    return q, scales
+
+
+def test_convert_fp8_variant_dequantises_exactly(released, tmp_path):
+    import torch
+
+    from hallojax.checkpoint import load_params_numpy
+    from hallojax.convert.hunyuan_avatar import convert_hunyuan_avatar
+
+    q, scales = _fp8(released["sd"])
+    assert len(scales) == 4 * 10 + 2 * 3  # 10 Linears per dual block, 3 per single block
+    torch.save({"module": q}, tmp_path / "mp_rank_00_model_states_fp8.pt")
+    torch.save({"module": scales}, tmp_path / "mp_rank_00_model_states_fp8_map.pt")
+    (tmp_path / "config.json").write_text((released["tmp"] / "orig" / "config.json").read_text())
+    # the released loader looks up the config beside the weights the same way: give the file itself
+    convert_hunyuan_avatar(tmp_path / "mp_rank_00_model_states_fp8.pt", tmp_path / "ours", progress=False)
+    back = load_params_numpy(tmp_path / "ours")
+    k_qkv = back["double_blocks.img_attn.to_q.kernel"][2]  # block 2's q rows of img_attn_qkv, transposed
+    w = q["double_blocks.2.img_attn_qkv.weight"].float() * scales["double_blocks.2.img_attn_qkv"].float()
+    np.testing.assert_array_equal(k_qkv, w[:64].numpy().T)  # exactly fp8 value x scale
+    orig = released["ours"]["double_blocks.img_attn.to_q.kernel"][2]
+    assert 0 < np.abs(k_qkv - orig).max() <= 0.07 * np.abs(orig).max()  # really quantised, and close
+    for k in ("audio_adapters.to_kv.kernel", "ref_in.kernel", "double_blocks.img_attn.norm_q.scale"):
+        assert np.array_equal(back[k], released["ours"][k]), k  # not quantised: unchanged
+
+
+def test_bad_checkpoints_named_in_one_error(released, tmp_path):
+    import torch
+
+    from hallojax.convert import ConversionError
+    from hallojax.convert.hunyuan_avatar import convert_hunyuan_avatar
+
+    cfg_json = (released["tmp"] / "orig" / "config.json").read_text()
+    bad = dict(released["sd"])
+    del bad["audio_adapter_blocks.1.to_out.weight"]
+    bad["before_proj.weight"] = bad["before_proj.weight"][:, :-1]
+    bad["motion_exp.mlp.1.weight"] = torch.zeros(3)
+    (tmp_path / "src").mkdir()
+    torch.save({"module": bad}, tmp_path / "src" / "mp_rank_00_model_states.pt")
+    (tmp_path / "src" / "config.json").write_text(cfg_json)
+    with pytest.raises(ConversionError) as e:
+        convert_hunyuan_avatar(tmp_path / "src", tmp_path / "out", progress=False)
+    msg = str(e.value)
+    for key in ("audio_adapter_blocks.1.to_out.weight", "before_proj.weight", "motion_exp.mlp.1.weight"):
+        assert key in msg, msg
+    assert "1 missing" in msg and "1 unexpected" in msg and "mis-shaped" in msg
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob("out*"))
+
+    # fp8: a scale missing, a stray scale and a missing key, all in one error
+    q, scales = _fp8(released["sd"])
+    del scales["single_blocks.1.linear2"]
+    scales["double_blocks.0.nothing"] = torch.tensor(1.0)
+    del q["fps_proj.mlp.2.bias"]
+    (tmp_path / "fp8").mkdir()
+    torch.save({"module": q}, tmp_path / "fp8" / "w_fp8.pt")
+    torch.save({"module": scales}, tmp_path / "fp8" / "w_fp8_map.pt")
+    (tmp_path / "fp8" / "config.json").write_text(cfg_json)
+    with pytest.raises(ConversionError) as e:
+        convert_hunyuan_avatar(tmp_path / "fp8" / "w_fp8.pt", tmp_path / "out8", progress=False)
+    msg = str(e.value)
+    for key in ("single_blocks.1.linear2", "double_blocks.0.nothing", "fps_proj.mlp.2.bias"):
+        assert key in msg, msg
+    assert not list(tmp_path.glob("out8*"))
+    (tmp_path / "fp8" / "w_fp8_map.pt").unlink()
+    with pytest.raises(ConversionError, match="w_fp8_map.pt"):
+        convert_hunyuan_avatar(tmp_path / "fp8" / "w_fp8.pt", tmp_path / "out8", progress=False)
+
+
+def test_released_key_set_at_full_size():
+    """From shapes alone: the released file's keys and element count, and the fp8 file's quantised Linears."""
+    from hallojax.convert.hunyuan_avatar import avatar_rules
+    from hallojax.convert.table import _torch_shape, select
+
+    cfg = preset("hunyuan-avatar")
+    shapes = param_shapes(cfg)
+    counts = avatar_layer_counts(cfg)
+    rules = select(avatar_rules(cfg), shapes)
+    assert {r.ours for r in rules} == set(shapes)  # every parameter has a released key
+    keys: dict[str, int] = {}
+    for r in rules:
+        n = next((v for p, v in counts.items() if r.ours.startswith(p + ".")), 0) if "{i}" in r.torch else 1
+        for i in range(n):
+            keys[r.torch.format(i=i)] = keys.get(r.torch.format(i=i), 0) + int(np.prod(_torch_shape(r, shapes)))
+    assert sum(keys.values()) == 12_991_493_184
+    assert len(keys) == len(set(keys))
+    fp8 = [k for k in keys if k.startswith(("double_blocks.", "single_blocks.")) and k.endswith(".weight")
+           and "norm" not in k]
+    assert len(fp8) == 20 * 10 + 40 * 3  # 320 float8 weights, 320 scales in the map
+    print(f"released Avatar keys: {len(keys)}, elements {sum(keys.values()):,}, fp8 weights {len(fp8)}")

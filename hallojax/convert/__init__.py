@@ -26,6 +26,7 @@ FORMATS: dict[str, tuple[str, str, str]] = {
     "letstalk": ("hallojax.convert.letstalk", "convert_letstalk", "export_letstalk"),
     "hunyuan-video": ("hallojax.convert.hunyuan", "convert_hunyuan_diffusers", "export_hunyuan_diffusers"),
     "hunyuan-video-original": ("hallojax.convert.hunyuan", "convert_hunyuan_original", "export_hunyuan_original"),
+    "hunyuan-avatar": ("hallojax.convert.hunyuan_avatar", "convert_hunyuan_avatar", "export_hunyuan_avatar"),
 }
 
 
