@@ -275,3 +275,40 @@ def test_released_key_set_at_full_size():
            and "norm" not in k]
     assert len(fp8) == 20 * 10 + 40 * 3  # 320 float8 weights, 320 scales in the map
     print(f"released Avatar keys: {len(keys)}, elements {sum(keys.values()):,}, fp8 weights {len(fp8)}")
+
+
+# --- the released feature cache (off by default) ---
+@nnx.jit(static_argnames="mode")
+def run_cache(model, x, t, mode, cache=None):
+    return model(x["lat"], t, x["text"], x["pooled"], x["ref"], x["audio"], text_mask=x["mask"], face_mask=x["face"],
+                 fps=x["fps"], motion_exp=x["exp"], motion_pose=x["pose"],
+                 single_cache="store" if mode == "store" else cache)
+
+
+def test_feature_cache(models):
+    """A storing forward is the forward (parity with the reference) plus the last single block's input; reusing
+    it with the same inputs gives the same output; at the next step's timestep it is the released approximation
+    (the measured error is printed); the released schedule reuses 20 of 50 steps."""
+    from hallojax.models.hunyuan_avatar import feature_cache_schedule
+
+    x = ref.inputs(valid=(7, 4))
+    want = ref.forward(models["trunk"], models["extras"], x, 1.0)
+    a = _arrays(x)
+    out, cache = run_cache(models["ours"], a, a["t"], "store")
+    assert_parity(out, want, "storing forward")
+    assert cache.shape == (2, 6 + 18 + 7, 64)  # [ref frame ; video ; text] tokens
+    again = run_cache(models["ours"], a, a["t"], "reuse", cache)
+    assert_parity(again, out, "reused cache, same step")
+    t_next = a["t"] - 20.0
+    full = np.asarray(run_cache(models["ours"], dict(a, lat=a["lat"] * 0.98), t_next, "store")[0])
+    reused = np.asarray(run_cache(models["ours"], dict(a, lat=a["lat"] * 0.98), t_next, "reuse", cache))
+    rel = np.abs(reused - full).max() / np.abs(full).max()
+    assert 0 < rel < 0.5  # an approximation, not the full forward, and not unrelated to it
+    print(f"feature cache, next step (t - 20, latents x 0.98): max relative error vs a full step {rel:.3g}")
+    with pytest.raises(ValueError, match="single_cache has shape"):
+        run_cache(models["ours"], a, a["t"], "reuse", cache[:, :-1])
+
+    reuse = feature_cache_schedule(50)
+    assert reuse.sum() == 20
+    assert list(np.flatnonzero(reuse)) == [*range(16, 20), *range(21, 25), *range(26, 30), *range(31, 35),
+                                           *range(36, 40)]

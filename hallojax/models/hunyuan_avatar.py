@@ -124,6 +124,9 @@ class HunyuanAvatar(HunyuanVideoTransformer):
       (`avatar_audio.audio_windows`; zeros = the unconditional audio); face_mask [B, F·H'·W'] on the token
       grid (`face_mask_tokens`; None = everywhere) times mask_scale (the pipeline's 0.6 for its first 10
       steps); fps [B] or scalar; motion_exp / motion_pose [B, 4] or scalar.
+      single_cache (the released feature cache, off by default): "store" returns (velocity, cache), the last
+      single block's input; passing that cache back runs only the last single block (with this call's
+      timestep / motion / fps vector) and the head (`feature_cache_schedule` says on which steps).
     Returns the flow velocity [B, F, H, W, C_out] in the compute dtype.
     """
 
@@ -165,7 +168,7 @@ class HunyuanAvatar(HunyuanVideoTransformer):
     @with_precision
     def __call__(self, latents, timesteps, text, pooled, ref_latents, audio_windows, *, text_mask=None,
                  face_mask=None, mask_scale=1.0, fps=RELEASED["fps"], motion_exp=RELEASED["motion_exp"],
-                 motion_pose=RELEASED["motion_pose"]):
+                 motion_pose=RELEASED["motion_pose"], single_cache=None):
         cfg = self.cfg
         b, f, h, w, _ = latents.shape
         if tuple(ref_latents.shape) != tuple(latents.shape):
@@ -178,6 +181,11 @@ class HunyuanAvatar(HunyuanVideoTransformer):
         _vector_inputs(fps, motion_exp, motion_pose, b)  # named before anything runs
         pt, ph, pw = cfg.patch_size
         gh, gw = h // ph, w // pw
+        vec = self.avatar_vector(fps, motion_exp, motion_pose, b)
+        if single_cache is not None and not isinstance(single_cache, str):  # reuse: the last single block + head
+            return super().__call__(latents, timesteps, text, pooled, text_mask=text_mask,
+                                    extra_tokens=self.embed(ref_latents[:, :1]),
+                                    extra_coords=frame_coords(gh, gw, t=-1), extra_vec=vec, single_cache=single_cache)
         image_add, ref_tokens = self.reference(ref_latents)
         audio = latent_audio_tokens(self.audio_proj(audio_windows))  # [B, F, 16, D]
         inputs = dict(audio=audio, frames=f // pt, ref_tokens=gh * gw, mask_scale=jnp.asarray(mask_scale, jnp.float32))
@@ -185,8 +193,16 @@ class HunyuanAvatar(HunyuanVideoTransformer):
             inputs["face_mask"] = jnp.asarray(face_mask)
         return super().__call__(
             latents, timesteps, text, pooled, text_mask=text_mask, extra_tokens=ref_tokens,
-            extra_coords=frame_coords(gh, gw, t=-1), extra_vec=self.avatar_vector(fps, motion_exp, motion_pose, b),
-            image_add=image_add, dual_hook=(self.audio_adapters, cfg.adapter_layers), hook_inputs=inputs)
+            extra_coords=frame_coords(gh, gw, t=-1), extra_vec=vec, image_add=image_add,
+            dual_hook=(self.audio_adapters, cfg.adapter_layers), hook_inputs=inputs, single_cache=single_cache)
+
+
+def feature_cache_schedule(steps: int = 50, *, warmup: int = 15, every: int = 5, tail: int = 9) -> np.ndarray:
+    """bool [steps]: True where the released sampler reuses the cached last-single-block input instead of a
+    full forward (B.7). Full passes: steps < warmup, every `every`-th step, the last `tail` steps; for 50 steps
+    full at 0-14, 15, 20, ..., 40, 41-49 and reuse at 16-19, 21-24, 26-29, 31-34, 36-39 (20 steps)."""
+    i = np.arange(steps)
+    return (i >= warmup) & (i < steps - tail) & (i % every != 0)
 
 
 def build_model(cfg: HunyuanAvatarConfig, seed: int = 0) -> HunyuanAvatar:
