@@ -25,6 +25,7 @@ KINDS: dict[str, tuple[str, str, str]] = {
     "letstalk": ("hallojax.models.letstalk", "LetsTalkConfig", "LetsTalk"),
     "hunyuan-video": ("hallojax.models.hunyuan", "HunyuanVideoConfig", "HunyuanVideoTransformer"),
     "cogvideox-vae": ("hallojax.models.cogvideox_vae", "CogVideoXVAEConfig", "CogVideoXVAE"),
+    "hunyuan-avatar": ("hallojax.models.hunyuan_avatar", "HunyuanAvatarConfig", "HunyuanAvatar"),
 }
 
 

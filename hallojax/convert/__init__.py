@@ -29,6 +29,7 @@ FORMATS: dict[str, tuple[str, str, str]] = {
     "hunyuan-video": ("hallojax.convert.hunyuan", "convert_hunyuan_diffusers", "export_hunyuan_diffusers"),
     "hunyuan-video-original": ("hallojax.convert.hunyuan", "convert_hunyuan_original", "export_hunyuan_original"),
     "cogvideox-vae": ("hallojax.convert.cogvideox_vae", "convert_cogvideox_vae", "export_cogvideox_vae"),
+    "hunyuan-avatar": ("hallojax.convert.hunyuan_avatar", "convert_hunyuan_avatar", "export_hunyuan_avatar"),
 }
 
 

@@ -19,7 +19,8 @@ modulation arithmetic, the vector MLPs, RoPE and softmax in float32.
 Extension points (HunyuanVideo-Avatar): `extra_tokens` [B, E, D] with their own RoPE `extra_coords`
 (the reference frame at t = −1) are prepended to the image tokens and dropped before the head;
 `extra_vec` [B, D] is added to vec; `image_add` [B, L, D] to the patch-embedded video tokens; `dual_hook`
-runs a stacked module after chosen dual blocks on the image tokens (see `HunyuanVideoTransformer.__call__`).
+runs a stacked module after chosen dual blocks on the image tokens (see `HunyuanVideoTransformer.__call__`);
+`single_cache` stores / reuses the last single block's input (the Avatar sampler's feature cache).
 """
 
 from __future__ import annotations
@@ -277,6 +278,12 @@ class SingleBlock(nnx.Module):
         return constrain(_gated(x, self.proj_out(jnp.concatenate([out, hidden], axis=-1)), gate), TOKENS)
 
 
+def _layers(stack: nnx.Module, start: int, stop: int | None) -> nnx.Module:
+    """Layers start:stop of a stacked module (still stacked)."""
+    graphdef, state = nnx.split(stack)
+    return nnx.merge(graphdef, jax.tree.map(lambda a: a[start:stop], state))
+
+
 def scan_layers(stack: nnx.Module, carry, step, consts: tuple, *, remat: str, unroll: int, layer_xs=None):
     """Run `step(block, carry, xs, *consts) -> carry` over the stacked `stack` with `nnx.scan`, one layer
     per step (remat policy `remat`); xs = {"layer": index, **layer_xs} (arrays with a leading layer axis)."""
@@ -400,7 +407,10 @@ class HunyuanVideoTransformer(nnx.Module):
     @with_precision
     def __call__(self, latents, timesteps, text, pooled, *, text_mask=None, guidance=None, coords=None,
                  extra_tokens=None, extra_coords=None, extra_vec=None, image_add=None, dual_hook=None,
-                 hook_inputs=None):
+                 hook_inputs=None, single_cache=None):
+        """`single_cache`: None (the plain forward); "store": also return the last single block's input
+        [B, L_img + M, D] (a feature cache); that array: run only the last single block on it with this call's
+        conditioning vector (every other input is read for shapes and the vector only) and the head."""
         cfg = self.cfg
         self.check_inputs(latents, timesteps, text, pooled, text_mask, guidance, coords, extra_tokens, extra_coords,
                           dual_hook)
@@ -426,17 +436,33 @@ class HunyuanVideoTransformer(nnx.Module):
 
         vec = self.vector(timesteps, pooled, guidance, extra_vec)
         mask = None if text_mask is None else jnp.asarray(text_mask).astype(bool)
-        txt = self.refiner(text, timesteps, mask, remat=cfg.remat, unroll=cfg.scan_unroll)  # [B, M, D]
+        cached = single_cache is not None and not isinstance(single_cache, str)
+        if single_cache is not None and cfg.num_single_layers < 2:
+            raise ValueError("single_cache: the feature cache needs >= 2 single blocks")
+        if not cached:
+            txt = self.refiner(text, timesteps, mask, remat=cfg.remat, unroll=cfg.scan_unroll)  # [B, M, D]
         key_mask = None
         if mask is not None:  # image tokens + the first sum(mask) text tokens (diffusers' effective length)
             m = text.shape[1]
             valid = jnp.arange(m)[None, :] < jnp.sum(mask, axis=1, dtype=jnp.int32)[:, None]
             key_mask = jnp.concatenate([jnp.ones((b, n_img), bool), valid], axis=1)[:, None, None, :]
 
-        img, txt = self._run_dual(img, txt, vec, rope, key_mask, dual_hook, hook_inputs)
-        x = jnp.concatenate([img, txt], axis=1)
-        x = scan_layers(self.single_blocks, x, lambda blk, x, _, vec, rope, km: blk(x, n_img, vec, rope, km),
-                        (vec, rope, key_mask), remat=cfg.remat, unroll=cfg.scan_unroll)
+        single = lambda blk, x, _, vec, rope, km: blk(x, n_img, vec, rope, km)  # noqa: E731
+        if not cached:
+            img, txt = self._run_dual(img, txt, vec, rope, key_mask, dual_hook, hook_inputs)
+            x = jnp.concatenate([img, txt], axis=1)
+            stack = self.single_blocks if single_cache is None else _layers(self.single_blocks, 0, -1)
+            x = scan_layers(stack, x, single, (vec, rope, key_mask), remat=cfg.remat, unroll=cfg.scan_unroll)
+        else:
+            x = single_cache
+            want = (b, n_img + text.shape[1], cfg.dim)
+            if tuple(x.shape) != want:
+                raise ValueError(f"single_cache has shape {tuple(x.shape)}; expected {want} (the last single "
+                                 "block's input a 'store' call returned for these shapes)")
+        cache = x
+        if single_cache is not None:
+            x = scan_layers(_layers(self.single_blocks, -1, None), x, single, (vec, rope, key_mask), remat=cfg.remat,
+                            unroll=1)
         img = x[:, n_extra:n_img]
 
         scale, shift = _mod_chunks(self.norm_out_mod, vec, 2)
@@ -444,7 +470,8 @@ class HunyuanVideoTransformer(nnx.Module):
         out = self.proj_out(img)  # [B, L, C·pt·ph·pw]: channel outermost per token
         out = out.reshape(b, gf, gh, gw, cfg.out_channels, pt, ph, pw)
         out = out.transpose(0, 1, 5, 2, 6, 3, 7, 4)  # [B, F', pt, H', ph, W', pw, C]
-        return out.reshape(b, f, h, w, cfg.out_channels)
+        out = out.reshape(b, f, h, w, cfg.out_channels)
+        return (out, cache) if isinstance(single_cache, str) else out
 
     def _run_dual(self, img, txt, vec, rope, key_mask, dual_hook, hook_inputs):
         """The dual-stream scan; with a hook, block i is followed by hook entry slot[i] when slot[i] >= 0."""

@@ -47,6 +47,8 @@ PRESETS = {
     "echomimic-v3-preview": "text=cos(4,2,5),audio=cos(2.9,1.45,5)",
 }
 
+PRESETS["hunyuan-avatar"] = PRESETS["hyavatar"]  # the model kind's name; checked against research B.7 in tests
+
 _NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 
 

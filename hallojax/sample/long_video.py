@@ -157,3 +157,89 @@ def window_weights(plan: Plan) -> np.ndarray:
     for i, a in enumerate(starts):
         w[i] /= total[a:a + f]
     return w.astype(np.float32)
+
+
+# --- time-aware position shift (HunyuanVideo-Avatar's long videos; any model) ---
+@dataclasses.dataclass(frozen=True)
+class ShiftPlan:
+    """HunyuanVideo-Avatar's long-video scheme (research/hyavatar_letstalk.md B.7), usable by any model: ONE
+    latent buffer of `total_latent` frames is denoised together; on step i it is covered by windows of
+    `window` latent frames starting at s_k = window·k − shift_i (k = 0, 1, ... while window·k < total), each
+    taking latent frames (s_k + j) mod total (circular: the last window wraps onto the start) and audio
+    (video) frames (stride·s_k + m) mod audio_frames, m < stride·(window − 1) + 1. Every window runs one solver
+    step on its frames on its own; the results are scattered back, summed and divided by the per-frame count
+    (frames two windows share — only at the wrap — are averaged; as both start from the same x, that is
+    the solver step with the averaged velocity). shift_i = (shift · i) mod window, so window boundaries move
+    by `shift` latent frames every step and no seam stays put. A buffer of exactly one window: no shift.
+    The released values: window 33, shift 10, stride 4 (129 video frames per window)."""
+
+    total_latent: int
+    audio_frames: int  # per-video-frame audio entries the sampler holds (the padded audio)
+    window: int = 33
+    shift: int = 10
+    stride: int = 4
+
+    def __post_init__(self):
+        if self.window < 1 or self.total_latent < self.window:
+            raise ValueError(f"shift plan: {self.total_latent} latent frames cannot hold a window of {self.window}")
+        if self.audio_frames < self.stride * (self.window - 1) + 1:
+            raise ValueError(f"shift plan: {self.audio_frames} audio frames < one window's "
+                             f"{self.stride * (self.window - 1) + 1}")
+
+    @property
+    def num_windows(self) -> int:
+        return -(-self.total_latent // self.window)
+
+    def offset(self, step: int) -> int:
+        """shift_i: how far window 0 starts before latent frame 0 on `step`."""
+        return 0 if self.total_latent == self.window else (self.shift * step) % self.window
+
+    def starts(self, step: int) -> np.ndarray:
+        return self.window * np.arange(self.num_windows) - self.offset(step)
+
+    def latent_indices(self, step: int) -> np.ndarray:
+        """int [windows, window]: the latent frames each window covers on `step` (circular)."""
+        return (self.starts(step)[:, None] + np.arange(self.window)[None]) % self.total_latent
+
+    def audio_indices(self, step: int) -> np.ndarray:
+        """int [windows, stride·(window − 1) + 1]: the audio (video-frame) entries each window reads."""
+        m = np.arange(self.stride * (self.window - 1) + 1)
+        return (self.stride * self.starts(step)[:, None] + m[None]) % self.audio_frames
+
+    def counts(self, step: int) -> np.ndarray:
+        """int [total_latent]: windows covering each latent frame on `step` (1, or 2 at the wrap)."""
+        return np.bincount(self.latent_indices(step).ravel(), minlength=self.total_latent)
+
+    def merge(self, step: int, outs, xp=np):
+        """Window results [windows, window, ...] -> the buffer [total_latent, ...]: scatter-add, then divide
+        by the per-frame count. `xp`: numpy or jax.numpy."""
+        idx = self.latent_indices(step).ravel()
+        flat = outs.reshape(-1, *outs.shape[2:])
+        counts = self.counts(step).reshape(-1, *([1] * (flat.ndim - 1)))
+        if xp is np:
+            total = np.zeros((self.total_latent, *flat.shape[1:]), flat.dtype)
+            np.add.at(total, idx, flat)
+        else:
+            total = xp.zeros((self.total_latent, *flat.shape[1:]), flat.dtype).at[idx].add(flat)
+        return total / xp.asarray(counts, flat.dtype)
+
+    def describe(self, steps: int = 3) -> str:
+        rows = [f"time-aware shift: {self.total_latent} latent frames, {self.num_windows} windows of {self.window} "
+                f"(shift {self.shift}/step), audio {self.audio_frames} frames"]
+        for i in range(min(steps, 3)):
+            spans = [f"{(s % self.total_latent)}..{(s + self.window - 1) % self.total_latent}" for s in self.starts(i)]
+            rows.append(f"  step {i}: " + ", ".join(spans))
+        return "\n".join(rows)
+
+
+def shift_plan(audio_frames: int, *, window: int = 33, shift: int = 10, stride: int = 4) -> ShiftPlan:
+    """The released sizing for `audio_frames` video frames of audio (25 fps): n = audio_frames // c + 1 chunks of
+    c = stride·(window − 1) video frames; the latent buffer holds n·(window − 1) + 1 frames and the audio is
+    zero-padded to n·c + stride frames (decode the first 1 + (audio_frames − 1)//stride latent frames' worth and
+    cut to the audio length)."""
+    if audio_frames < 1:
+        raise ValueError(f"shift plan: {audio_frames} audio frames; need at least 1")
+    c = stride * (window - 1)
+    n = audio_frames // c + 1
+    return ShiftPlan(total_latent=n * (window - 1) + 1, audio_frames=n * c + stride, window=window, shift=shift,
+                     stride=stride)
