@@ -9,9 +9,9 @@ did not learn it either: README "Does LetsTalk learn?"); the compile of the trai
 2 cores. So this is the smaller check that can fail: the data source feeds the right inputs (memory = the
 frames before the clip, each frame's audio window), the loss falls on the synthetic clips, and a trained
 workdir generates and scores end to end. Measured (`python tests/test_learning_letstalk.py 0 1 2`, one
-device, the machine shared; ~90 s a seed under that load): mean loss of steps 1-5 -> 36-40: seed 0 0.532 ->
-0.186 (ratio 0.35), seed 1 0.553 -> 0.165 (0.30), seed 2 0.535 -> 0.228 (0.43); r own / shuffled 0.19 / 0.17,
-0.32 / 0.30, 0.08 / 0.09 (no lip sync: the model is not asked for it here).
+device, the machine shared; ~85 s a seed under that load, 23-73 s for the pytest test): mean loss of steps
+1-5 -> 36-40: seed 0 1.033 -> 0.186 (ratio 0.18), seed 1 0.958 -> 0.165 (0.17), seed 2 0.952 -> 0.228 (0.24);
+r own / shuffled 0.17 / 0.13, 0.32 / 0.30, 0.11 / 0.18 (no lip sync: nor is it asked for here).
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from data_pipeline import synthetic
 ROOT = Path(__file__).resolve().parents[1]
 
 STEPS = 40
-# last-5 / first-5 mean loss; measured 0.35 / 0.30 / 0.43 over seeds 0, 1, 2 (module docstring)
-LOSS_RATIO = 0.7
+# last-5 / first-5 mean loss; measured 0.18 / 0.17 / 0.24 over seeds 0, 1, 2 (module docstring)
+LOSS_RATIO = 0.5
 
 
 def _hallojax(*args) -> str:
@@ -51,7 +51,7 @@ def train_and_score(tmp: Path, seed: int, steps: int = STEPS) -> tuple[list[floa
                     f"--config.seed={seed}", f"--config.data.workdir={tmp / 'data'}", "--config.data.num_videos=2",
                     "--config.data.size=16", f"--config.train.steps={steps}", "--config.train.log_every=1",
                     f"--config.checkpoint.every={steps}")
-    losses = [float(x) for x in re.findall(r"step \d+/\d+ .*?loss ([0-9.]+)", log)]
+    losses = [float(x) for x in re.findall(r"step\s+\d+/\d+ .*?loss ([0-9.]+)", log)]
     heldout = tmp / "heldout"
     synthetic.generate(heldout, num_videos=2, seed=1000 + seed,
                        cfg=synthetic.SyntheticConfig(min_seconds=0.6, max_seconds=0.6))
