@@ -86,11 +86,17 @@ def adopt_prepared_sizes(config, manifest: dict, explicit: set[str] = frozenset(
     model, where = config.model, f"{config.data.prepared}/manifest.json"
     codec = manifest["codec"]
     c = int(codec["latent_channels"])
-    masked = model.in_channels == 2 * model.out_channels + 4
-    want = {"out_channels": (c, f"codec {codec['name']}: {c} latent channels"),
-            "in_channels": (2 * c + 4 if masked else c, f"codec {codec['name']}: {c} latent channels"
-                            + (", masked input 2C + 4" if masked else ""))}
-    if model.audio != "none":
+    if model.get("kind", "wan-dit") == "letstalk":  # per-frame latents in (out: 2C), audio always on, stride 1
+        want = {"in_channels": (c, f"codec {codec['name']}: {c} latent channels")}
+        if int(codec["temporal_stride"]) != 1:
+            raise ValueError(f"{where}: codec {codec['name']} has temporal stride {codec['temporal_stride']}; "
+                             "LetsTalk trains on per-frame latents (stride 1)")
+    else:
+        masked = model.in_channels == 2 * model.out_channels + 4
+        want = {"out_channels": (c, f"codec {codec['name']}: {c} latent channels"),
+                "in_channels": (2 * c + 4 if masked else c, f"codec {codec['name']}: {c} latent channels"
+                                + (", masked input 2C + 4" if masked else ""))}
+    if model.get("audio", "per-frame") != "none":
         shape = manifest["record_shapes"].get("audio_features")
         if not shape:
             raise ValueError(f"model.audio={model.audio!r} needs per-frame audio features, but the records of "
@@ -98,8 +104,9 @@ def adopt_prepared_sizes(config, manifest: dict, explicit: set[str] = frozenset(
         _, n, d = shape
         want["audio_in_layers"] = (n, f"audio features [T, {n}, {d}]")
         want["audio_in_dim"] = (d, f"audio features [T, {n}, {d}]")
-        s = int(codec["temporal_stride"])
-        want["audio_stride"] = (s, f"codec {codec['name']}: temporal stride {s}")
+        if "audio_stride" in model:
+            s = int(codec["temporal_stride"])
+            want["audio_stride"] = (s, f"codec {codec['name']}: temporal stride {s}")
     changes = {}
     for key, (value, why) in want.items():
         old = model[key]

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hallojax import registry
+from hallojax.data import PreparedBatches
 
 # --- the table -------------------------------------------------------------------------------------
 
@@ -92,14 +93,16 @@ def example_batch(cfg, batch: int, frames: int, height: int, width: int, *, text
 
 
 def make_source(config, cfg, rows):
-    """data.source = "random" for every family (the Wan DiT also takes synthetic and prepared clips)."""
+    """data.source = "random" for every family; the Wan DiT and LetsTalk also take synthetic and prepared clips."""
     from hallojax import data
 
     if family(cfg).kind == "wan-dit":
         return data.make_source(config, cfg, rows)
+    if family(cfg).kind == "letstalk" and config.data.prepared:
+        return LetsTalkClips(config.data, config.train.batch_size, config.seed, cfg, rows)
     if config.data.prepared or config.data.source != "random":
         raise ValueError(f"data.source={config.data.source!r}: model.kind={family(cfg).kind!r} trains on "
-                         "data.source='random' (a fixed batch) only; prepared clips feed the Wan DiT")
+                         "data.source='random' (a fixed batch) only; prepared clips feed the Wan DiT and LetsTalk")
     t = config.train
     batch = example_batch(cfg, t.batch_size, t.frames, t.height, t.width, text_len=t.text_len, seed=config.seed)
     # learnable latents: the smooth patterns of the Wan source (hallojax.data.synthetic_batch)
@@ -200,6 +203,36 @@ def _letstalk_shapes(cfg, b: int, f: int, h: int, w: int, text_len: int) -> dict
     if cfg.memory_frames:
         out["memory"] = (b, cfg.memory_frames, h, w, c)
     return out
+
+
+def letstalk_inputs(record: dict, cfg) -> dict:
+    """A prepared record (latents [M + F, h, w, C] of a per-frame codec, per-frame audio features [M + F, N, D])
+    -> LetsTalk's inputs: the last F frames as the clip, the M before them as the memory bank, the reference
+    latent, and each clip frame's audio window (±audio_window frames, clamped at the record's ends, as
+    `models.letstalk.audio_windows` does over a whole track)."""
+    from hallojax.models.letstalk import audio_windows
+
+    lat, m = record["latents"], cfg.memory_frames
+    if lat.shape[0] <= m:
+        raise ValueError(f"a prepared clip of {lat.shape[0]} frames cannot hold the memory bank's {m} frames and a "
+                         f"clip (prepare data.frames = model.num_frames + memory_frames = {cfg.num_frames + m})")
+    if "audio_features" not in record:
+        raise ValueError("LetsTalk needs per-frame audio features: prepare the set with --audio-features")
+    f = lat.shape[0] - m
+    out = {"latents": lat[m:], "reference": record["ref_latent"],
+           "audio": np.asarray(audio_windows(record["audio_features"][None], m, f, cfg.audio_window))[0]}
+    if m:
+        out["memory"] = lat[:m]
+    return out
+
+
+class LetsTalkClips(PreparedBatches):
+    """LetsTalk batches from a prepared set: `PreparedBatches`' order and state, `letstalk_inputs` per record."""
+
+    def inputs(self, raw: bytes) -> dict:
+        from data_pipeline.schema import decode_record
+
+        return letstalk_inputs(decode_record(raw), self.cfg)
 
 
 def _letstalk_randomness(cfg, t, batch, key) -> dict:

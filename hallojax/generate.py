@@ -194,8 +194,10 @@ def _load_workdir(path: Path, step, weights, overrides, devices):
         raise CheckpointError(f"{meta_file}: the run's config cannot be read ({e})") from None
     _check_overrides(config, overrides)
     apply_overrides(config, overrides)
+    from hallojax import families
+
     try:
-        cfg = DiTConfig.from_dict(config.model)
+        cfg = families.model_config(config.model)  # the Wan DiT, or another family's (config.model.kind)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{meta_file}: not a DiT training config ({e})") from None
     mesh = _mesh_for(config, devices)
@@ -204,7 +206,7 @@ def _load_workdir(path: Path, step, weights, overrides, devices):
     if weights == "auto":
         # an EMA that still holds much of the initial weights (decay^step >= 5 %) is worse than the weights
         weights = "ema" if decay > 0 and decay ** step < 0.05 else "params"
-    abstract = nnx.eval_shape(lambda: WanDiT(cfg, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: families.model_class(cfg)(cfg, rngs=nnx.Rngs(0)))
     graphdef, abs_params, rest = nnx.split(abstract, nnx.Param, ...)
     shardings = nnx.to_pure_dict(state_shardings(abs_params, mesh, rules))
     target = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),

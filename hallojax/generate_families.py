@@ -235,14 +235,32 @@ class LetsTalkFamily(Family):
 FAMILIES = {"hallo3": Hallo3Family, "letstalk": LetsTalkFamily}
 
 
+def _workdir_kind(path: Path) -> str | None:
+    """config.model.kind of a `hallojax train` workdir's latest checkpoint (or step directory), else None."""
+    import json
+
+    if path.parent.name == "checkpoints" and path.name.isdigit():
+        path = path.parent.parent
+    steps = gen._steps_in(path) if (path / "checkpoints").is_dir() else []
+    if not steps:
+        return None
+    try:
+        model = json.loads((path / "checkpoints" / str(max(steps)) / "config" / "metadata").read_text())["model"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # load_checkpoint reports what is wrong with it
+    kind = model.get("kind") if isinstance(model, dict) else None
+    return kind if kind in FAMILIES else None
+
+
 def family_kind(path) -> str | None:
-    """The family of a converted directory (FAMILIES), or None (a Wan DiT, a workdir, not a directory)."""
+    """The family of a converted directory or a `hallojax train` workdir (FAMILIES), or None (a Wan DiT, not
+    a directory)."""
     from hallojax import registry
     from hallojax.checkpoint import read_config
 
     path = Path(path)
     if not (path / "config.json").is_file():
-        return None
+        return _workdir_kind(path.absolute())
     try:
         kind = registry.kind_of(read_config(path)[0])
     except (CheckpointError, ValueError, TypeError):
@@ -358,6 +376,20 @@ class FamilyPipeline(gen.Pipeline):
         from hallojax.sharding import DEFAULT_RULES, normalize_rules
 
         path = Path(checkpoint).absolute()
+        if not (path / "config.json").is_file():  # a `hallojax train` workdir of a family model
+            if image_encoder or text_encoder or tokenizer:
+                raise ValueError("--image-encoder / --text-encoder / --tokenizer: not taken by a workdir's "
+                                 f"{_workdir_kind(path)} model")
+            loaded = gen.load_checkpoint(path, step=step, weights=weights, overrides=overrides, devices=devices)
+            family = FAMILIES[registry.kind_of(loaded.cfg)](loaded.cfg)
+            config = loaded.config
+            if "frames" in family.media and "media" in config.get("data", {}):  # clips of the model's length
+                config.data.media.frames = family.media["frames"]
+            spec = gen.media_spec(config, codec=codec, audio_features=audio_features, fps=fps, height=height,
+                                  width=width)
+            if not spec.audio_features:
+                raise ValueError(f"{path}: the run records no audio features: pass --audio-features")
+            return cls(loaded, spec, family, audio_fn=get_audio_features(spec.audio_features))
         cfg, meta = read_config(path)
         kind = registry.kind_of(cfg)
         if step is not None or weights != "auto":
