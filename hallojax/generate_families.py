@@ -490,6 +490,15 @@ class FamilyPipeline(gen.Pipeline):
     def audio_feature_shape(self):
         return self.family.feature_shape()
 
+    def _settings(self, sampler, steps, shift, guidance, long_video_strategy, clip_frames) -> gen.SampleConfig:
+        """The recipe (sample_defaults) with the call's settings that are set."""
+        d = self.sample_defaults
+        return dataclasses.replace(d, sampler=sampler or d.sampler, steps=d.steps if steps is None else steps,
+                                   shift=d.shift if shift is None else shift,
+                                   guidance=d.guidance if guidance is None else guidance,
+                                   long_video=long_video_strategy or d.long_video,
+                                   clip_frames=d.clip_frames if clip_frames is None else clip_frames)
+
     def conditions(self) -> set[str]:
         return set(self.family.conditions)
 
@@ -524,12 +533,7 @@ class FamilyPipeline(gen.Pipeline):
 
         t_start = time.perf_counter()
         family, cfg, codec, spec = self.family, self.cfg, self.codec, self.spec
-        d = self.sample_defaults
-        sc = dataclasses.replace(d, sampler=sampler or d.sampler, steps=d.steps if steps is None else steps,
-                                 shift=d.shift if shift is None else shift,
-                                 guidance=d.guidance if guidance is None else guidance,
-                                 long_video=long_video_strategy or d.long_video,
-                                 clip_frames=d.clip_frames if clip_frames is None else clip_frames)
+        sc = self._settings(sampler, steps, shift, guidance, long_video_strategy, clip_frames)
         sc.validate()
         if sc.long_video not in ("auto", "motion") or overlap:
             raise ValueError(f"--long-video {sc.long_video} / --overlap {overlap}: a {family.kind} model generates "
@@ -718,12 +722,7 @@ class AvatarPipeline(FamilyPipeline):
                              "(--text-states FILE.npz)")
         if face_embedding is not None:
             raise ValueError("face_embedding: a hunyuan-avatar model takes none (only Hallo3)")
-        d = self.sample_defaults
-        sc = dataclasses.replace(d, sampler=sampler or d.sampler, steps=d.steps if steps is None else steps,
-                                 shift=d.shift if shift is None else shift,
-                                 guidance=d.guidance if guidance is None else guidance,
-                                 long_video=long_video_strategy or d.long_video,
-                                 clip_frames=d.clip_frames if clip_frames is None else clip_frames)
+        sc = self._settings(sampler, steps, shift, guidance, long_video_strategy, clip_frames)
         if sc.sampler != "euler" or sc.long_video not in ("auto", "shift") or overlap:
             raise ValueError(f"--sampler {sc.sampler} / --long-video {sc.long_video} / --overlap {overlap}: "
                              "HunyuanVideo-Avatar runs the euler sampler one step at a time over its shifted windows "
