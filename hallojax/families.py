@@ -17,6 +17,10 @@ against train.objective) and its analytic FLOPs. The Wan adapter is the trainer'
 - letstalk: latents [B, F, H, W, 4], reference [B, 1, H, W, 4], audio windows [B, F, 2w + 1, 12, 768] and,
   with a memory bank (M > 0), memory [B, M, H, W, 4] (the M latent frames before the clip), noised at DDPM
   t ~ U{0..49} and 25 %-masked in the step (`regularize_memory`, as released). No text.
+- hunyuan-avatar: latents and ref_latents [B, F, H, W, 16] (the reference image repeated over the clip, encoded),
+  text [B, L, 4096] (LLaVA) + pooled [B, 768] (CLIP), whisper windows [B, 4F − 3, 10, 5, 384], face_mask
+  [B, F·H/2·W/2] (`face_mask_tokens`); flow velocity; text (with its pooled vector) and audio dropped as zeros
+  per sample (train.dropout). The random source's face mask is Gaussian noise (a multiplier; shapes only).
 """
 
 from __future__ import annotations
@@ -261,7 +265,35 @@ LETSTALK = Family("letstalk", prediction=lambda cfg: ("epsilon", cfg.learn_sigma
                   predict=_letstalk_predict, randomness=_letstalk_randomness, forward_flops=_letstalk_flops,
                   tokens=lambda cfg, f, h, w: f * (h // cfg.patch_size) * (w // cfg.patch_size))
 
-FAMILIES = {f.kind: f for f in (WAN, HALLO3, LETSTALK)}
+
+# --- HunyuanVideo-Avatar ---------------------------------------------------------------------------
+def _avatar_shapes(cfg, b: int, f: int, h: int, w: int, text_len: int) -> dict:
+    lat = (b, f, h, w, cfg.in_channels)
+    _, ph, pw = cfg.patch_size
+    return {"latents": lat, "ref_latents": lat, "text": (b, text_len, cfg.text_dim), "pooled": (b, cfg.pooled_dim),
+            "audio": (b, 4 * f - 3, cfg.audio_window, cfg.audio_layers, cfg.audio_channels),
+            "face_mask": (b, f * (h // ph) * (w // pw))}
+
+
+def _avatar_predict(model, cfg, b, x_t, time):
+    from hallojax.conditioning import apply_keep
+
+    return model(x_t, time, apply_keep(b["text"], b["keep_text"]), apply_keep(b["pooled"], b["keep_text"]),
+                 b["ref_latents"], apply_keep(b["audio"], b["keep_audio"]), face_mask=b["face_mask"])
+
+
+def _avatar_flops(cfg, *, batch: int, frames: int, height: int, width: int, text_len: int = 832, **_) -> float:
+    from hallojax.aot_avatar import avatar_flops
+
+    return avatar_flops(cfg, batch, frames, height, width, text_len)
+
+
+HUNYUAN_AVATAR = Family("hunyuan-avatar", prediction=lambda cfg: ("flow", False), batch_shapes=_avatar_shapes,
+                        predict=_avatar_predict, randomness=lambda cfg, t, batch, key: {},
+                        forward_flops=_avatar_flops, tokens=lambda cfg, f, h, w: f * (h // cfg.patch_size[1])
+                        * (w // cfg.patch_size[2]))
+
+FAMILIES = {f.kind: f for f in (WAN, HALLO3, LETSTALK, HUNYUAN_AVATAR)}
 
 
 def train_flops(cfg, **shape) -> float:

@@ -1098,7 +1098,8 @@ def add_arguments(p) -> None:
                    help="flow shift of the σ schedule (cogvideox-*: the SNR shift; ddpm / ddim: 1)")
     g.add_argument("--guidance", default=None, help="e.g. text=4,audio=2.9 | text+audio=3.5 | a preset "
                    f"({', '.join(sorted(guidance_lib.PRESETS))}); see hallojax.sample.guidance")
-    g.add_argument("--long-video", default=None, choices=["auto", *long_video.STRATEGIES])
+    g.add_argument("--long-video", default=None, choices=["auto", *long_video.STRATEGIES, "shift"],
+                   help="shift: HunyuanVideo-Avatar's time-aware position shift (its default)")
     g.add_argument("--overlap", type=int, default=None, help="latent frames shared by consecutive clips / windows")
     g.add_argument("--clip-frames", type=int, default=None, help="video frames per clip (1 + stride·k)")
     g.add_argument("--seed", type=int, default=0)
@@ -1120,6 +1121,8 @@ def add_arguments(p) -> None:
     g.add_argument("--tokenizer", default=None, help="its local tokenizer directory")
     g.add_argument("--face-embedding", default=None, help="Hallo3: the portrait's InsightFace identity embedding, a "
                    ".npy of 512 float values (computed outside hallojax: README, Hallo3)")
+    g.add_argument("--text-states", default=None, help="HunyuanVideo-Avatar: precomputed text states, an .npz "
+                   "(text_states [L, D], optional text_mask / text_pooled and negative_*; README)")
     g.add_argument("--image-encoder", default=None, help="a `hallojax convert clip` directory (models with CLIP image "
                    "context: Wan I2V / Wan-Fun-InP / EchoMimicV3)")
     p.add_argument("--no-progress", action="store_true")
@@ -1144,12 +1147,14 @@ def run(args, overrides=()) -> int:
     read_audio(args.audio)
     from hallojax.generate_families import preflight
 
-    preflight(args.checkpoint, args.face_embedding)
+    preflight(args.checkpoint, args.face_embedding, args.text_states)
     pipe = Pipeline.load(args.checkpoint, step=args.step, weights=args.weights, codec=args.codec,
                          audio_features=args.audio_features, text_encoder=args.text_encoder, tokenizer=args.tokenizer,
                          fps=args.fps, height=args.height, width=args.width, overrides=overrides,
                          image_encoder=args.image_encoder)
     extra = {} if args.face_embedding is None else {"face_embedding": args.face_embedding}
+    if args.text_states is not None:
+        extra["text_states"] = args.text_states
     result = pipe.generate(args.image, args.audio, prompt=args.prompt, negative_prompt=args.negative_prompt,
                            **extra, sampler=args.sampler, steps=args.steps, shift=args.shift, guidance=args.guidance,
                            long_video_strategy=args.long_video, overlap=args.overlap, clip_frames=args.clip_frames,

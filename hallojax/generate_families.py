@@ -232,7 +232,90 @@ class LetsTalkFamily(Family):
         return model(x, t, inputs["reference"], inputs["audio"], memory=inputs.get("memory"))
 
 
-FAMILIES = {"hallo3": Hallo3Family, "letstalk": LetsTalkFamily}
+class HunyuanAvatarFamily(Family):
+    """HunyuanVideo-Avatar (hallojax.models.hunyuan_avatar): flow velocity, Euler 50 steps, shift 5, the
+    two-phase `hunyuan-avatar` guidance (text + audio dropped together, then audio alone), windows of 129
+    frames (33 latent) over ONE latent buffer with the time-aware position shift (`long_video.shift_plan`):
+    every step runs each window once and merges. Audio: whisper windows (`--audio-features whisper:DIR`),
+    text: precomputed LLaVA / CLIP states (`--text-states FILE.npz`, zeros without). Facts:
+    shared/research/hyavatar_letstalk.md B.2, B.6, B.7."""
+
+    kind = "hunyuan-avatar"
+    prediction = "flow"
+    conditions = frozenset({"text", "audio"})
+    recipe = dict(sampler="euler", steps=50, shift=5.0, guidance="hunyuan-avatar", long_video="shift")
+    media = dict(fps=25.0, frames=129, height=704, width=704)
+    MASK_SCALE, MASK_STEPS = 0.6, 10  # the adapters' face mask is scaled by 0.6 on steps < 10
+    POSITION_SHIFT = 10  # latent frames the windows move each step
+
+    @property
+    def channels(self) -> int:
+        return self.cfg.out_channels
+
+    def motion_frames(self) -> int:
+        return 0
+
+    def feature_shape(self):
+        cfg = self.cfg
+        return (cfg.audio_layers, cfg.audio_channels), "model.audio_layers, audio_channels"
+
+    def text_states(self, path) -> dict:
+        """The --text-states .npz as model inputs (module docstring of `AvatarPipeline` lists the keys)."""
+        cfg = self.cfg
+        zeros = {"text": np.zeros((1, 1, cfg.text_dim), np.float32), "mask": np.ones((1, 1), np.int32),
+                 "pooled": np.zeros((1, cfg.pooled_dim), np.float32)}
+        if path is None:
+            return {"full": zeros, "null": zeros}
+        where = f"--text-states {path}"
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                data = {k: np.asarray(z[k]) for k in z.files}
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{where}: not a readable .npz ({e})") from None
+        unknown = sorted(set(data) - set(TEXT_KEYS))
+        if unknown or "text_states" not in data:
+            raise ValueError(f"{where}: keys {sorted(data)}; expected text_states [L, {cfg.text_dim}] and optionally "
+                             f"{', '.join(k for k in TEXT_KEYS if k != 'text_states')}"
+                             + (f" (unknown: {unknown})" if unknown else ""))
+        out = {}
+        for prefix in ("text", "negative"):
+            states = data.get(f"{prefix}_states")
+            if states is None:
+                out[prefix] = zeros
+                continue
+            if states.ndim != 2 or states.shape[1] != cfg.text_dim or not np.issubdtype(states.dtype, np.number):
+                raise ValueError(f"{where}: {prefix}_states has shape {states.shape}; expected [L, {cfg.text_dim}]")
+            mask = data.get(f"{prefix}_mask", np.ones(states.shape[:1]))
+            pooled = data.get(f"{prefix}_pooled", np.zeros(cfg.pooled_dim))
+            if mask.shape != states.shape[:1]:
+                raise ValueError(f"{where}: {prefix}_mask has shape {mask.shape}; expected [{states.shape[0]}]")
+            if pooled.shape != (cfg.pooled_dim,):
+                raise ValueError(f"{where}: {prefix}_pooled has shape {pooled.shape}; expected [{cfg.pooled_dim}]")
+            if not (np.all(np.isfinite(states)) and np.all(np.isfinite(pooled))):
+                raise ValueError(f"{where}: {prefix} states hold non-finite values")
+            out[prefix] = {"text": states.astype(np.float32)[None], "mask": (mask != 0).astype(np.int32)[None],
+                           "pooled": pooled.astype(np.float32)[None]}
+        full, null = out["text"], out["negative"]
+        if null["text"].shape[1] != full["text"].shape[1]:  # one batch: pad the shorter with masked zeros
+            n = max(full["text"].shape[1], null["text"].shape[1])
+            full, null = (_pad_text(full, n), _pad_text(null, n))
+        return {"full": full, "null": null}
+
+    def __call__(self, model, x, t, inputs):
+        return model(x, t, inputs["text"], inputs["pooled"], inputs["ref"], inputs["audio"], text_mask=inputs["mask"],
+                     face_mask=inputs["face_mask"], mask_scale=inputs["mask_scale"])
+
+
+TEXT_KEYS = ("text_states", "text_mask", "text_pooled", "negative_states", "negative_mask", "negative_pooled")
+
+
+def _pad_text(d, n):
+    k = n - d["text"].shape[1]
+    return {"text": np.pad(d["text"], ((0, 0), (0, k), (0, 0))), "mask": np.pad(d["mask"], ((0, 0), (0, k))),
+            "pooled": d["pooled"]}
+
+
+FAMILIES = {"hallo3": Hallo3Family, "letstalk": LetsTalkFamily, "hunyuan-avatar": HunyuanAvatarFamily}
 
 
 def _workdir_kind(path: Path) -> str | None:
@@ -268,12 +351,16 @@ def family_kind(path) -> str | None:
     return kind if kind in FAMILIES else None
 
 
-def preflight(checkpoint, face_embedding) -> None:
+def preflight(checkpoint, face_embedding, text_states=None) -> None:
     """The CLI's checks before a model is loaded: a Hallo3 directory needs a readable face embedding of the
-    right size; other models take none."""
+    right size; other models take none; --text-states only for (and readable by) HunyuanVideo-Avatar."""
     from hallojax.checkpoint import read_config
 
     kind = family_kind(checkpoint)
+    if kind == "hunyuan-avatar":
+        HunyuanAvatarFamily(read_config(checkpoint)[0]).text_states(text_states)
+    elif text_states is not None:
+        raise ValueError(f"--text-states {text_states}: only HunyuanVideo-Avatar checkpoints take text states")
     if kind == "hallo3":
         Hallo3Family(read_config(checkpoint)[0]).face(face_embedding)
     elif face_embedding is not None:
@@ -373,6 +460,7 @@ class FamilyPipeline(gen.Pipeline):
         from hallojax import registry
         from hallojax.checkpoint import load_pretrained, read_config
         from hallojax.config import apply_overrides
+        from hallojax.models.avatar_audio import WINDOW as WHISPER_WINDOW
         from hallojax.sharding import DEFAULT_RULES, normalize_rules
 
         path = Path(checkpoint).absolute()
@@ -411,6 +499,18 @@ class FamilyPipeline(gen.Pipeline):
         loaded = gen.Loaded(model, cfg, config, {"kind": "converted", "path": str(path), "model": kind}, mesh, rules)
         spec = gen.media_spec(config, codec=codec, audio_features=audio_features, fps=fps, height=height,
                               width=width)
+        if kind == "hunyuan-avatar":
+            if text_encoder or tokenizer:
+                raise ValueError("--text-encoder / --tokenizer: HunyuanVideo-Avatar takes precomputed text states "
+                                 "(--text-states FILE.npz from the PyTorch LLaVA encoder)")
+            whisper = AvatarPipeline.whisper(spec.audio_features)
+            got = (WHISPER_WINDOW, whisper.cfg.num_layers + 1, whisper.cfg.hidden_size)
+            if got != (cfg.audio_window, cfg.audio_layers, cfg.audio_channels):
+                raise ValueError(f"--audio-features {spec.audio_features}: whisper windows of {got[0]} frames x "
+                                 f"{got[1]} hidden states x {got[2]}; {path / 'config.json'} takes "
+                                 f"{(cfg.audio_window, cfg.audio_layers, cfg.audio_channels)} (audio_window, "
+                                 "audio_layers, audio_channels)")
+            return AvatarPipeline(loaded, spec, family_cls(cfg), audio_fn=whisper)
         if not spec.audio_features:
             raise ValueError(f"a {kind} model takes audio but {path / 'config.json'} records no audio features: pass "
                              "--audio-features wav2vec2:DIR (a `hallojax convert wav2vec2` directory)")
@@ -421,6 +521,15 @@ class FamilyPipeline(gen.Pipeline):
 
     def audio_feature_shape(self):
         return self.family.feature_shape()
+
+    def _settings(self, sampler, steps, shift, guidance, long_video_strategy, clip_frames) -> gen.SampleConfig:
+        """The recipe (sample_defaults) with the call's settings that are set."""
+        d = self.sample_defaults
+        return dataclasses.replace(d, sampler=sampler or d.sampler, steps=d.steps if steps is None else steps,
+                                   shift=d.shift if shift is None else shift,
+                                   guidance=d.guidance if guidance is None else guidance,
+                                   long_video=long_video_strategy or d.long_video,
+                                   clip_frames=d.clip_frames if clip_frames is None else clip_frames)
 
     def conditions(self) -> set[str]:
         return set(self.family.conditions)
@@ -456,12 +565,7 @@ class FamilyPipeline(gen.Pipeline):
 
         t_start = time.perf_counter()
         family, cfg, codec, spec = self.family, self.cfg, self.codec, self.spec
-        d = self.sample_defaults
-        sc = dataclasses.replace(d, sampler=sampler or d.sampler, steps=d.steps if steps is None else steps,
-                                 shift=d.shift if shift is None else shift,
-                                 guidance=d.guidance if guidance is None else guidance,
-                                 long_video=long_video_strategy or d.long_video,
-                                 clip_frames=d.clip_frames if clip_frames is None else clip_frames)
+        sc = self._settings(sampler, steps, shift, guidance, long_video_strategy, clip_frames)
         sc.validate()
         if sc.long_video not in ("auto", "motion") or overlap:
             raise ValueError(f"--long-video {sc.long_video} / --overlap {overlap}: a {family.kind} model generates "
@@ -560,4 +664,182 @@ class FamilyPipeline(gen.Pipeline):
         return gen.Result(frames, wave, rate, fps, plan, settings, timings, warnings, portrait, latents_out)
 
 
-__all__ = ["FAMILIES", "Family", "FamilyEngine", "FamilyPipeline", "Hallo3Family", "LetsTalkFamily", "family_kind"]
+# --- HunyuanVideo-Avatar: one latent buffer, windows moved every step -------------------------------
+@dataclasses.dataclass(frozen=True)
+class ShiftRun(long_video.ShiftPlan):
+    """A `ShiftPlan` as a generation's plan (`Result.plan`): its windows as clips, the output frame count."""
+
+    frames: int = 0
+    strategy: str = "shift"
+    clip_frames: int = 0
+
+    @property
+    def clips(self) -> tuple:
+        f, s = self.window, self.stride
+        return tuple(long_video.Clip(start=s * f * k, known=0, emit=(min(s * f * k, self.frames),
+                                                                     min(s * f * (k + 1), self.frames)))
+                     for k in range(self.num_windows))
+
+
+class AvatarPipeline(FamilyPipeline):
+    """A converted HunyuanVideo-Avatar directory (`HunyuanAvatarFamily`):
+
+        hallojax generate --checkpoint hyavatar_dir --image p.png --audio s.wav --audio-features whisper:DIR \\
+            --text-states prompt.npz --out talk.mp4
+
+    --text-states: an .npz of the PyTorch text encoders' outputs: `text_states` [L, text_dim] (LLaVA's
+    hidden states of the prompt), optional `text_mask` [L] (1 = token; default all ones), `text_pooled`
+    [pooled_dim] (CLIP-L's pooled vector; default zeros), and the same three with the `negative_` prefix for
+    the negative prompt (the dropped-text branch; default zeros). No file: zero states for both.
+    Per step i (one jitted program per set of live guidance branches, every window of the step in one batch):
+    windows = buffer[plan.latent_indices(i)], audio[plan.audio_indices(i)]; v = guided velocity; each window
+    x + (σ_{i+1} − σ_i)·v, merged back (`ShiftPlan.merge`'s scatter-add / count, traced)."""
+
+    @staticmethod
+    def whisper(spec):
+        from hallojax.checkpoint import load_pretrained
+
+        name, _, arg = (spec or "").partition(":")
+        if name != "whisper" or not arg:
+            raise ValueError(f"--audio-features {spec}: HunyuanVideo-Avatar needs whisper:DIR (a `hallojax convert "
+                             "whisper` directory of whisper-tiny)")
+        return load_pretrained(arg)[0]
+
+    def _step_program(self, live: tuple):
+        key = ("avatar-step", live)
+        fn = self.engine._programs.get(key)
+        if fn is not None:
+            return fn
+        family, graphdef = self.family, self.engine.graphdef
+        drops = self._guidance.branches()
+
+        def step(state, buf, idx, aidx, counts, fixed, t, dt, w, mask_scale):
+            model = nnx.merge(graphdef, state)
+            xw = buf[0][idx]  # [W, F, h, w, C]
+            nw = xw.shape[0]
+            audio = fixed["audio"][0][aidx]  # [W, 4F − 3, window, layers, D]
+            branches = []
+            for j in live:
+                text = fixed["null_text" if "text" in drops[j] else "text"]
+                branches.append({"text": text, "audio": jnp.zeros_like(audio) if "audio" in drops[j] else audio})
+            rep = lambda a: jnp.concatenate([a] * (nw * len(live)), axis=0)  # noqa: E731
+            inputs = {"text": jnp.concatenate([jnp.concatenate([b["text"]["text"]] * nw) for b in branches]),
+                      "mask": jnp.concatenate([jnp.concatenate([b["text"]["mask"]] * nw) for b in branches]),
+                      "pooled": jnp.concatenate([jnp.concatenate([b["text"]["pooled"]] * nw) for b in branches]),
+                      "audio": jnp.concatenate([b["audio"] for b in branches]), "ref": rep(fixed["ref"]),
+                      "face_mask": rep(fixed["face_mask"]), "mask_scale": mask_scale}
+            x = jnp.concatenate([xw] * len(live))
+            v = family(model, x, jnp.full((x.shape[0],), t, jnp.float32), inputs).astype(jnp.float32)
+            v = gen.combine_branches(v.reshape(len(live), nw, *v.shape[1:]), w, family.channels)
+            out = (xw + dt * v).reshape(-1, *xw.shape[2:])
+            total = jnp.zeros(buf.shape[1:], jnp.float32).at[idx.reshape(-1)].add(out)
+            return (total / counts[:, None, None, None])[None]
+
+        fn = self.engine._programs[key] = jax.jit(step)
+        return fn
+
+    def generate(self, image, audio, *, text_states=None, face_embedding=None, prompt=None, negative_prompt=None,
+                 sampler=None, steps=None, shift=None, guidance=None, long_video_strategy=None, overlap=None,
+                 clip_frames=None, height=None, width=None, fps=None, seed: int = 0, face_box=None,
+                 allow_silent: bool = False, progress: bool = True) -> gen.Result:
+        """A talking video: the whole latent buffer denoised together with the time-aware shift (class doc)."""
+        from hallojax.models.avatar_audio import (audio_windows, face_box_mask, face_mask_tokens,
+                                                  pad_for_inference)
+        from hallojax.models.encoders.whisper import encode_audio
+
+        t_start = time.perf_counter()
+        family, cfg, codec, spec = self.family, self.cfg, self.codec, self.spec
+        if prompt is not None or negative_prompt is not None:
+            raise ValueError("--prompt / --negative-prompt: HunyuanVideo-Avatar takes precomputed text states "
+                             "(--text-states FILE.npz)")
+        if face_embedding is not None:
+            raise ValueError("face_embedding: a hunyuan-avatar model takes none (only Hallo3)")
+        sc = self._settings(sampler, steps, shift, guidance, long_video_strategy, clip_frames)
+        if sc.sampler != "euler" or sc.long_video not in ("auto", "shift") or overlap:
+            raise ValueError(f"--sampler {sc.sampler} / --long-video {sc.long_video} / --overlap {overlap}: "
+                             "HunyuanVideo-Avatar runs the euler sampler one step at a time over its shifted windows "
+                             "(--long-video shift)")
+        if not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"--seed {seed!r}: must be an integer >= 0")
+        texts = family.text_states(text_states)  # before any work: a bad file fails fast
+        fps = float(fps or spec.fps)
+        if fps != 25.0:
+            raise ValueError(f"--fps {fps:g}: HunyuanVideo-Avatar's whisper windows are built for 25 fps")
+        height, width = int(height or spec.height), int(width or spec.width)
+        unit = codec.spatial_stride * cfg.patch_size[1]
+        if height < 1 or width < 1 or height % unit or width % unit:
+            raise ValueError(f"--height {height} --width {width}: must be positive multiples of {unit}")
+        s = codec.temporal_stride
+        clip_len = sc.clip_frames or spec.clip_frames
+        if clip_len < 2 or (clip_len - 1) % s:
+            raise ValueError(f"--clip-frames {clip_len}: must be 1 + {s}·k video frames (codec {codec.name!r})")
+        g = guidance_lib.parse_guidance(sc.guidance)
+        g.check(self.conditions())
+        self._guidance = g
+        warnings: list[str] = []
+
+        # ---- inputs ----
+        t0 = time.perf_counter()
+        wave, rate, n_frames = self._speech(audio, fps, allow_silent)
+        portrait = self._portrait(image, width, height, face_box, warnings)
+        speech16 = speech_16k(wave, rate)
+        states = encode_audio(self.audio_fn, speech16, mel_dtype="float16")  # [1, P, layers, D]
+        windows = np.asarray(pad_for_inference(audio_windows(states, n_frames, fps)), np.float32)
+        if windows.shape[1] < n_frames:
+            raise ValueError(f"audio of {n_frames} frames: HunyuanVideo-Avatar's audio reads at most "
+                             f"{windows.shape[1]} frames ({windows.shape[1] / fps:.1f} s)")
+        f_lat = 1 + (clip_len - 1) // s
+        base = long_video.shift_plan(n_frames, window=f_lat, shift=family.POSITION_SHIFT, stride=s)
+        plan = ShiftRun(**{k.name: getattr(base, k.name) for k in dataclasses.fields(base)}, frames=n_frames,
+                        clip_frames=clip_len)
+        pad = plan.audio_frames - windows.shape[1]
+        windows = np.concatenate([windows, np.zeros((1, pad, *windows.shape[2:]), np.float32)], axis=1) \
+            if pad > 0 else windows[:, :plan.audio_frames]
+        h, w = height // codec.spatial_stride, width // codec.spatial_stride
+        pix = gen.to_model_range(portrait.frame)
+        ref = np.asarray(codec.encode(np.repeat(pix[None, None], clip_len, axis=1)), np.float32)
+        box = portrait.box
+        mask = face_box_mask(height, width, None if box is None else (box[0], box[1], box[2] - box[0],
+                                                                      box[3] - box[1]))
+        fixed = {"audio": windows, "ref": ref, "face_mask": face_mask_tokens(mask, (h, w), f_lat, cfg.patch_size[1]),
+                 "text": texts["full"], "null_text": texts["null"]}
+        t_encode = time.perf_counter() - t0
+
+        schedule = make_schedule("euler", sc.steps, sc.shift, "flow")
+        ts, sig = np.asarray(schedule.timesteps, np.float32), np.asarray(schedule.sigmas, np.float32)
+        weights = np.asarray(g.weights(sc.steps), np.float32)
+        gen.log.info("%s", plan.describe())
+        gen.log.info("%s; euler, %d steps, shift %g; %dx%d at %g fps, %d frames", g.describe(sc.steps), sc.steps,
+                     sc.shift, width, height, fps, n_frames)
+        buf = jax.random.normal(jax.random.key(seed), (1, plan.total_latent, h, w, family.channels), jnp.float32)
+        t_compile, t1 = 0.0, time.perf_counter()
+        with self.engine.on_mesh():
+            fixed = jax.tree.map(jnp.asarray, fixed)
+            for i in range(sc.steps):
+                live = tuple(int(j) for j in np.flatnonzero(weights[i]))
+                idx, aidx = plan.latent_indices(i), plan.audio_indices(i)
+                buf = self._step_program(live)(
+                    self.engine.state, buf, jnp.asarray(idx, jnp.int32), jnp.asarray(aidx, jnp.int32),
+                    jnp.asarray(plan.counts(i), jnp.float32), fixed, ts[i], sig[i + 1] - sig[i],
+                    jnp.asarray(weights[i, list(live)]),
+                    jnp.float32(family.MASK_SCALE if i < family.MASK_STEPS else 1.0))
+            lat = np.asarray(buf)
+        t_denoise = time.perf_counter() - t1
+        t1 = time.perf_counter()
+        keep = min(1 + -(-(n_frames - 1) // s), plan.total_latent)  # enough latent frames for every audio frame
+        video = np.clip(np.asarray(codec.decode(lat[:, :keep]), np.float32)[0], -1.0, 1.0)
+        frames = gen.to_uint8(video[:n_frames])
+        t_decode = time.perf_counter() - t1
+        timings = gen.run_timings(t_start, n_frames / fps, t_encode, t_compile, t_denoise, t_decode)
+        settings = {"checkpoint": self.loaded.source, "model": family.kind, "codec": codec.name,
+                    "audio_features": spec.audio_features, "sampler": "euler", "steps": sc.steps, "shift": sc.shift,
+                    "guidance": g.spec, "long_video": "shift", "position_shift": plan.shift, "clip_frames": clip_len,
+                    "windows": plan.num_windows, "latent_frames": plan.total_latent, "height": height, "width": width,
+                    "fps": fps, "frames": n_frames, "seed": seed,
+                    "text_states": None if text_states is None else str(text_states),
+                    **self.run_settings(portrait, rate, wave)}
+        return gen.Result(frames, wave, rate, fps, plan, settings, timings, warnings, portrait, [lat])
+
+
+__all__ = ["AvatarPipeline", "FAMILIES", "Family", "FamilyEngine", "FamilyPipeline", "Hallo3Family",
+           "HunyuanAvatarFamily", "LetsTalkFamily", "ShiftRun", "family_kind"]

@@ -125,10 +125,13 @@ def state_layout(cfg, t, seed: int, mesh, rules):
     flat_p = dict(jax.tree_util.tree_leaves_with_path(param_sh))
 
     def like_params(tree):
-        """Sharding of an optimizer leaf: that of the parameter it mirrors, else replicated."""
-        return jax.tree_util.tree_map_with_path(
-            lambda path, leaf: next((s for p, s in flat_p.items() if path[-len(p):] == p and leaf.shape), replicated),
-            tree)
+        """Sharding of an optimizer leaf: that of the parameter it mirrors (the longest path it ends with:
+        `single_blocks.proj_out.kernel` is not the top-level `proj_out.kernel`), else replicated."""
+        def one(path, leaf):
+            hits = [p for p in flat_p if path[-len(p):] == p] if leaf.shape else []
+            return flat_p[max(hits, key=len)] if hits else replicated
+
+        return jax.tree_util.tree_map_with_path(one, tree)
 
     shardings = {"params": param_sh, "ema": param_sh, "opt_state": like_params(abstract["opt_state"]),
                  "step": replicated}
