@@ -24,23 +24,10 @@ import numpy as np
 from flax import nnx
 
 from hallojax.aot import FitReport, _compile, _topology, fit_hints
-from hallojax.models.hunyuan_avatar import HunyuanAvatar, HunyuanAvatarConfig, preset
+from hallojax.models.hunyuan_avatar import HunyuanAvatar, HunyuanAvatarConfig, avatar_flops, preset
 from hallojax.sharding import DEFAULT_RULES, batch_sharding, normalize_rules, state_shardings
 
 LR, B1, B2, EPS, WD, EMA = 1e-5, 0.9, 0.999, 1e-8, 0.01, 0.9999
-
-
-def avatar_flops(cfg: HunyuanAvatarConfig, rows: int, frames: int, height: int, width: int, text_len: int) -> float:
-    """Forward matmul + attention FLOPs (2 per multiply-add) of `rows` samples: every parameter once per token
-    of its stream, plus 4·L²·D per joint attention (QKᵀ and PV)."""
-    d, m = cfg.dim, cfg.mlp_dim
-    video = frames * (height // 2) * (width // 2)
-    img = video + (height // 2) * (width // 2)
-    seq = img + text_len
-    dual = 2 * (img + text_len) * (4 * d * d + 2 * d * m) + 4 * seq * seq * d
-    single = 2 * seq * (3 * d * d + d * m + (d + m) * d) + 4 * seq * seq * d
-    adapter = 2 * video * (cfg.adapter_inner * d * 2) + 2 * frames * 16 * 2 * cfg.adapter_inner * d
-    return rows * (cfg.num_layers * dual + cfg.num_single_layers * single + len(cfg.adapter_layers) * adapter)
 
 
 def _inputs(cfg, batch, frames, height, width, text_len, mesh, rules, dtype=jnp.float32):

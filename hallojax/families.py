@@ -116,11 +116,47 @@ def make_source(config, cfg, rows):
     return data.FixedBatches(cfg, t, config.seed, rows, batch=batch)
 
 
-# --- Wan (the trainer's own code) -------------------------------------------------------------------
-def _wan_predict(model, cfg, b, x_t, time):
-    from hallojax import train
+# --- Wan: how the DiT is called on a batch ------------------------------------------------------------
+def masked_input(cfg) -> bool:
+    """The model takes [noisy (C), latent mask (4), masked latent (C)] (Wan I2V / InP, EchoMimicV3)."""
+    return cfg.in_channels == 2 * cfg.out_channels + 4
 
-    return train.predict(model, cfg, b, x_t, time)
+
+def model_kwargs(cfg, b: dict) -> dict:
+    """The model's conditioning inputs from a (micro)batch, condition dropout applied (zeros)."""
+    from hallojax.conditioning import apply_keep
+
+    kw = {}
+    if cfg.identity_tokens or cfg.symbiotic or cfg.identity_additive or cfg.reference_net:
+        kw["reference"] = apply_keep(_need(b, "reference"), b["keep_ref"])
+    if cfg.audio != "none":
+        kw["audio"] = apply_keep(_need(b, "audio"), b["keep_audio"])
+    if cfg.audio_face_mask:
+        kw["face_mask"] = _need(b, "face_mask")
+    if cfg.motion_frames:
+        kw["motion"] = b["motion"]
+    if cfg.image_dim is not None:
+        kw["image_context"] = apply_keep(_need(b, "image_context"), b["keep_ref"])
+    return kw
+
+
+def _need(b: dict, key: str):
+    if key not in b:
+        raise ValueError(f"the model's config needs batch[{key!r}]; the batch has {sorted(b)}")
+    return b[key]
+
+
+def _wan_predict(model, cfg, b: dict, x_t: jax.Array, time: jax.Array) -> jax.Array:
+    """The model's output on x_t at `time` [B] with the batch's conditions (and, for masked-input models,
+    the known frames' mask channels and clean latents)."""
+    from hallojax.conditioning import apply_keep, inpainting_input
+
+    x_in = x_t
+    if masked_input(cfg):
+        k = b["known"][:, :, None, None, None]
+        x0 = b["latents"].astype(jnp.float32)
+        x_in = inpainting_input(x_t, jnp.broadcast_to(k, (*x0.shape[:4], 4)), x0 * k)
+    return model(x_in, time, apply_keep(b["context"], b["keep_text"]), **model_kwargs(cfg, b))
 
 
 def _wan_flops(cfg, **shape) -> float:
@@ -283,7 +319,7 @@ def _avatar_predict(model, cfg, b, x_t, time):
 
 
 def _avatar_flops(cfg, *, batch: int, frames: int, height: int, width: int, text_len: int = 832, **_) -> float:
-    from hallojax.aot_avatar import avatar_flops
+    from hallojax.models.hunyuan_avatar import avatar_flops
 
     return avatar_flops(cfg, batch, frames, height, width, text_len)
 

@@ -164,13 +164,8 @@ def jit_train_step(graphdef, cfg: DiTConfig, t, seed: int, shardings):
 MASK_TASKS = ("t2v", "i2v", "first_last", "continuation")
 
 
-def masked_input(cfg: DiTConfig) -> bool:
-    """The model takes [noisy (C), latent mask (4), masked latent (C)] (Wan I2V / InP, EchoMimicV3)."""
-    return cfg.in_channels == 2 * cfg.out_channels + 4
-
-
 def check_channels(cfg: DiTConfig) -> None:
-    if isinstance(cfg, DiTConfig) and cfg.in_channels != cfg.out_channels and not masked_input(cfg):
+    if isinstance(cfg, DiTConfig) and cfg.in_channels != cfg.out_channels and not families.masked_input(cfg):
         raise ValueError(f"model.in_channels={cfg.in_channels}: the trainer feeds C = out_channels "
                          f"({cfg.out_channels}) latent channels, or 2C + 4 (masked multi-task input)")
 
@@ -243,43 +238,6 @@ def step_randomness(cfg: DiTConfig, t, batch: dict, key) -> dict:
     if motion:
         out["motion"] = motion_from_clip(k_motion, x0, motion)
     return {**out, **families.family(cfg).randomness(cfg, t, batch, key)}
-
-
-def model_kwargs(cfg: DiTConfig, b: dict) -> dict:
-    """The model's conditioning inputs from a (micro)batch, condition dropout applied (zeros)."""
-    from hallojax.conditioning import apply_keep
-
-    kw = {}
-    if cfg.identity_tokens or cfg.symbiotic or cfg.identity_additive or cfg.reference_net:
-        kw["reference"] = apply_keep(_need(b, "reference"), b["keep_ref"])
-    if cfg.audio != "none":
-        kw["audio"] = apply_keep(_need(b, "audio"), b["keep_audio"])
-    if cfg.audio_face_mask:
-        kw["face_mask"] = _need(b, "face_mask")
-    if cfg.motion_frames:
-        kw["motion"] = b["motion"]
-    if cfg.image_dim is not None:
-        kw["image_context"] = apply_keep(_need(b, "image_context"), b["keep_ref"])
-    return kw
-
-
-def _need(b: dict, key: str):
-    if key not in b:
-        raise ValueError(f"the model's config needs batch[{key!r}]; the batch has {sorted(b)}")
-    return b[key]
-
-
-def predict(model, cfg: DiTConfig, b: dict, x_t: jax.Array, time: jax.Array) -> jax.Array:
-    """The model's output on x_t at `time` [B] with the batch's conditions (and, for masked-input models,
-    the known frames' mask channels and clean latents)."""
-    from hallojax.conditioning import apply_keep, inpainting_input
-
-    x_in = x_t
-    if masked_input(cfg):
-        k = b["known"][:, :, None, None, None]
-        x0 = b["latents"].astype(jnp.float32)
-        x_in = inpainting_input(x_t, jnp.broadcast_to(k, (*x0.shape[:4], 4)), x0 * k)
-    return model(x_in, time, apply_keep(b["context"], b["keep_text"]), **model_kwargs(cfg, b))
 
 
 def flow_loss(model, cfg: DiTConfig, t, b: dict) -> jax.Array:

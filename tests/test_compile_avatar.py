@@ -3,7 +3,8 @@ batches) compiled ahead of time for a TPU topology on this CPU host, at tiny wid
 
 import pytest
 
-from hallojax.aot_avatar import avatar_flops, main
+from hallojax.aot_avatar import main
+from hallojax.models.hunyuan_avatar import avatar_flops
 from hallojax.models.hunyuan_avatar import preset
 
 

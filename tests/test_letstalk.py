@@ -15,6 +15,7 @@ from encoder_reference import assert_parity
 from hallojax import cli, load_pretrained
 from hallojax.checkpoint import load_params_numpy
 from hallojax.convert import ConversionError
+from hallojax.diffusion import alphas_cumprod
 from hallojax.convert.letstalk import convert_letstalk, export_letstalk
 from hallojax.models import letstalk as lt
 from hallojax.sharding import DEFAULT_RULES, make_mesh, use_rules
@@ -276,7 +277,7 @@ def test_tables_and_memory_helpers():
     assert np.all(zero == zero[:1, :1, :, :, :1])  # one spatial mask for every sample, frame and channel
     assert 0.1 < zero[0, 0, :, :, 0].mean() < 0.4  # about 25 % dropped
     kept = out[~zero]
-    abar = lt.linear_alphas_cumprod()
+    abar = alphas_cumprod("ddpm")
     assert abar[49] > 0.97 and np.abs(kept - 1).max() < 6 * np.sqrt(1 - abar[49])  # t < 50: lightly noised
     assert np.abs(kept - 1).max() > 1e-3
 

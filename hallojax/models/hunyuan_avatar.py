@@ -207,3 +207,16 @@ def feature_cache_schedule(steps: int = 50, *, warmup: int = 15, every: int = 5,
 
 def build_model(cfg: HunyuanAvatarConfig, seed: int = 0) -> HunyuanAvatar:
     return HunyuanAvatar(cfg, rngs=nnx.Rngs(seed))
+
+
+def avatar_flops(cfg: HunyuanAvatarConfig, rows: int, frames: int, height: int, width: int, text_len: int) -> float:
+    """Forward matmul + attention FLOPs (2 per multiply-add) of `rows` samples: every parameter once per token
+    of its stream, plus 4·L²·D per joint attention (QKᵀ and PV)."""
+    d, m = cfg.dim, cfg.mlp_dim
+    video = frames * (height // 2) * (width // 2)
+    img = video + (height // 2) * (width // 2)
+    seq = img + text_len
+    dual = 2 * (img + text_len) * (4 * d * d + 2 * d * m) + 4 * seq * seq * d
+    single = 2 * seq * (3 * d * d + d * m + (d + m) * d) + 4 * seq * seq * d
+    adapter = 2 * video * (cfg.adapter_inner * d * 2) + 2 * frames * 16 * 2 * cfg.adapter_inner * d
+    return rows * (cfg.num_layers * dual + cfg.num_single_layers * single + len(cfg.adapter_layers) * adapter)

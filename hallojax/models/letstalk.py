@@ -379,19 +379,15 @@ def memory_from_previous(previous: jax.Array | None, reference: jax.Array, m: in
     return previous[:, previous.shape[1] - m:]
 
 
-def linear_alphas_cumprod(steps: int = 1000) -> np.ndarray:
-    """ᾱ_t of the released DDPM schedule: linear betas from 1e-4 to 0.02 (scaled by 1000/steps), float64."""
-    scale = 1000 / steps
-    return np.cumprod(1.0 - np.linspace(scale * 1e-4, scale * 0.02, steps, dtype=np.float64))
-
-
 def regularize_memory(rng: jax.Array, memory: jax.Array, *, max_t: int = 50, drop: float = 0.25) -> jax.Array:
     """The released training-time memory regularisation (`train_pl.py`): the memory latents [B, M, H, W, C]
     noised by the DDPM forward process at t ~ U{0..max_t-1} per sample, then zeroed where one spatial mask
     U(0,1) <= drop (shared over batch, frames and channels: about 25 % of the positions)."""
     k_t, k_noise, k_mask = jax.random.split(rng, 3)
     b, _, h, w, _ = memory.shape
-    abar = jnp.asarray(linear_alphas_cumprod(), memory.dtype)[jax.random.randint(k_t, (b,), 0, max_t)]
+    from hallojax.diffusion import alphas_cumprod  # the released DDPM process (linear betas 1e-4..0.02)
+
+    abar = jnp.asarray(alphas_cumprod("ddpm"), memory.dtype)[jax.random.randint(k_t, (b,), 0, max_t)]
     abar = abar[:, None, None, None, None]
     noisy = jnp.sqrt(abar) * memory + jnp.sqrt(1 - abar) * jax.random.normal(k_noise, memory.shape, memory.dtype)
     keep = jax.random.uniform(k_mask, (h, w)) > drop
