@@ -23,7 +23,7 @@ import ml_collections
 
 from hallojax.models.wan import DiTConfig
 from hallojax.models.echomimic import VARIANTS
-from hallojax.generate import SampleConfig
+from hallojax.pipeline import SampleConfig
 from hallojax.sharding import DEFAULT_RULES
 
 # Only what differs from DiTConfig's defaults (Wan2.1-T2V-1.3B) is written here.

@@ -377,7 +377,7 @@ def compile_sample_step(config, topology: str, *, batch: int = 1, frames: int, h
     from hallojax.data import sample_inputs
     from hallojax.models.wan import DiTConfig, WanDiT
     from hallojax.flops import forward_flops
-    from hallojax.generate import SamplingEngine
+    from hallojax.pipeline import SamplingEngine
     from hallojax.sample import parse_guidance
     from hallojax.sharding import normalize_rules, state_shardings
 

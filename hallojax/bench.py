@@ -483,7 +483,7 @@ def bench_train_cli(argv) -> dict:
 def _run_ours_sample(cfg, config, mesh, rules, shape, sampler_name, steps, shift, guidance, repeats) -> dict:
     from hallojax.models.wan import WanDiT, param_count
     from hallojax.data import sample_inputs
-    from hallojax.generate import SamplingEngine
+    from hallojax.pipeline import SamplingEngine
     from hallojax.sample import flow_schedule, get_sampler, parse_guidance, schedule_arrays
     from hallojax.sharding import create_sharded
 

@@ -141,7 +141,7 @@ def evaluate(pipe, videos: list[dict], *, max_seconds: float | None = None, seed
              **sample_kw) -> dict:
     """Generate and score every held-out video (see the module docstring); returns {"videos", "mean"}."""
     from data_pipeline.synthetic import lipsync_correlation, measure_mouth_opening
-    from hallojax.generate import prepare_portrait
+    from hallojax.pipeline import prepare_portrait
     from hallojax.media import read_audio
 
     people = []
@@ -307,7 +307,7 @@ def run(args, overrides=()) -> int:
 def _curve(pipe, videos, args, sample_kw) -> int:
     """Every checkpoint of a workdir scored on the same videos: r (own / shuffled / silence) and identity
     against step; curve.json, curve.png and a table."""
-    from hallojax.generate import _steps_in
+    from hallojax.pipeline import _steps_in
 
     if pipe.loaded.source.get("kind") != "workdir":
         raise ValueError("--every-checkpoint needs a `hallojax train` workdir as --checkpoint")

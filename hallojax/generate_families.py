@@ -38,7 +38,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from hallojax import generate as gen
+from hallojax import pipeline as gen
 from hallojax.checkpoint import CheckpointError
 from hallojax.media import speech_16k
 from hallojax.nn.audio import window_features
@@ -434,7 +434,7 @@ class _FamilyJob:
     once: dict = dataclasses.field(default_factory=dict)
 
 
-class FamilyPipeline(gen.Pipeline):
+class FamilyPipeline(gen.WanPipeline):
     """A converted Hallo3 / LetsTalk directory with its codec and audio features; `generate` makes videos
     (the Wan `Pipeline`'s interface and outputs; Hallo3 also takes `face_embedding`)."""
 

@@ -11,7 +11,7 @@ import pytest
 
 from hallojax import cli
 from hallojax.models.echomimic import RECIPES
-from hallojax.generate import SampleConfig
+from hallojax.pipeline import SampleConfig
 from hallojax.sample import long_video
 from hallojax.sample.guidance import parse_guidance
 from hallojax.sample.schedules import flow_schedule

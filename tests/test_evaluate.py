@@ -12,7 +12,7 @@ import pytest
 from data_pipeline import synthetic
 from hallojax import cli
 from hallojax.evaluate import evaluate, heldout_videos
-from hallojax.generate import prepare_portrait
+from hallojax.pipeline import prepare_portrait
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,8 @@ from PIL import Image
 from hallojax import cli
 from hallojax.checkpoint import flat_params, save_pretrained
 from hallojax.codec import register_codec
-from hallojax.generate import Pipeline, to_uint8
+from hallojax.generate import Pipeline
+from hallojax.pipeline import to_uint8
 from hallojax.nn.audio import window_features
 from hallojax.generate_families import FamilyEngine, FamilyPipeline, Hallo3Family, LetsTalkFamily
 

@@ -9,7 +9,7 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from hallojax.generate import detect_face, prepare_portrait
+from hallojax.pipeline import detect_face, prepare_portrait
 from hallojax.media import MediaError, read_audio, read_image, speech_16k, write_mp4
 
 

@@ -1,6 +1,6 @@
 """Long videos: speech of any length cut into clips of the model's frame count, joined without seams.
 
-Three strategies (`plan(strategy, ...)` returns the clip plan; `generate.py` runs it):
+Three strategies (`plan(strategy, ...)` returns the clip plan; `hallojax.pipeline` runs it):
 
 - `motion` (Hallo3, LetsTalk; models with `motion_frames`): every clip starts with m known frames, the
   motion frames: for clip 0 the portrait repeated (Hallo3 uses the reference twice), for clip k the last m
