@@ -10,6 +10,14 @@ succeeds (then XLA reports the per-chip memory: arguments, outputs, temporaries)
 RESOURCE_EXHAUSTED when the step does not fit the chip's HBM. FLOPs per step are the analytic model
 FLOPs (`hallojax.flops`); XLA's own count is printed beside them but counts the layer loop's body once.
 
+Any model family the trainer trains (`config.model.kind`, hallojax.families) compiles its training step;
+`--sample` compiles the Wan DiT's guided step (`SamplingEngine.guided`) or HunyuanVideo-Avatar's
+(`generate_families.avatar_step`: one Euler step of the windows of one latent buffer):
+
+    hallojax compile --sample --config configs/hunyuan_avatar.py:hunyuan-avatar --config.mesh.fsdp=1 \\
+        --config.mesh.context=8 --config.model.param_dtype=bfloat16 --config.model.attention=splash \\
+        --topology v6e-8 --frames 33 --height 88 --width 88 --text-len 832
+
 Topologies: ``v5p:2x2x2`` (a `get_topology_desc` name: chip grid) or ``v5p-16`` (the Cloud TPU name:
 TensorCores for v4/v5p = 2 per chip, chips for v5e/v6e).
 """
@@ -354,6 +362,8 @@ def compile_train_step(config, topology: str, *, batch: int, frames: int, height
     cfg = families.model_config(config.model)
     if families.family(cfg).kind == "wan-dit":
         check_step_shape(cfg, batch=batch, frames=frames, height=height, width=width, text_len=text_len)
+    elif families.family(cfg).kind == "hunyuan-avatar":
+        check_avatar_shape(cfg, batch=batch, frames=frames, height=height, width=width, text_len=text_len)
     name, mesh, kind, spec = _topology(config, topology)
     t = config.train
     rules = normalize_rules(config.rules)
