@@ -4,7 +4,7 @@
 
 arg = MODEL[,mesh=MESH][,dtype=DTYPE][,remat=POLICY]. MODEL: hunyuan-avatar (the released 13B model; one window of
 129 frames at 704 x 704 = 33 x 88 x 88 latents, 832 text tokens) or tiny. The rectified-flow objective, AdamW lr
-1e-5, betas (0.9, 0.999), eps 1e-8, weight decay 0.01, EMA 0.9999 (the values `hallojax.aot_avatar` sizes).
+1e-5, betas (0.9, 0.999), eps 1e-8, weight decay 0.01, EMA 0.9999 (`hallojax compile` sizes this step).
 The batch (hallojax.families): latents, ref latents, whisper windows, face mask, LLaVA text states + pooled.
 """
 
@@ -32,4 +32,6 @@ def get_config(arg: str = "tiny"):
                         ema_decay=0.9999, objective="flow")
     if name != "tiny":
         config.train.steps = 100_000
+    # the released sampling recipe (what `hallojax compile --sample` batches: the guidance's 2 live branches)
+    config.sample.update(sampler="euler", steps=50, shift=5.0, guidance="hunyuan-avatar")
     return config

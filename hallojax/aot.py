@@ -10,6 +10,14 @@ succeeds (then XLA reports the per-chip memory: arguments, outputs, temporaries)
 RESOURCE_EXHAUSTED when the step does not fit the chip's HBM. FLOPs per step are the analytic model
 FLOPs (`hallojax.flops`); XLA's own count is printed beside them but counts the layer loop's body once.
 
+Any model family the trainer trains (`config.model.kind`, hallojax.families) compiles its training step;
+`--sample` compiles the Wan DiT's guided step (`SamplingEngine.guided`) or HunyuanVideo-Avatar's
+(`generate_families.avatar_step`: one Euler step of the windows of one latent buffer):
+
+    hallojax compile --sample --config configs/hunyuan_avatar.py:hunyuan-avatar --config.mesh.fsdp=1 \\
+        --config.mesh.context=8 --config.model.param_dtype=bfloat16 --config.model.attention=splash \\
+        --topology v6e-8 --frames 33 --height 88 --width 88 --text-len 832
+
 Topologies: ``v5p:2x2x2`` (a `get_topology_desc` name: chip grid) or ``v5p-16`` (the Cloud TPU name:
 TensorCores for v4/v5p = 2 per chip, chips for v5e/v6e).
 """
@@ -23,6 +31,7 @@ import re
 import time
 
 import jax
+import numpy as np
 
 # Cloud TPU names -> chip grids (v4/v5p count TensorCores, 2 per chip; v5e/v6e count chips)
 _GRID_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
@@ -78,6 +87,7 @@ class FitReport:
     hints: tuple[str, ...] = ()  # what to try when it does not fit
     branches: int = 0  # sampling: guidance branches batched into the step's one model call (0: training)
     collectives: dict = dataclasses.field(default_factory=dict)  # kind -> bytes per chip per step (HLO)
+    unit: str = "video"  # what a sampling step's batch counts (HunyuanVideo-Avatar: windows of one buffer)
 
     def lines(self) -> list[str]:
         from hallojax.flops import device_spec, format_flops
@@ -86,7 +96,7 @@ class FitReport:
         rows = self.batch * max(self.branches, 1)
         plural = lambda n, word, suffix="s": f"{n} {word}{suffix if n > 1 else ''}"  # noqa: E731
         what = (f"one denoising step: {plural(self.branches, 'guidance branch', 'es')} x "
-                f"{plural(self.batch, 'video')} = {rows} model rows ({rows / self.chips:g} per chip)"
+                f"{plural(self.batch, self.unit)} = {rows} model rows ({rows / self.chips:g} per chip)"
                 if self.branches else f"global batch {self.batch} ({self.batch / self.chips:g} per chip)")
         out = [f"topology {self.topology} ({plural(self.chips, 'chip')}, {self.device_kind}), mesh {self.mesh}",
                f"{what}, latents {f}x{h}x{w} = {self.tokens_per_sample:,} tokens per sample; compiled in "
@@ -146,10 +156,12 @@ def sample_fit_hints(cfg, mesh_shape) -> tuple[str, ...]:
         hints.append("--config.model.param_dtype=bfloat16 (inference weights in bf16: half their memory)")
     if cfg.attention != "splash":
         hints.append("--config.model.attention=splash (flash attention: no [L, L] logits in HBM)")
+    cp = getattr(cfg, "context_parallel", None)  # None: the model attends over context by XLA's gathers only
     if mesh_shape.get("context", 1) == 1:
         hints.append("--config.mesh.context=N --config.model.context_parallel=ulysses (each branch's tokens, and "
-                     "the weights, split over N chips; ring when the heads do not divide)")
-    elif cfg.context_parallel == "none":
+                     "the weights, split over N chips; ring when the heads do not divide)" if cp is not None else
+                     "--config.mesh.context=N (each branch's tokens, and the weights, split over N chips)")
+    elif cp == "none":
         hints.append("--config.model.context_parallel=ulysses or ring (no key/value all-gather over context)")
     hints.append("more chips")
     return tuple(hints)
@@ -350,6 +362,8 @@ def compile_train_step(config, topology: str, *, batch: int, frames: int, height
     cfg = families.model_config(config.model)
     if families.family(cfg).kind == "wan-dit":
         check_step_shape(cfg, batch=batch, frames=frames, height=height, width=width, text_len=text_len)
+    elif families.family(cfg).kind == "hunyuan-avatar":
+        check_avatar_shape(cfg, batch=batch, frames=frames, height=height, width=width, text_len=text_len)
     name, mesh, kind, spec = _topology(config, topology)
     t = config.train
     rules = normalize_rules(config.rules)
@@ -368,36 +382,75 @@ def compile_train_step(config, topology: str, *, batch: int, frames: int, height
 
 def compile_sample_step(config, topology: str, *, batch: int = 1, frames: int, height: int, width: int,
                         text_len: int = 512, guidance: str | None = None, steps: int = 50) -> FitReport:
-    """Lower and compile one denoising step of `hallojax generate` for `topology`: the model call of
-    `SamplingEngine.guided` over the live guidance branches of the guidance's widest phase (over `steps`),
-    stacked on the batch axis exactly as generation runs them, with the weights laid out by the config's
-    mesh and rules (set `model.param_dtype=bfloat16` for inference weights)."""
-    from flax import nnx
-
-    from hallojax.data import sample_inputs
-    from hallojax.models.wan import DiTConfig, WanDiT
-    from hallojax.flops import forward_flops
-    from hallojax.pipeline import SamplingEngine
+    """Lower and compile one denoising step of `hallojax generate` for `topology`: the model call over the live
+    guidance branches of the guidance's widest phase (over `steps`), stacked on the batch axis exactly as
+    generation runs them, with the weights laid out by the config's mesh and rules (set
+    `model.param_dtype=bfloat16` for inference weights). The Wan DiT: `SamplingEngine.guided` on `batch`
+    videos; HunyuanVideo-Avatar: `generate_families.avatar_step` on one window (`batch` windows)."""
+    from hallojax import families
     from hallojax.sample import parse_guidance
-    from hallojax.sharding import normalize_rules, state_shardings
+    from hallojax.sharding import normalize_rules
 
-    cfg = DiTConfig.from_dict(config.model)
-    check_step_shape(cfg, batch=batch, frames=frames, height=height, width=width, text_len=text_len)
+    cfg = families.model_config(config.model)
+    avatar = families.family(cfg).kind == "hunyuan-avatar"
+    if not avatar and families.family(cfg).kind != "wan-dit":
+        raise ValueError(f"--sample: model.kind={families.family(cfg).kind!r}; the sampling step is sized for the "
+                         "Wan DiT and HunyuanVideo-Avatar")
+    if avatar:
+        check_avatar_shape(cfg, batch=batch, frames=frames, height=height, width=width, text_len=text_len)
+    else:
+        check_step_shape(cfg, batch=batch, frames=frames, height=height, width=width, text_len=text_len)
     g = parse_guidance(config.sample.guidance if guidance is None else guidance)
-    drops = g.branches()
     live = max((live for _, _, live in g.phases(steps)), key=len)
     name, mesh, kind, spec = _topology(config, topology)
     rules = normalize_rules(config.rules)
-    flops = forward_flops(cfg, batch=batch * len(live), frames=frames, height=height, width=width, text_len=text_len,
-                          reference_cached=True)["total"]
-    report = _report(cfg, name, mesh, kind, spec, batch, (frames, height, width), flops, branches=len(live))
+    flops = families.family(cfg).forward_flops(cfg, batch=batch * len(live), frames=frames, height=height,
+                                               width=width, text_len=text_len, reference_cached=True)
+    report = _report(cfg, name, mesh, kind, spec, batch, (frames, height, width), flops, branches=len(live),
+                     unit="window" if avatar else "video")
+    build = _avatar_sample_step if avatar else _wan_sample_step
+    lower = build(config, cfg, mesh, rules, g, live, batch=batch, frames=frames, height=height, width=width,
+                  text_len=text_len)
+    return _compile(report, lower, mesh, rules, sample_fit_hints(cfg, dict(mesh.shape)))
 
-    engine = SamplingEngine(nnx.eval_shape(lambda: WanDiT(cfg, rngs=nnx.Rngs(config.seed))), mesh, rules)
+
+def check_avatar_shape(cfg, *, batch, frames, height, width, text_len) -> None:
+    """A HunyuanVideo-Avatar window's sizes (latent grid, text tokens): ValueError naming the flag."""
+    for flag, value in (("--batch", batch), ("--frames", frames), ("--height", height), ("--width", width),
+                        ("--text-len", text_len)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{flag} {value}: must be an integer >= 1")
+    for flag, value, p in zip(("--height", "--width"), (height, width), cfg.patch_size[1:]):
+        if value % p:
+            raise ValueError(f"{flag} {value}: must be a multiple of the patch size {p} (latent-grid sizes)")
+
+
+def _abstract_engine_state(engine, mesh, rules):
+    """The engine's (abstract) state as ShapeDtypeStructs laid out by the rules."""
+    from flax import nnx
+
+    from hallojax.sharding import state_shardings
+
+    return jax.tree.map(lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)), engine.state,
+                        state_shardings(engine.state, mesh, rules), is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def _replicated(mesh, tree):
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    place = lambda tree: jax.tree.map(  # noqa: E731
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), tree)
-    state = jax.tree.map(lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)), engine.state,
-                         state_shardings(engine.state, mesh, rules), is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), tree)
+
+
+def _wan_sample_step(config, cfg, mesh, rules, g, live, *, batch, frames, height, width, text_len):
+    """`SamplingEngine.guided` over the live branches on `batch` videos -> a thunk returning the Lowered."""
+    from flax import nnx
+
+    from hallojax.data import sample_inputs
+    from hallojax.pipeline import SamplingEngine
+    from hallojax.models.wan import WanDiT
+
+    drops = g.branches()
+    engine = SamplingEngine(nnx.eval_shape(lambda: WanDiT(cfg, rngs=nnx.Rngs(config.seed))), mesh, rules)
+    state = _abstract_engine_state(engine, mesh, rules)
     full, null, reference = sample_inputs(cfg, frames, height, width, text_len, seed=None, batch=batch)
     if cfg.reference_net:  # Hallo3: the reference network's per-layer features, computed once per video
         cache = jax.eval_shape(lambda st, r: nnx.merge(engine.graphdef, st).encode_reference(r).features,
@@ -412,6 +465,41 @@ def compile_sample_step(config, topology: str, *, batch: int = 1, frames: int, h
     def step(state, x, t, full, null, weights, masked):
         return engine.guided(state, x, t, 0, full, null, live_drops, weights, masked)
 
-    args = (state, *place((lat, scalar, full, null, weights, masked)))
-    return _compile(report, lambda: jax.jit(step).lower(*args), mesh, rules,
-                    sample_fit_hints(cfg, dict(mesh.shape)))
+    args = (state, *_replicated(mesh, (lat, scalar, full, null, weights, masked)))
+    return lambda: jax.jit(step).lower(*args)
+
+
+def _avatar_sample_step(config, cfg, mesh, rules, g, live, *, batch, frames, height, width, text_len):
+    """`generate_families.avatar_step` (one Euler step of `batch` windows of `frames` latent frames over one
+    buffer, the live branches batched as generation runs them) -> a thunk returning the Lowered. The text
+    carries a mask unless the attention is splash (which takes none: every text token attended)."""
+    from flax import nnx
+
+    from hallojax.families import model_class
+    from hallojax.generate_families import FamilyEngine, HunyuanAvatarFamily, avatar_step
+    from hallojax.sample import long_video
+
+    f32 = jax.numpy.float32
+    family = HunyuanAvatarFamily(cfg)
+    engine = FamilyEngine(nnx.eval_shape(lambda: model_class(cfg)(cfg, rngs=nnx.Rngs(config.seed))), mesh, rules,
+                          family)
+    state = _abstract_engine_state(engine, mesh, rules)
+    stride = 4  # the HunyuanVideo VAE's frames per latent frame: 4F − 3 audio frames per window
+    plan = long_video.shift_plan(batch * stride * (frames - 1) - 1, window=frames, stride=stride)
+    if plan.num_windows != batch:
+        raise ValueError(f"--batch {batch}: a latent buffer of {plan.total_latent} frames holds {plan.num_windows} "
+                         f"windows of {frames}; use --batch {plan.num_windows} (windows per step)")
+    sds = lambda shape, dtype=f32: jax.ShapeDtypeStruct(shape, dtype)  # noqa: E731
+    idx, aidx = (sds(np.shape(a), jax.numpy.int32) for a in (plan.latent_indices(0), plan.audio_indices(0)))
+    text = {"text": sds((1, text_len, cfg.text_dim)), "pooled": sds((1, cfg.pooled_dim))}
+    if cfg.attention != "splash":
+        text["mask"] = sds((1, text_len), jax.numpy.int32)
+    _, ph, pw = cfg.patch_size
+    fixed = {"audio": sds((1, plan.audio_frames, cfg.audio_window, cfg.audio_layers, cfg.audio_channels)),
+             "ref": sds((1, frames, height, width, family.channels)),
+             "face_mask": sds((1, frames * (height // ph) * (width // pw))), "text": text, "null_text": text}
+    buf = sds((1, plan.total_latent, height, width, family.channels))
+    step = avatar_step(family, engine.graphdef, g.branches(), tuple(live))
+    args = (state, *_replicated(mesh, (buf, idx, aidx, sds((plan.total_latent,)), fixed, sds(()), sds(()),
+                                       sds((len(live),)), sds(()))))
+    return lambda: jax.jit(step).lower(*args)

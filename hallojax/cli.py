@@ -171,7 +171,8 @@ def build_parser() -> ArgumentParser:
             p.add_argument("--devices", type=int, help="device count for -1 mesh axes (default: those present)")
         if name == "compile":
             p.add_argument("--topology", required=True, help="TPU slice: v5p:2x2x2 (chip grid) or v5p-16")
-            p.add_argument("--batch", type=int, help="global batch (default 8; --sample: videos per step, 1)")
+            p.add_argument("--batch", type=int, help="global batch (default 8; --sample: videos per step, 1; "
+                           "HunyuanVideo-Avatar: windows per step)")
             p.add_argument("--sample", action="store_true",
                            help="one denoising step of generation (all guidance branches) instead of a train step")
             p.add_argument("--guidance", help="--sample: the guidance spec (default: the config's sample.guidance)")

@@ -302,8 +302,8 @@ class HunyuanAvatarFamily(Family):
         return {"full": full, "null": null}
 
     def __call__(self, model, x, t, inputs):
-        return model(x, t, inputs["text"], inputs["pooled"], inputs["ref"], inputs["audio"], text_mask=inputs["mask"],
-                     face_mask=inputs["face_mask"], mask_scale=inputs["mask_scale"])
+        return model(x, t, inputs["text"], inputs["pooled"], inputs["ref"], inputs["audio"],
+                     text_mask=inputs.get("mask"), face_mask=inputs["face_mask"], mask_scale=inputs["mask_scale"])
 
 
 TEXT_KEYS = ("text_states", "text_mask", "text_pooled", "negative_states", "negative_mask", "negative_pooled")
@@ -681,6 +681,35 @@ class ShiftRun(long_video.ShiftPlan):
                      for k in range(self.num_windows))
 
 
+def avatar_step(family: HunyuanAvatarFamily, graphdef, drops, live: tuple):
+    """One Euler step of every window over the live guidance branches (`drops[j]` for j in `live`), as
+    `AvatarPipeline` runs it (and `hallojax compile --sample` sizes it):
+    step(state, buf [1, N, h, w, C], idx [W, F], aidx [W, 4F − 3], counts [N], fixed, t, dt, w [live],
+    mask_scale) -> the merged buffer. fixed: audio [1, A, ...] whisper windows, ref [1, F, h, w, C],
+    face_mask [1, tokens], text / null_text {"text", "pooled"[, "mask"]} (without "mask": no text mask, as
+    splash attention needs). Rows: branch-major, then window."""
+
+    def step(state, buf, idx, aidx, counts, fixed, t, dt, w, mask_scale):
+        model = nnx.merge(graphdef, state)
+        xw = buf[0][idx]  # [W, F, h, w, C]
+        nw, nl = xw.shape[0], len(live)
+        audio = fixed["audio"][0][aidx]  # [W, 4F − 3, window, layers, D]
+        texts = [fixed["null_text" if "text" in drops[j] else "text"] for j in live]
+        rows = lambda a: jnp.concatenate([a] * nw)  # noqa: E731
+        inputs = {k: jnp.concatenate([rows(tx[k]) for tx in texts]) for k in texts[0]}
+        inputs.update(audio=jnp.concatenate([jnp.zeros_like(audio) if "audio" in drops[j] else audio for j in live]),
+                      ref=jnp.concatenate([fixed["ref"]] * (nw * nl)),
+                      face_mask=jnp.concatenate([fixed["face_mask"]] * (nw * nl)), mask_scale=mask_scale)
+        x = jnp.concatenate([xw] * nl)
+        v = family(model, x, jnp.full((x.shape[0],), t, jnp.float32), inputs).astype(jnp.float32)
+        v = gen.combine_branches(v.reshape(nl, nw, *v.shape[1:]), w, family.channels)
+        out = (xw + dt * v).reshape(-1, *xw.shape[2:])
+        total = jnp.zeros(buf.shape[1:], jnp.float32).at[idx.reshape(-1)].add(out)
+        return (total / counts[:, None, None, None])[None]
+
+    return step
+
+
 class AvatarPipeline(FamilyPipeline):
     """A converted HunyuanVideo-Avatar directory (`HunyuanAvatarFamily`):
 
@@ -708,34 +737,9 @@ class AvatarPipeline(FamilyPipeline):
     def _step_program(self, live: tuple):
         key = ("avatar-step", live)
         fn = self.engine._programs.get(key)
-        if fn is not None:
-            return fn
-        family, graphdef = self.family, self.engine.graphdef
-        drops = self._guidance.branches()
-
-        def step(state, buf, idx, aidx, counts, fixed, t, dt, w, mask_scale):
-            model = nnx.merge(graphdef, state)
-            xw = buf[0][idx]  # [W, F, h, w, C]
-            nw = xw.shape[0]
-            audio = fixed["audio"][0][aidx]  # [W, 4F − 3, window, layers, D]
-            branches = []
-            for j in live:
-                text = fixed["null_text" if "text" in drops[j] else "text"]
-                branches.append({"text": text, "audio": jnp.zeros_like(audio) if "audio" in drops[j] else audio})
-            rep = lambda a: jnp.concatenate([a] * (nw * len(live)), axis=0)  # noqa: E731
-            inputs = {"text": jnp.concatenate([jnp.concatenate([b["text"]["text"]] * nw) for b in branches]),
-                      "mask": jnp.concatenate([jnp.concatenate([b["text"]["mask"]] * nw) for b in branches]),
-                      "pooled": jnp.concatenate([jnp.concatenate([b["text"]["pooled"]] * nw) for b in branches]),
-                      "audio": jnp.concatenate([b["audio"] for b in branches]), "ref": rep(fixed["ref"]),
-                      "face_mask": rep(fixed["face_mask"]), "mask_scale": mask_scale}
-            x = jnp.concatenate([xw] * len(live))
-            v = family(model, x, jnp.full((x.shape[0],), t, jnp.float32), inputs).astype(jnp.float32)
-            v = gen.combine_branches(v.reshape(len(live), nw, *v.shape[1:]), w, family.channels)
-            out = (xw + dt * v).reshape(-1, *xw.shape[2:])
-            total = jnp.zeros(buf.shape[1:], jnp.float32).at[idx.reshape(-1)].add(out)
-            return (total / counts[:, None, None, None])[None]
-
-        fn = self.engine._programs[key] = jax.jit(step)
+        if fn is None:
+            fn = self.engine._programs[key] = jax.jit(avatar_step(self.family, self.engine.graphdef,
+                                                                  self._guidance.branches(), live))
         return fn
 
     def generate(self, image, audio, *, text_states=None, face_embedding=None, prompt=None, negative_prompt=None,
@@ -841,5 +845,5 @@ class AvatarPipeline(FamilyPipeline):
         return gen.Result(frames, wave, rate, fps, plan, settings, timings, warnings, portrait, [lat])
 
 
-__all__ = ["AvatarPipeline", "FAMILIES", "Family", "FamilyEngine", "FamilyPipeline", "Hallo3Family",
+__all__ = ["AvatarPipeline", "avatar_step", "FAMILIES", "Family", "FamilyEngine", "FamilyPipeline", "Hallo3Family",
            "HunyuanAvatarFamily", "LetsTalkFamily", "ShiftRun", "family_kind"]
