@@ -1,0 +1,180 @@
+"""Stage 2 extras: per-video conditioning given as files, and model-specific latents the codec computes.
+
+    prepare VIDEOS -o OUT --codec cogvideox-vae:DIR --audio-features wav2vec2:DIR \\
+        --face-embeddings faces.npz --text-states t5.npz --extras hallo3
+
+Per-video files (encoders that are not ours; all optional, every video must have its key):
+- ``--face-embeddings FILE.npz``: key = a video's `source` (its path relative to its input directory) ->
+  [E] float (InsightFace's raw 512-d embedding for Hallo3) -> record field `face_embedding` [E].
+- ``--text-states FILE.npz``: ``SOURCE`` -> [L, D] states, optional ``SOURCE/mask`` [L] (1 = token) and
+  ``SOURCE/pooled`` [P]; or a single ``*`` key (with ``*/mask``, ``*/pooled``) for every video -> fields
+  `text_states`, `text_mask`, `text_pooled`.
+A file is checked whole when prepare starts (wrong rank or size: one error naming the file and key); a
+video without its key is skipped and named in report.json, never given zeros.
+
+Extras (``--extras NAME[,NAME]``), latents of the clip's pixels through the set's codec:
+- ``hallo3``: `concat_latent` [1, h, w, C] = codec([reference, motion₁, motion₂]) with the motion frames the
+  clip's first 2 frames plus pixel noise σ·ε, σ = exp(N(−3, 0.5²)), then one spatial mask (u ≤ 0.1 -> 0,
+  both frames, all channels), as the released `shared_step` (hallo3.md §1.7); the draws come from a
+  generator keyed by (seed, source, clip), so prepare stays deterministic, and are fixed per clip (released:
+  redrawn every step). `masked_ref_latent` [1, h, w, C] = codec(reference × the record's face box mask), the
+  reference net's input (the released training's bbox mask, §4).
+- ``hunyuan-avatar``: `ref_video_latent` [F, h, w, C] = codec(the reference frame repeated over the clip's T
+  frames), the Avatar's `ref_latents` (hyavatar_letstalk.md B.2).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from data_pipeline.clips import SkipVideo, _stable_hash
+
+EXTRAS = ("hallo3", "hunyuan-avatar")
+HALLO3_MOTION = 2  # pixel motion frames (`n_motion_frame`)
+HALLO3_MASK_RATE = 0.1  # motion pixels with u <= 0.1 zeroed (`add_mask_to_first_frame`)
+HALLO3_LOG_SIGMA = (-3.0, 0.5)  # `add_noise_to_first_frame`: σ = exp(N(mean, std²)) per sample
+EVERY = "*"  # a text-states key used for every video
+
+
+def parse_extras(spec: str | None) -> tuple[str, ...]:
+    names = tuple(sorted({s.strip() for s in (spec or "").split(",") if s.strip()}))
+    bad = [n for n in names if n not in EXTRAS]
+    if bad:
+        raise ValueError(f"--extras {spec}: unknown {bad}; known: {list(EXTRAS)}")
+    return names
+
+
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _load_npz(path, flag: str) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: np.asarray(z[k]) for k in z.files}
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{flag} {path}: not a readable .npz file ({e})") from None
+
+
+def _numeric(a: np.ndarray, path, key: str, flag: str, ndim: int, what: str) -> np.ndarray:
+    if a.ndim != ndim or not np.issubdtype(a.dtype, np.number) or 0 in a.shape:
+        raise ValueError(f"{flag} {path}: key {key!r} has shape {list(a.shape)} ({a.dtype}); expected {what}")
+    a = a.astype(np.float32)
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"{flag} {path}: key {key!r} holds non-finite values")
+    return a
+
+
+class VideoConditioning:
+    """The per-video files of one prepare run: checked whole on construction; `fields(source)` gives a
+    video's record fields or raises SkipVideo when the video has no key."""
+
+    def __init__(self, face_embeddings: str | None = None, text_states: str | None = None):
+        self.face_path, self.text_path = face_embeddings, text_states
+        self.faces = self._faces(face_embeddings) if face_embeddings else None
+        self.texts = self._texts(text_states) if text_states else None
+
+    @staticmethod
+    def _faces(path) -> dict[str, np.ndarray]:
+        flag = "--face-embeddings"
+        raw = _load_npz(path, flag)
+        faces = {k: _numeric(v, path, k, flag, 1, "[E] numbers (one embedding per video)") for k, v in raw.items()}
+        sizes = {v.shape[0] for v in faces.values()}
+        if len(sizes) > 1:
+            raise ValueError(f"{flag} {path}: embeddings of different sizes {sorted(sizes)}; expected one size E")
+        return faces
+
+    @staticmethod
+    def _texts(path) -> dict[str, dict[str, np.ndarray]]:
+        flag = "--text-states"
+        raw = _load_npz(path, flag)
+        out: dict[str, dict[str, np.ndarray]] = {}
+        for key in sorted(raw):  # states first: "a" sorts before "a/mask"
+            base, _, part = key.rpartition("/") if key.endswith(("/mask", "/pooled")) else (key, "", "")
+            if not part:
+                out[key] = {"text_states": _numeric(raw[key], path, key, flag, 2, "[L, D] states")}
+                continue
+            if base not in raw:
+                raise ValueError(f"{flag} {path}: key {key!r} without states {base!r}")
+            if part == "mask":
+                n = raw[base].shape[0] if raw[base].ndim == 2 else None
+                m = _numeric(raw[key], path, key, flag, 1, f"[L] = [{n}] (1 = token)")
+                if m.shape[0] != n:
+                    raise ValueError(f"{flag} {path}: key {key!r} has shape {list(m.shape)}; expected [{n}] "
+                                     f"(the length of {base!r})")
+                out.setdefault(base, {})["text_mask"] = m
+            else:
+                out.setdefault(base, {})["text_pooled"] = _numeric(raw[key], path, key, flag, 1, "[P] numbers")
+        for name, what in (("text_states", "D"), ("text_pooled", "P")):
+            sizes = {v[name].shape[-1] for v in out.values() if name in v}
+            if len(sizes) > 1:
+                raise ValueError(f"{flag} {path}: {name} of different sizes {what} = {sorted(sizes)}; expected one")
+        for name, part in (("text_mask", "mask"), ("text_pooled", "pooled")):  # every record: the same fields
+            have = sorted(k for k, v in out.items() if name in v)
+            if have and len(have) < len(out):
+                lack = sorted(k for k in out if k not in have)
+                raise ValueError(f"{flag} {path}: key {lack[0] + '/' + part!r} is missing ({len(lack)} of {len(out)} "
+                                 f"videos lack SOURCE/{part}); give it for every video or for none")
+        if EVERY in out and len(out) > 1:
+            raise ValueError(f"{flag} {path}: key {EVERY!r} (every video) together with per-video keys "
+                             f"{sorted(k for k in out if k != EVERY)[:3]}; give one or the other")
+        return out
+
+    def fields(self, source: str) -> dict:
+        out = {}
+        if self.faces is not None:
+            if source not in self.faces:
+                raise SkipVideo(f"no face embedding for {source!r} in --face-embeddings {self.face_path}")
+            out["face_embedding"] = self.faces[source]
+        if self.texts is not None:
+            entry = self.texts.get(source, self.texts.get(EVERY))
+            if entry is None:
+                raise SkipVideo(f"no text states for {source!r} in --text-states {self.text_path}")
+            out.update(entry)
+        return out
+
+    def plan(self) -> dict:
+        """What plan.json records of the files (a rerun with changed files is refused)."""
+        return {flag: {"path": str(p), "sha256": file_sha256(p)}
+                for flag, p in (("face_embeddings", self.face_path), ("text_states", self.text_path)) if p}
+
+
+# --- codec extras ---------------------------------------------------------------------------------
+def hallo3_motion_draw(seed: int, source: str, clip_index: int, height: int, width: int):
+    """(σ, ε [2, H, W, 3], zeroed [H, W] bool) of one clip's motion frames, keyed by (seed, source, clip)."""
+    rng = np.random.default_rng([seed, _stable_hash(source), clip_index, 3])
+    sigma = float(np.exp(rng.normal(*HALLO3_LOG_SIGMA)))
+    eps = rng.standard_normal((HALLO3_MOTION, height, width, 3)).astype(np.float32)
+    return sigma, eps, rng.uniform(size=(height, width)) <= HALLO3_MASK_RATE
+
+
+def codec_extras(names, codec, clips, idx, video: np.ndarray, refs: np.ndarray, seed: int) -> dict:
+    """{field: [B, ...]} of the extras `names` for clips `idx` of a video: their pixels `video` [B, T, H, W, 3]
+    and reference frames `refs` [B, 1, H, W, 3], both in [-1, 1]."""
+    out = {}
+    if "hallo3" in names:
+        motion = video[:, :HALLO3_MOTION].copy()
+        for j, i in enumerate(idx):
+            sigma, eps, zero = hallo3_motion_draw(seed, clips.source, i, *video.shape[2:4])
+            motion[j] += sigma * eps
+            motion[j][:, zero] = 0.0
+        out["concat_latent"] = np.asarray(codec.encode(np.concatenate([refs, motion], axis=1)), np.float32)
+        face = clips.face_mask.astype(np.float32)[None, None, :, :, None]
+        out["masked_ref_latent"] = np.asarray(codec.encode(refs * face), np.float32)
+    if "hunyuan-avatar" in names:
+        out["ref_video_latent"] = np.asarray(codec.encode(np.repeat(refs, video.shape[1], axis=1)), np.float32)
+    return out
+
+
+def check_codec(names, codec) -> None:
+    """Refuse extras the codec cannot make before any video is read."""
+    if names and codec.temporal_stride != 4:
+        raise ValueError(f"--extras {','.join(names)}: codec {codec.name!r} has temporal stride "
+                         f"{codec.temporal_stride}; Hallo3 and HunyuanVideo-Avatar take a codec of stride 4 "
+                         "(cogvideox-vae:DIR, hunyuan-vae:DIR)")

@@ -1,0 +1,171 @@
+"""Hallo3 and HunyuanVideo-Avatar trained on prepared clips: `prepare` with the per-video files (face embeddings,
+text states), the codec extras (`--extras hallo3` / `hunyuan-avatar`) and the audio features (wav2vec2 / whisper)
+on synthetic videos with a tiny random CogVideoX VAE codec; the stored extras against an independent computation;
+the family batches (`families.Hallo3Clips` / `AvatarClips`); one tiny train step on 1 and 8 devices equal; the
+data position resumed exactly; a video without its face embedding skipped and reported; sets without the extras
+or with a codec of the wrong stride refused in one line."""
+
+import json
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from data_pipeline import synthetic
+from data_pipeline.clips import ClipConfig, extract_clips
+from data_pipeline.extras import VideoConditioning, hallo3_motion_draw
+from data_pipeline.features import to_model_range
+from data_pipeline.pipeline import PrepareConfig, prepare
+from data_pipeline.reader import clip_dataset, load_manifest
+from family_train import assert_same_step, train_steps
+from hallojax import data, families
+from hallojax.checkpoint import flat_params, save_pretrained
+from hallojax.codec import get_codec
+from hallojax.config import load_config
+
+CLIP = ClipConfig(num_frames=9, height=32, width=48)  # tiny VAE (stride 8): latents [3, 4, 6, 4], tiny Hallo3's grid
+VIDEOS = ["talk_00000.mp4", "talk_00001.mp4", "talk_00002.mp4"]  # 1.5 s each: 4 clips of 9 frames
+# Adam eps = 1 makes an update about lr·g (the 1- vs 8-device deltas compare gradients), as test_train_hallo3
+TINY = ["--config.train.learning_rate=1.0", "--config.train.eps=1.0"]
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    """Three synthetic videos, a tiny random CogVideoX VAE (the codec) and a tiny random wav2vec2."""
+    from hallojax.models.cogvideox_vae import CogVideoXVAE, CogVideoXVAEConfig
+    from hallojax.models.encoders.wav2vec2 import Wav2Vec2, Wav2Vec2Config
+
+    tmp = tmp_path_factory.mktemp("famdata")
+    synthetic.generate(tmp / "videos", 3, 0, synthetic.SyntheticConfig(min_seconds=1.5, max_seconds=1.5),
+                       progress=False)
+    vcfg = CogVideoXVAEConfig.preset("tiny", scaling_factor=0.7)
+    save_pretrained(tmp / "vae", flat_params(CogVideoXVAE(vcfg, rngs=nnx.Rngs(0))), vcfg)
+    # 3 layers x 8: the tiny Hallo3's audio sizes, so its train step is test_train_hallo3's (one compile, cached)
+    wcfg = Wav2Vec2Config(hidden_size=8, num_layers=3, num_heads=2, intermediate_size=16, conv_dim=(8, 8),
+                          conv_kernel=(10, 3), conv_stride=(5, 2), num_conv_pos_embeddings=4,
+                          num_conv_pos_embedding_groups=2)
+    save_pretrained(tmp / "w2v", flat_params(Wav2Vec2(wcfg, rngs=nnx.Rngs(1))), wcfg)
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def hallo3_set(media):
+    """Face embeddings for 2 of the 3 videos (the third is skipped), one text-states entry for every video."""
+    rng = np.random.default_rng(0)
+    np.savez(media / "faces.npz", **{VIDEOS[0]: rng.standard_normal(20), VIDEOS[1]: rng.standard_normal(20)})
+    np.savez(media / "t5.npz", **{"*": rng.standard_normal((4, 24))})
+    cfg = PrepareConfig(clip=CLIP, codec=f"cogvideox-vae:{media / 'vae'}", audio_features=f"wav2vec2:{media / 'w2v'}",
+                        face_embeddings=str(media / "faces.npz"), text_states=str(media / "t5.npz"), extras="hallo3")
+    summary = prepare([media / "videos"], media / "hallo3", cfg, progress=False)
+    assert (summary["videos_ok"], summary["videos_skipped"], summary["clips"]) == (2, 1, 8)
+    return media / "hallo3"
+
+
+def assert_vae_close(stored, want, what):
+    """The VAE bound (1e-4 of max(1, max |want|)): prepare encodes clips in batches, the check one at a time."""
+    assert stored.shape == want.shape, (what, stored.shape, want.shape)
+    err = np.abs(np.asarray(stored, np.float64) - want).max()
+    assert err <= 1e-4 * max(1.0, np.abs(want).max()), f"{what}: max |stored - encoded| = {err:.3g}"
+
+
+def prepared_config(spec: str, prepared, overrides=()):
+    config = load_config(spec, [*TINY, f"--config.data.prepared={prepared}", *overrides])
+    data.configure(config)
+    return config
+
+
+def test_hallo3_extras_match_an_independent_encoding(media, hallo3_set):
+    report = json.loads((hallo3_set / "report.json").read_text())
+    assert [(s["source"], s["reason"]) for s in report["skipped"]] == [
+        (VIDEOS[2], f"no face embedding for {VIDEOS[2]!r} in --face-embeddings {media / 'faces.npz'}")]
+    codec = get_codec(f"cogvideox-vae:{media / 'vae'}")
+    records = sorted(clip_dataset(hallo3_set), key=lambda r: (r["source"], int(r["clip_index"])))
+    faces = np.load(media / "faces.npz")
+    for r in records[::3]:
+        i = int(r["clip_index"])
+        frames = to_model_range(extract_clips(media / "videos" / r["source"], r["source"], CLIP).clip_frames(i, 9))
+        ref = to_model_range(r["ref_frame"])
+        sigma, eps, zero = hallo3_motion_draw(CLIP.seed, r["source"], i, 32, 48)
+        assert 0.01 < sigma < 0.2 and 0.05 < zero.mean() < 0.15  # exp(N(-3, 0.5²)); ~10 % of pixels
+        motion = frames[:2] + sigma * eps
+        motion[:, zero] = 0.0
+        want = codec.encode(np.concatenate([ref[None], motion])[None])[0]  # [reference, motion₁, motion₂] -> 1 latent
+        assert_vae_close(r["concat_latent"], want, "concat latent")
+        masked = ref * r["face_mask"][:, :, None]
+        assert 0 < r["face_mask"].mean() < 1
+        assert_vae_close(r["masked_ref_latent"], codec.encode(masked[None, None])[0], "masked reference latent")
+        np.testing.assert_array_equal(r["face_embedding"], faces[r["source"]].astype(np.float32))
+        assert r["text_states"].shape == (4, 24) and "text_pooled" not in r
+
+
+def test_hallo3_batches_and_step_on_1_and_8_devices(hallo3_set, devices):
+    config = prepared_config("configs/hallo3.py:stage2,size=tiny", hallo3_set)
+    m = config.model
+    # from the manifest: wav2vec2 [T, 3, 8], face [20], T5 [4, 24]; the tiny VAE's 4 channels on a 4 x 6 grid
+    assert (m.audio_layers, m.audio_in_dim, m.face_in, m.text_dim, m.out_channels, m.in_channels) == (3, 8, 20, 24,
+                                                                                                     4, 8)
+    cfg = families.model_config(m)
+    source = families.make_source(config, cfg, list(range(8)))
+    batch = next(source)
+    assert {k: v.shape for k, v in batch.items()} == {
+        "latents": (8, 3, 4, 6, 4), "image_latent": (8, 1, 4, 6, 4), "reference": (8, 1, 4, 6, 4), "face": (8, 20),
+        "audio": (8, 9, 5, 3, 8), "context": (8, 6, 24)}
+    # a 5-frame window per frame, clamped at the clip's ends; text padded with zeros to model.text_len = 6
+    raw = [r for r in clip_dataset(hallo3_set)]
+    by_latents = {r["latents"].tobytes(): r for r in raw}
+    r = by_latents[np.asarray(batch["latents"][0]).tobytes()]
+    idx = np.clip(np.arange(9)[:, None] + np.arange(-2, 3)[None], 0, 8)
+    np.testing.assert_array_equal(batch["audio"][0], r["audio_features"][idx])
+    np.testing.assert_array_equal(batch["context"][0, :4], r["text_states"])
+    assert not batch["context"][0, 4:].any()
+    one = train_steps(config, batch, devices, {}, 1)
+    eight = train_steps(config, batch, devices, {"fsdp": 8}, 1)
+    assert np.isfinite(one[1][0][0])
+    assert_same_step(one, eight)
+
+
+def test_data_position_resumes_exactly(hallo3_set):
+    config = prepared_config("configs/hallo3.py:stage2,size=tiny", hallo3_set, ["--config.train.batch_size=2"])
+    cfg = families.model_config(config.model)
+    a = families.make_source(config, cfg, [0, 1])
+    batches = [next(a) for _ in range(6)]  # 12 records: past the first epoch of 8
+    b = families.make_source(config, cfg, [1])  # another process's row, resumed after 4 batches
+    b.set_state({"position": 8})
+    for k in (4, 5):
+        got = next(b)
+        assert set(got) == set(batches[k])
+        for key in got:
+            np.testing.assert_array_equal(got[key][0], batches[k][key][1], err_msg=key)
+    assert b.get_state() == {"position": 12} == a.get_state()
+
+
+def test_sets_without_extras_or_with_another_stride_are_refused(hallo3_set):
+    manifest = load_manifest(hallo3_set)
+    config = load_config("configs/hallo3.py:stage2,size=tiny", [f"--config.data.prepared={hallo3_set}"])
+    bare = {**manifest, "record_shapes": {k: v for k, v in manifest["record_shapes"].items()
+                                          if k not in ("concat_latent", "masked_ref_latent")}}
+    with pytest.raises(ValueError, match=r"manifest.json: model.kind=hallo3 needs records with \['concat_latent', "
+                                         r"'masked_ref_latent'\]: prepare the set with --extras hallo3"):
+        data.adopt_prepared_sizes(config, bare)
+    strided = {**manifest, "codec": {**manifest["codec"], "temporal_stride": 1}}
+    with pytest.raises(ValueError, match="manifest.json: codec .* has temporal stride 1; model.kind=hallo3 groups 4"):
+        data.adopt_prepared_sizes(config, strided)
+    avatar = load_config("configs/hunyuan_avatar.py:tiny", [f"--config.data.prepared={hallo3_set}"])
+    with pytest.raises(ValueError, match=r"needs records with \['audio_features', 'ref_video_latent'\]: prepare the "
+                                         r"set with --audio-features whisper:DIR \(not wav2vec2:.*--extras hunyuan"):
+        data.adopt_prepared_sizes(avatar, manifest)
+
+
+def test_bad_conditioning_files_name_file_and_key(tmp_path):
+    np.savez(tmp_path / "faces.npz", **{"a.mp4": np.zeros(4), "b.mp4": np.zeros((2, 4))})
+    with pytest.raises(ValueError, match=r"--face-embeddings .*faces.npz: key 'b.mp4' has shape \[2, 4\]"):
+        VideoConditioning(face_embeddings=str(tmp_path / "faces.npz"))
+    np.savez(tmp_path / "text.npz", **{"a.mp4": np.zeros((3, 4)), "a.mp4/mask": np.ones(2)})
+    with pytest.raises(ValueError, match=r"text.npz: key 'a.mp4/mask' has shape \[2\]; expected \[3\]"):
+        VideoConditioning(text_states=str(tmp_path / "text.npz"))
+    np.savez(tmp_path / "text.npz", **{"a.mp4": np.zeros((3, 4)), "b.mp4": np.zeros((3, 4)),
+                                       "a.mp4/pooled": np.ones(2)})
+    with pytest.raises(ValueError, match=r"key 'b.mp4/pooled' is missing"):
+        VideoConditioning(text_states=str(tmp_path / "text.npz"))
+    with pytest.raises(ValueError, match=r"--text-states .*nothing.npz: not a readable .npz"):
+        VideoConditioning(text_states=str(tmp_path / "nothing.npz"))
