@@ -169,3 +169,69 @@ def test_bad_conditioning_files_name_file_and_key(tmp_path):
         VideoConditioning(text_states=str(tmp_path / "text.npz"))
     with pytest.raises(ValueError, match=r"--text-states .*nothing.npz: not a readable .npz"):
         VideoConditioning(text_states=str(tmp_path / "nothing.npz"))
+
+
+# --- HunyuanVideo-Avatar ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def avatar_set(media):
+    """A tiny random whisper (1 layer x 8: 2 hidden states), per-video LLaVA-like states of 7, 3 and 5 tokens with
+    masks and pooled vectors; no face embeddings (the Avatar takes none): all 3 videos, 12 clips."""
+    from hallojax.models.encoders.whisper import WhisperEncoder, WhisperEncoderConfig
+
+    wcfg = WhisperEncoderConfig(hidden_size=8, num_layers=1, num_heads=2, intermediate_size=16, num_mel_bins=16,
+                                max_source_positions=50)
+    save_pretrained(media / "whisper", flat_params(WhisperEncoder(wcfg, rngs=nnx.Rngs(2))), wcfg)
+    rng, texts = np.random.default_rng(1), {}
+    for video, n in zip(VIDEOS, (7, 3, 5)):
+        texts.update({video: rng.standard_normal((n, 32)), f"{video}/mask": np.ones(n),
+                      f"{video}/pooled": rng.standard_normal(24)})
+    np.savez(media / "llava.npz", **texts)
+    cfg = PrepareConfig(clip=CLIP, codec=f"cogvideox-vae:{media / 'vae'}",
+                        audio_features=f"whisper:{media / 'whisper'}", text_states=str(media / "llava.npz"),
+                        extras="hunyuan-avatar")
+    summary = prepare([media / "videos"], media / "avatar", cfg, progress=False)
+    assert (summary["videos_ok"], summary["videos_skipped"], summary["clips"]) == (3, 0, 12)
+    return media / "avatar"
+
+
+def test_avatar_records_match_an_independent_computation(media, avatar_set):
+    from hallojax.checkpoint import load_pretrained
+    from hallojax.models.encoders.whisper import encode_audio
+
+    codec = get_codec(f"cogvideox-vae:{media / 'vae'}")
+    whisper, _ = load_pretrained(media / "whisper")
+    texts = np.load(media / "llava.npz")
+    for r in list(clip_dataset(avatar_set))[::4]:
+        ref = to_model_range(r["ref_frame"])
+        assert_vae_close(r["ref_video_latent"], codec.encode(np.repeat(ref[None, None], 9, axis=1))[0], "ref latents")
+        # the release's windows: 4 zero whisper frames in front, video frame f reads the 10 from 2f (25 fps)
+        states = np.asarray(encode_audio(whisper, r["audio"][None], mel_dtype="float16"))[0]  # [50, 2, 8]
+        padded = np.concatenate([np.zeros((4, 2, 8), np.float32), states])
+        want = np.stack([padded[2 * f:2 * f + 10] for f in range(9)]).reshape(9, 20, 8)
+        np.testing.assert_allclose(r["audio_features"], want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+        np.testing.assert_array_equal(r["text_states"], texts[r["source"]].astype(np.float32))
+        np.testing.assert_array_equal(r["text_pooled"], texts[r["source"] + "/pooled"].astype(np.float32))
+
+
+def test_avatar_batches_and_step_on_1_and_8_devices(avatar_set, devices):
+    config = prepared_config("configs/hunyuan_avatar.py:tiny", avatar_set)
+    m = config.model
+    # whisper windows [T, 10 x 2, 8]; the tiny VAE's 4 channels
+    assert (m.audio_window, m.audio_layers, m.audio_channels, m.in_channels, m.out_channels) == (10, 2, 8, 4, 4)
+    cfg = families.model_config(m)
+    batch = next(families.make_source(config, cfg, list(range(8))))
+    assert {k: v.shape for k, v in batch.items()} == {
+        "latents": (8, 3, 4, 6, 4), "ref_latents": (8, 3, 4, 6, 4), "audio": (8, 9, 10, 2, 8),
+        "face_mask": (8, 3 * 2 * 3), "text": (8, 5, 32), "pooled": (8, 24)}
+    by_latents = {r["latents"].tobytes(): r for r in clip_dataset(avatar_set)}
+    for i in range(8):
+        r = by_latents[np.asarray(batch["latents"][i]).tobytes()]
+        n = min(5, r["text_states"].shape[0])  # 7 tokens cropped to train.text_len = 5; 3 padded with zeros
+        np.testing.assert_array_equal(batch["text"][i, :n], r["text_states"][:n])
+        assert not batch["text"][i, n:].any()
+        np.testing.assert_array_equal(batch["audio"][i].reshape(9, 20, 8), r["audio_features"])
+    assert 0 < batch["face_mask"].min() and batch["face_mask"].max() <= 1
+    one = train_steps(config, batch, devices, {}, 1)
+    eight = train_steps(config, batch, devices, {"fsdp": 8}, 1)
+    assert np.isfinite(one[1][0][0])
+    assert_same_step(one, eight)
