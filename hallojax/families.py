@@ -433,7 +433,8 @@ def _avatar_predict(model, cfg, b, x_t, time):
     from hallojax.conditioning import apply_keep
 
     return model(x_t, time, apply_keep(b["text"], b["keep_text"]), apply_keep(b["pooled"], b["keep_text"]),
-                 b["ref_latents"], apply_keep(b["audio"], b["keep_audio"]), face_mask=b["face_mask"])
+                 b["ref_latents"], apply_keep(b["audio"], b["keep_audio"]), face_mask=b["face_mask"],
+                 text_mask=b.get("text_mask"))
 
 
 def _avatar_flops(cfg, *, batch: int, frames: int, height: int, width: int, text_len: int = 832, **_) -> float:
@@ -446,19 +447,24 @@ def avatar_inputs(record: dict, cfg, text_len: int) -> dict:
     """A prepared record (`--extras hunyuan-avatar`, whisper windows [T, 10·layers, D]) -> the Avatar's inputs:
     latents, ref latents (the reference repeated over the clip, encoded), windows [T, 10, layers, D], the face
     box (x3 about its centre, as released) as face-mask tokens, text states cropped / zero-padded to
-    train.text_len and the pooled vector (zeros without)."""
+    train.text_len with their mask (the record's, else its tokens; 0 on the padding) and the pooled vector
+    (zeros without text states: no mask, as the random source)."""
     from hallojax.models.avatar_audio import face_box_mask, face_mask_tokens
 
     lat, feats = record["latents"], record["audio_features"]
     f, h, w = lat.shape[:3]
     x0, y0, x1, y1 = (float(v) for v in record["face_box"])
     mask = face_box_mask(*record["ref_frame"].shape[:2], (x0, y0, x1 - x0, y1 - y0))
-    pooled = record.get("text_pooled")
-    return {"latents": lat, "ref_latents": record["ref_video_latent"],
-            "audio": feats.reshape(feats.shape[0], cfg.audio_window, -1, feats.shape[-1]),
-            "face_mask": face_mask_tokens(mask, (h, w), f, cfg.patch_size[1])[0],
-            "text": _fit_text(record.get("text_states"), text_len, cfg.text_dim),
-            "pooled": np.zeros(cfg.pooled_dim, np.float32) if pooled is None else pooled}
+    pooled, states = record.get("text_pooled"), record.get("text_states")
+    out = {"latents": lat, "ref_latents": record["ref_video_latent"],
+           "audio": feats.reshape(feats.shape[0], cfg.audio_window, -1, feats.shape[-1]),
+           "face_mask": face_mask_tokens(mask, (h, w), f, cfg.patch_size[1])[0],
+           "text": _fit_text(states, text_len, cfg.text_dim),
+           "pooled": np.zeros(cfg.pooled_dim, np.float32) if pooled is None else pooled}
+    if states is not None:  # right padding, as the release's LLaVA states: the padded rows attend nowhere
+        valid = record.get("text_mask", np.ones(states.shape[0], np.float32))
+        out["text_mask"] = _fit_text(valid[:, None], text_len, 1)[:, 0]
+    return out
 
 
 class AvatarClips(_FamilyClips):

@@ -175,7 +175,8 @@ def test_bad_conditioning_files_name_file_and_key(tmp_path):
 @pytest.fixture(scope="module")
 def avatar_set(media):
     """A tiny random whisper (1 layer x 8: 2 hidden states), per-video LLaVA-like states of 7, 3 and 5 tokens with
-    masks and pooled vectors; no face embeddings (the Avatar takes none): all 3 videos, 12 clips."""
+    masks (right padding: the 5-token one has 4 valid) and pooled vectors; no face embeddings (the Avatar takes
+    none): all 3 videos, 12 clips."""
     from hallojax.models.encoders.whisper import WhisperEncoder, WhisperEncoderConfig
 
     wcfg = WhisperEncoderConfig(hidden_size=8, num_layers=1, num_heads=2, intermediate_size=16, num_mel_bins=16,
@@ -183,7 +184,7 @@ def avatar_set(media):
     save_pretrained(media / "whisper", flat_params(WhisperEncoder(wcfg, rngs=nnx.Rngs(2))), wcfg)
     rng, texts = np.random.default_rng(1), {}
     for video, n in zip(VIDEOS, (7, 3, 5)):
-        texts.update({video: rng.standard_normal((n, 32)), f"{video}/mask": np.ones(n),
+        texts.update({video: rng.standard_normal((n, 32)), f"{video}/mask": (np.arange(n) < min(n, 4)) * 1.0,
                       f"{video}/pooled": rng.standard_normal(24)})
     np.savez(media / "llava.npz", **texts)
     cfg = PrepareConfig(clip=CLIP, codec=f"cogvideox-vae:{media / 'vae'}",
@@ -222,13 +223,15 @@ def test_avatar_batches_and_step_on_1_and_8_devices(avatar_set, devices):
     batch = next(families.make_source(config, cfg, list(range(8))))
     assert {k: v.shape for k, v in batch.items()} == {
         "latents": (8, 3, 4, 6, 4), "ref_latents": (8, 3, 4, 6, 4), "audio": (8, 9, 10, 2, 8),
-        "face_mask": (8, 3 * 2 * 3), "text": (8, 5, 32), "pooled": (8, 24)}
+        "face_mask": (8, 3 * 2 * 3), "text": (8, 5, 32), "text_mask": (8, 5), "pooled": (8, 24)}
     by_latents = {r["latents"].tobytes(): r for r in clip_dataset(avatar_set)}
     for i in range(8):
         r = by_latents[np.asarray(batch["latents"][i]).tobytes()]
         n = min(5, r["text_states"].shape[0])  # 7 tokens cropped to train.text_len = 5; 3 padded with zeros
         np.testing.assert_array_equal(batch["text"][i, :n], r["text_states"][:n])
         assert not batch["text"][i, n:].any()
+        assert batch["text_mask"][i].tolist() == [*r["text_mask"][:n], *[0] * (5 - n)]
+        np.testing.assert_array_equal(batch["pooled"][i], r["text_pooled"])
         np.testing.assert_array_equal(batch["audio"][i].reshape(9, 20, 8), r["audio_features"])
     assert 0 < batch["face_mask"].min() and batch["face_mask"].max() <= 1
     one = train_steps(config, batch, devices, {}, 1)
