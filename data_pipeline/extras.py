@@ -9,6 +9,10 @@ Per-video files (encoders that are not ours; all optional, every video must have
 - ``--text-states FILE.npz``: ``SOURCE`` -> [L, D] states, optional ``SOURCE/mask`` [L] (1 = token) and
   ``SOURCE/pooled`` [P]; or a single ``*`` key (with ``*/mask``, ``*/pooled``) for every video -> fields
   `text_states`, `text_mask`, `text_pooled`.
+- ``--captions FILE.json --text-encoder DIR --tokenizer DIR [--text-len 226]``: instead of text states, a
+  caption per video (``{SOURCE: text}`` or ``{"*": text}``) encoded in prepare by a converted T5 / umT5
+  (`hallojax convert t5`) as `hallojax generate` encodes Hallo3's prompt (`encoders.t5.encode_text`: padded to
+  the text length, zero states after the caption) -> `text_states` [text_len, D].
 A file is checked whole when prepare starts (wrong rank or size: one error naming the file and key); a
 video without its key is skipped and named in report.json, never given zeros.
 
@@ -75,10 +79,21 @@ class VideoConditioning:
     """The per-video files of one prepare run: checked whole on construction; `fields(source)` gives a
     video's record fields or raises SkipVideo when the video has no key."""
 
-    def __init__(self, face_embeddings: str | None = None, text_states: str | None = None):
-        self.face_path, self.text_path = face_embeddings, text_states
+    def __init__(self, face_embeddings: str | None = None, text_states: str | None = None,
+                 captions: str | None = None, text_encoder: str | None = None, tokenizer: str | None = None,
+                 text_len: int | None = None):
+        if captions and text_states:
+            raise ValueError("--captions and --text-states both give the text states: choose one")
+        if (text_encoder or tokenizer or text_len) and not captions:
+            raise ValueError("--text-encoder, --tokenizer and --text-len encode --captions: give the captions file")
+        self.face_path, self.text_path, self.captions_path = face_embeddings, text_states, captions
         self.faces = self._faces(face_embeddings) if face_embeddings else None
         self.texts = self._texts(text_states) if text_states else None
+        self.captions = self._captions(captions) if captions else None
+        self.text_encoder, self.tokenizer, self.text_len = text_encoder, tokenizer, int(text_len or 226)
+        self._encoder, self._encoded = None, {}
+        if captions:
+            self._load_encoder()
 
     @staticmethod
     def _faces(path) -> dict[str, np.ndarray]:
@@ -126,6 +141,50 @@ class VideoConditioning:
                              f"{sorted(k for k in out if k != EVERY)[:3]}; give one or the other")
         return out
 
+    @staticmethod
+    def _captions(path) -> dict[str, str]:
+        import json
+
+        try:
+            captions = json.loads(open(path, encoding="utf-8").read())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--captions {path}: not a readable JSON file ({e})") from None
+        if not isinstance(captions, dict) or not captions:
+            raise ValueError(f"--captions {path}: expected a JSON object {{SOURCE: caption, ...}} or "
+                             '{"*": caption}')
+        bad = [k for k, v in captions.items() if not isinstance(v, str)]
+        if bad:
+            raise ValueError(f"--captions {path}: key {bad[0]!r} holds a {type(captions[bad[0]]).__name__}, "
+                             "not a caption string")
+        return captions
+
+    def _load_encoder(self) -> None:
+        from hallojax.checkpoint import load_pretrained
+        from hallojax.models.encoders.t5 import T5Encoder, load_tokenizer
+
+        if not (self.text_encoder and self.tokenizer):
+            raise ValueError("--captions needs --text-encoder DIR (a `hallojax convert t5` directory) and "
+                             "--tokenizer DIR (its tokenizer)")
+        if self.text_len < 1:
+            raise ValueError(f"--text-len {self.text_len}: must be >= 1")
+        encoder, _ = load_pretrained(self.text_encoder)
+        if not isinstance(encoder, T5Encoder):
+            raise ValueError(f"--text-encoder {self.text_encoder} holds a {type(encoder).__name__}, not a T5 "
+                             "encoder")
+        self._encoder = (encoder, load_tokenizer(self.tokenizer))
+
+    def _caption_fields(self, source: str) -> dict:
+        from hallojax.models.encoders.t5 import encode_text
+
+        caption = self.captions.get(source, self.captions.get(EVERY))
+        if caption is None:
+            raise SkipVideo(f"no caption for {source!r} in --captions {self.captions_path}")
+        if caption not in self._encoded:
+            encoder, tokenizer = self._encoder
+            self._encoded[caption] = np.asarray(encode_text(encoder, tokenizer, [caption],
+                                                            max_length=self.text_len), np.float32)[0]
+        return {"text_states": self._encoded[caption]}
+
     def fields(self, source: str) -> dict:
         out = {}
         if self.faces is not None:
@@ -137,12 +196,18 @@ class VideoConditioning:
             if entry is None:
                 raise SkipVideo(f"no text states for {source!r} in --text-states {self.text_path}")
             out.update(entry)
+        if self.captions is not None:
+            out.update(self._caption_fields(source))
         return out
 
     def plan(self) -> dict:
         """What plan.json records of the files (a rerun with changed files is refused)."""
-        return {flag: {"path": str(p), "sha256": file_sha256(p)}
-                for flag, p in (("face_embeddings", self.face_path), ("text_states", self.text_path)) if p}
+        files = (("face_embeddings", self.face_path), ("text_states", self.text_path), ("captions", self.captions_path))
+        out = {flag: {"path": str(p), "sha256": file_sha256(p)} for flag, p in files if p}
+        if self.captions_path:
+            out["text_encoder"] = {"path": str(self.text_encoder), "tokenizer": str(self.tokenizer),
+                                   "text_len": self.text_len}
+        return out
 
 
 # --- codec extras ---------------------------------------------------------------------------------

@@ -69,8 +69,12 @@ class PrepareConfig:
     face_embeddings: str | None = None  # FILE.npz: source -> [E]
     text_states: str | None = None  # FILE.npz: source -> [L, D] (+ source/mask, source/pooled), or "*"
     extras: str | None = None  # "hallo3", "hunyuan-avatar" (comma-separated)
+    captions: str | None = None  # FILE.json: source -> caption, encoded by text_encoder (T5) into text states
+    text_encoder: str | None = None
+    tokenizer: str | None = None
+    text_len: int | None = None  # tokens of the encoded captions (default 226: Hallo3's T5)
 
-    OPTIONAL = ("face_embeddings", "text_states", "extras")
+    OPTIONAL = ("face_embeddings", "text_states", "extras", "captions", "text_encoder", "tokenizer", "text_len")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -218,7 +222,8 @@ class Preparer:
         self.audio_fn = get_audio_features(config.audio_features)
         self.extras = parse_extras(config.extras)
         check_codec(self.extras, self.codec)
-        self.conditioning = VideoConditioning(config.face_embeddings, config.text_states)
+        self.conditioning = VideoConditioning(config.face_embeddings, config.text_states, config.captions,
+                                              config.text_encoder, config.tokenizer, config.text_len)
         self.inputs, self.unlisted = discover(inputs)
         if not self.inputs:
             raise ValueError(f"no video files ({', '.join(VIDEO_EXTENSIONS)}) found in {list(map(str, inputs))}")

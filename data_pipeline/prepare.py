@@ -46,6 +46,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--text-states", default=None, metavar="FILE.npz",
                    help="per-video text states: SOURCE -> [L, D], optional SOURCE/mask [L], SOURCE/pooled [P]; "
                         "or one '*' key for every video")
+    g.add_argument("--captions", default=None, metavar="FILE.json",
+                   help="per-video captions {SOURCE: text} or {\"*\": text}, encoded by --text-encoder into "
+                        "text states")
+    g.add_argument("--text-encoder", default=None, metavar="DIR", help="with --captions: a converted T5 / umT5")
+    g.add_argument("--tokenizer", default=None, metavar="DIR", help="with --captions: the encoder's tokenizer")
+    g.add_argument("--text-len", type=int, default=None, help="with --captions: tokens per caption (default 226)")
     g.add_argument("--extras", default=None, help="model-specific latents: hallo3, hunyuan-avatar (comma-separated)")
     g.add_argument("--videos-per-shard", type=int, default=16)
     g.add_argument("--encode-batch", type=int, default=8, help="clips per codec call")
@@ -70,7 +76,9 @@ def config_from_args(args):
                       max_seconds=args.max_seconds, seed=args.seed)
     return PrepareConfig(clip=clip, codec=args.codec, audio_features=args.audio_features,
                          videos_per_shard=args.videos_per_shard, encode_batch=args.encode_batch,
-                         face_embeddings=args.face_embeddings, text_states=args.text_states, extras=args.extras)
+                         face_embeddings=args.face_embeddings, text_states=args.text_states, extras=args.extras,
+                         captions=args.captions, text_encoder=args.text_encoder, tokenizer=args.tokenizer,
+                         text_len=args.text_len)
 
 
 def run(args) -> dict:

@@ -238,3 +238,37 @@ def test_avatar_batches_and_step_on_1_and_8_devices(avatar_set, devices):
     eight = train_steps(config, batch, devices, {"fsdp": 8}, 1)
     assert np.isfinite(one[1][0][0])
     assert_same_step(one, eight)
+
+
+def test_captions_are_encoded_by_the_t5_in_prepare(media, tmp_path):
+    """--captions + --text-encoder + --tokenizer: text states [text_len, D] = the T5's final states of the caption's
+    tokens (its closing </s> included), zeros after; a video without a caption skipped and reported."""
+    from test_t5 import make_tokenizer
+
+    from hallojax.models.encoders.t5 import T5Encoder, T5EncoderConfig
+
+    tcfg = T5EncoderConfig(vocab_size=40, dim=24, head_dim=8, num_heads=3, ffn_dim=40, num_layers=2, num_buckets=16,
+                           max_distance=24, act="relu", gated=False, per_layer_bias=False, dtype="float32")
+    encoder = T5Encoder(tcfg, rngs=nnx.Rngs(3))
+    save_pretrained(tmp_path / "t5", flat_params(encoder), tcfg)
+    tokenizer = make_tokenizer()
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    captions = {VIDEOS[0]: "a man walks by the river", VIDEOS[1]: "a young woman"}
+    (tmp_path / "captions.json").write_text(json.dumps(captions))
+    cfg = PrepareConfig(clip=CLIP, codec="pixel:8", captions=str(tmp_path / "captions.json"),
+                        text_encoder=str(tmp_path / "t5"), tokenizer=str(tmp_path / "tokenizer"), text_len=8)
+    summary = prepare([media / "videos"], tmp_path / "prepared", cfg, progress=False)
+    assert (summary["videos_ok"], summary["videos_skipped"]) == (2, 1)
+    report = json.loads((tmp_path / "prepared" / "report.json").read_text())
+    assert report["skipped"][0]["reason"] == f"no caption for {VIDEOS[2]!r} in --captions {tmp_path}/captions.json"
+    seen = set()
+    for r in clip_dataset(tmp_path / "prepared"):
+        ids = tokenizer(captions[r["source"]])["input_ids"]  # the words and </s>
+        want = np.asarray(encoder(np.asarray(ids)[None]).last_hidden_state)[0]
+        assert r["text_states"].shape == (8, 24)
+        np.testing.assert_allclose(r["text_states"][:len(ids)], want, rtol=1e-5, atol=1e-6)
+        assert not r["text_states"][len(ids):].any()
+        seen.add(r["source"])
+    assert seen == set(captions)
+    with pytest.raises(ValueError, match="--captions and --text-states both give the text states"):
+        VideoConditioning(text_states=str(tmp_path / "any.npz"), captions=str(tmp_path / "captions.json"))
