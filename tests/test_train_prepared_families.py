@@ -6,7 +6,9 @@ data position resumed exactly; a video without its face embedding skipped and re
 or with a codec of the wrong stride refused in one line."""
 
 import json
+from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -98,30 +100,59 @@ def test_hallo3_extras_match_an_independent_encoding(media, hallo3_set):
         assert r["text_states"].shape == (4, 24) and "text_pooled" not in r
 
 
-def test_hallo3_batches_and_step_on_1_and_8_devices(hallo3_set, devices):
-    config = prepared_config("configs/hallo3.py:stage2,size=tiny", hallo3_set)
+def train_one_and_eight(spec: str, prepared, devices, workdir):
+    """(config, the prepared source's first global batch, one step on it on 1 device, `run` (what `hallojax train`
+    calls) of one step on the set with the config's FSDP over 8 devices, checkpointed)."""
+    from hallojax.train import run
+
+    config = prepared_config(spec, prepared)
+    batch = next(families.make_source(config, families.model_config(config.model), list(range(8))))
+    one = train_steps(config, batch, devices, {}, 1)
+    result = run(load_config(spec, [*TINY, f"--config.data.prepared={prepared}", "--config.train.steps=1",
+                                    "--config.checkpoint.every=1", "--config.checkpoint.async_save=False"]), workdir)
+    return config, batch, one, {**result, "workdir": workdir}
+
+
+def assert_same_update(one, result):
+    """One step on 1 device and `run`'s first step over 8: the loss and every parameter's update agree
+    (`family_train.assert_same_step`; `run` reports no gradient norm: the update compares the gradients)."""
+    init, [(_, grad_norm, _)] = one
+    assert result["losses"] and np.isfinite(result["losses"]).all()
+    assert_same_step(one, (init, [(result["losses"][0], grad_norm, jax.device_get(result["state"]))]))
+
+
+@pytest.fixture(scope="module")
+def hallo3_steps(hallo3_set, devices, tmp_path_factory):
+    return train_one_and_eight("configs/hallo3.py:stage2,size=tiny", hallo3_set, devices,
+                               tmp_path_factory.mktemp("hallo3-run"))
+
+
+def test_hallo3_batches_and_step_on_1_and_8_devices(hallo3_set, hallo3_steps):
+    config, batch, one, result = hallo3_steps
     m = config.model
     # from the manifest: wav2vec2 [T, 3, 8], face [20], T5 [4, 24]; the tiny VAE's 4 channels on a 4 x 6 grid
     assert (m.audio_layers, m.audio_in_dim, m.face_in, m.text_dim, m.out_channels, m.in_channels) == (3, 8, 20, 24,
                                                                                                      4, 8)
-    cfg = families.model_config(m)
-    source = families.make_source(config, cfg, list(range(8)))
-    batch = next(source)
     assert {k: v.shape for k, v in batch.items()} == {
         "latents": (8, 3, 4, 6, 4), "image_latent": (8, 1, 4, 6, 4), "reference": (8, 1, 4, 6, 4), "face": (8, 20),
         "audio": (8, 9, 5, 3, 8), "context": (8, 6, 24)}
     # a 5-frame window per frame, clamped at the clip's ends; text padded with zeros to model.text_len = 6
-    raw = [r for r in clip_dataset(hallo3_set)]
-    by_latents = {r["latents"].tobytes(): r for r in raw}
+    by_latents = {r["latents"].tobytes(): r for r in clip_dataset(hallo3_set)}
     r = by_latents[np.asarray(batch["latents"][0]).tobytes()]
     idx = np.clip(np.arange(9)[:, None] + np.arange(-2, 3)[None], 0, 8)
     np.testing.assert_array_equal(batch["audio"][0], r["audio_features"][idx])
     np.testing.assert_array_equal(batch["context"][0, :4], r["text_states"])
     assert not batch["context"][0, 4:].any()
-    one = train_steps(config, batch, devices, {}, 1)
-    eight = train_steps(config, batch, devices, {"fsdp": 8}, 1)
-    assert np.isfinite(one[1][0][0])
-    assert_same_step(one, eight)
+    assert_same_update(one, result)
+
+
+def test_hallojax_train_checkpoints_the_data_position_and_media(hallo3_set, hallo3_steps):
+    """The run's checkpoint holds its data position (records consumed: resumable on any topology) and the
+    clips' media (what `hallojax generate` feeds the model after the set is gone)."""
+    ckpt = Path(hallo3_steps[3]["workdir"]) / "checkpoints" / "1"
+    assert json.loads((ckpt / "data" / "metadata").read_text()) == {"position": 8}
+    media = json.loads((ckpt / "config" / "metadata").read_text())["data"]["media"]
+    assert media["codec"] == f"cogvideox-vae:{hallo3_set.parent / 'vae'}" and media["frames"] == 9
 
 
 def test_data_position_resumes_exactly(hallo3_set):
@@ -214,13 +245,11 @@ def test_avatar_records_match_an_independent_computation(media, avatar_set):
         np.testing.assert_array_equal(r["text_pooled"], texts[r["source"] + "/pooled"].astype(np.float32))
 
 
-def test_avatar_batches_and_step_on_1_and_8_devices(avatar_set, devices):
-    config = prepared_config("configs/hunyuan_avatar.py:tiny", avatar_set)
+def test_avatar_batches_and_step_on_1_and_8_devices(avatar_set, devices, tmp_path):
+    config, batch, one, result = train_one_and_eight("configs/hunyuan_avatar.py:tiny", avatar_set, devices, tmp_path)
     m = config.model
     # whisper windows [T, 10 x 2, 8]; the tiny VAE's 4 channels
     assert (m.audio_window, m.audio_layers, m.audio_channels, m.in_channels, m.out_channels) == (10, 2, 8, 4, 4)
-    cfg = families.model_config(m)
-    batch = next(families.make_source(config, cfg, list(range(8))))
     assert {k: v.shape for k, v in batch.items()} == {
         "latents": (8, 3, 4, 6, 4), "ref_latents": (8, 3, 4, 6, 4), "audio": (8, 9, 10, 2, 8),
         "face_mask": (8, 3 * 2 * 3), "text": (8, 5, 32), "text_mask": (8, 5), "pooled": (8, 24)}
@@ -234,10 +263,7 @@ def test_avatar_batches_and_step_on_1_and_8_devices(avatar_set, devices):
         np.testing.assert_array_equal(batch["pooled"][i], r["text_pooled"])
         np.testing.assert_array_equal(batch["audio"][i].reshape(9, 20, 8), r["audio_features"])
     assert 0 < batch["face_mask"].min() and batch["face_mask"].max() <= 1
-    one = train_steps(config, batch, devices, {}, 1)
-    eight = train_steps(config, batch, devices, {"fsdp": 8}, 1)
-    assert np.isfinite(one[1][0][0])
-    assert_same_step(one, eight)
+    assert_same_update(one, result)
 
 
 def test_captions_are_encoded_by_the_t5_in_prepare(media, tmp_path):
