@@ -1,7 +1,8 @@
 """Stage 2: clips -> schema records (codec latents, reference latent, audio and optional audio features).
 
 Audio features plug in as a callable `(waveform [B, S] float32 at 16 kHz, fps, num_frames) ->
-[B, num_frames, layers, D]`, built from a spec string by a registered factory, like codecs:
+[B, num_frames, layers, D]` (with an optional `validate(clip_config)` attribute, called before any video is
+read), built from a spec string by a registered factory, like codecs:
 
     register_audio_features("wav2vec2", lambda path: Wav2Vec2Features(path))   # "wav2vec2:PATH"
 
@@ -47,7 +48,7 @@ def _whisper(arg: str | None) -> AudioFeatureFn:
     """"whisper:DIR" (a `hallojax convert whisper` directory): HunyuanVideo-Avatar's windows per video frame,
     [B, T, 10 · layers, D] (10 whisper frames x every hidden state, window-major; `models.avatar_audio`)."""
     from hallojax.checkpoint import load_pretrained
-    from hallojax.models.avatar_audio import audio_windows
+    from hallojax.models.avatar_audio import FRONT_PAD, MAX_FRAMES, audio_windows, window_indices
     from hallojax.models.encoders.whisper import WhisperEncoder, encode_audio
 
     if not arg:
@@ -61,6 +62,18 @@ def _whisper(arg: str | None) -> AudioFeatureFn:
         w = np.asarray(audio_windows(encode_audio(model, waveform, mel_dtype="float16"), num_frames, fps))
         return w.reshape(*w.shape[:2], -1, w.shape[-1])
 
+    def validate(clip) -> None:  # before any video is read: the clip length and rate the windows can take
+        where, p = f"audio features whisper:{arg}: clips of {clip.num_frames} frames at {clip.fps:g} fps", \
+            model.cfg.max_source_positions
+        try:
+            need = int(window_indices(clip.num_frames, clip.fps)[-1, -1]) - FRONT_PAD + 1
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        if clip.num_frames > MAX_FRAMES or need > p:
+            raise ValueError(f"{where} read whisper frames up to {need}; the encoder gives {p} ({p / 50:g} s) and "
+                             f"the release's windows at most {MAX_FRAMES} frames")
+
+    fn.validate = validate
     return fn
 
 

@@ -220,6 +220,7 @@ class Preparer:
             raise ValueError(f"output size {clip.width}x{clip.height} must be a multiple of codec {self.codec.name!r}"
                              f" spatial stride {s}")
         self.audio_fn = get_audio_features(config.audio_features)
+        getattr(self.audio_fn, "validate", lambda clip: None)(clip)
         self.extras = parse_extras(config.extras)
         check_codec(self.extras, self.codec)
         self.conditioning = VideoConditioning(config.face_embeddings, config.text_states, config.captions,

@@ -298,3 +298,16 @@ def test_captions_are_encoded_by_the_t5_in_prepare(media, tmp_path):
     assert seen == set(captions)
     with pytest.raises(ValueError, match="--captions and --text-states both give the text states"):
         VideoConditioning(text_states=str(tmp_path / "any.npz"), captions=str(tmp_path / "captions.json"))
+
+
+def test_whisper_features_refuse_clips_their_windows_cannot_cover(avatar_set, media, tmp_path):
+    """Before any video is read: a frame rate the windows do not support, a clip longer than the encoder's window
+    (here 50 positions = 1 s: 25 frames read whisper frames up to 54)."""
+    spec = f"whisper:{media / 'whisper'}"
+    for clip, match in ((ClipConfig(num_frames=9, fps=30.0, height=32, width=48), "fps=30.0: HunyuanVideo-Avatar"),
+                        (ClipConfig(num_frames=25, height=32, width=48), "read whisper frames up to 54; the encoder "
+                                                                          "gives 50 ")):
+        with pytest.raises(ValueError, match=match):
+            prepare([media / "videos"], tmp_path / "out", PrepareConfig(clip=clip, codec="pixel:8",
+                                                                          audio_features=spec), progress=False)
+        assert not (tmp_path / "out").exists()
