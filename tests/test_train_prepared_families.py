@@ -67,6 +67,7 @@ def assert_vae_close(stored, want, what):
     """The VAE bound (1e-4 of max(1, max |want|)): prepare encodes clips in batches, the check one at a time."""
     assert stored.shape == want.shape, (what, stored.shape, want.shape)
     err = np.abs(np.asarray(stored, np.float64) - want).max()
+    print(f"{what}: max |stored - encoded| = {err:.3g}")
     assert err <= 1e-4 * max(1.0, np.abs(want).max()), f"{what}: max |stored - encoded| = {err:.3g}"
 
 
