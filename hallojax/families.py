@@ -21,6 +21,11 @@ against train.objective) and its analytic FLOPs. The Wan adapter is the trainer'
   text [B, L, 4096] (LLaVA) + pooled [B, 768] (CLIP), whisper windows [B, 4F − 3, 10, 5, 384], face_mask
   [B, F·H/2·W/2] (`face_mask_tokens`); flow velocity; text (with its pooled vector) and audio dropped as zeros
   per sample (train.dropout). The random source's face mask is Gaussian noise (a multiplier; shapes only).
+
+Prepared sets (data.prepared=DIR): `make_source` reads them for every family through `PreparedBatches`' order
+(`LetsTalkClips`, `Hallo3Clips`, `AvatarClips`: a record -> the family's inputs); `prepared_sizes` gives Hallo3's
+and the Avatar's model sizes from the manifest and refuses sets prepared without what they need
+(`data_pipeline.extras`: prepare --extras hallo3 / hunyuan-avatar, --face-embeddings, --text-states).
 """
 
 from __future__ import annotations
@@ -328,7 +333,7 @@ class _FamilyClips(PreparedBatches):
         return self.family_inputs(decode_record(raw), self.cfg, self.text_len)
 
 
-def hallo3_inputs(record: dict, cfg, text_len: int | None = None) -> dict:
+def hallo3_inputs(record: dict, cfg, text_len: int | None = None) -> dict:  # text: model.text_len (positions)
     """A prepared record (`--extras hallo3`, face embeddings, per-frame features [T, N, D]) -> Hallo3's inputs:
     each frame's window of ±audio_window feature frames, clamped at the clip's ends (the released training reads
     real neighbours past the clip: a record holds only its clip's audio), text states cropped / zero-padded to
