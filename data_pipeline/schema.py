@@ -19,7 +19,7 @@ prepared without them are unchanged, and readers before them read those sets as 
 | `audio_features` | float32 | [T, N, D]      | optional: per-frame audio features (e.g. wav2vec2 layers;       |
 |                  |         |                | whisper: the Avatar's 10-frame window x layers, window-major)   |
 | `face_embedding` | float32 | [E]            | [--face-embeddings] the video's face identity embedding         |
-| `text_states`    | float32 | [Lt, Dt]       | [--text-states] the video's text encoder states                 |
+| `text_states`    | float32 | [Lt, Dt]       | [--text-states, or --captions encoded by a T5] text states      |
 | `text_mask`      | float32 | [Lt]           | [--text-states, SOURCE/mask] 1 = token                          |
 | `text_pooled`    | float32 | [P]            | [--text-states, SOURCE/pooled] pooled text vector (CLIP)        |
 | `concat_latent`  | float32 | [Fc, h, w, C]  | [--extras hallo3] codec([reference, 2 noised, masked motion     |
