@@ -13,8 +13,10 @@ Per-video files (encoders that are not ours; all optional, every video must have
   caption per video (``{SOURCE: text}`` or ``{"*": text}``) encoded in prepare by a converted T5 / umT5
   (`hallojax convert t5`) as `hallojax generate` encodes Hallo3's prompt (`encoders.t5.encode_text`: padded to
   the text length, zero states after the caption) -> `text_states` [text_len, D].
-A file is checked whole when prepare starts (wrong rank or size: one error naming the file and key); a
-video without its key is skipped and named in report.json, never given zeros.
+A file's keys are checked when prepare starts (from the .npy headers: a wrong rank or size is one error
+naming the file and key); arrays are read when their video is prepared (lazily: text states of many
+videos need not fit in memory). A video without its key, or with non-finite values, is skipped and named
+in report.json, never given zeros.
 
 Extras (``--extras NAME[,NAME]``), latents of the clip's pixels through the set's codec:
 - ``hallo3``: `concat_latent` [1, h, w, C] = codec([reference, motion₁, motion₂]) with the motion frames the
@@ -58,26 +60,46 @@ def file_sha256(path) -> str:
     return h.hexdigest()
 
 
-def _load_npz(path, flag: str) -> dict[str, np.ndarray]:
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return {k: np.asarray(z[k]) for k in z.files}
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{flag} {path}: not a readable .npz file ({e})") from None
+class _Npz:
+    """An .npz file read lazily (text states of many videos need not fit in memory): every key's shape and
+    dtype from the .npy headers at once (`shapes`), an array only when a video asks for it (`get`)."""
 
+    def __init__(self, path, flag: str):
+        import zipfile
 
-def _numeric(a: np.ndarray, path, key: str, flag: str, ndim: int, what: str) -> np.ndarray:
-    if a.ndim != ndim or not np.issubdtype(a.dtype, np.number) or 0 in a.shape:
-        raise ValueError(f"{flag} {path}: key {key!r} has shape {list(a.shape)} ({a.dtype}); expected {what}")
-    a = a.astype(np.float32)
-    if not np.all(np.isfinite(a)):
-        raise ValueError(f"{flag} {path}: key {key!r} holds non-finite values")
-    return a
+        self.path, self.flag = path, flag
+        try:
+            self.file = np.load(path, allow_pickle=False)
+            if not isinstance(self.file, np.lib.npyio.NpzFile):
+                raise ValueError("a single array, not an archive of named arrays")
+            self.shapes = {}
+            for name in self.file.zip.namelist():
+                with self.file.zip.open(name) as f:
+                    version = np.lib.format.read_magic(f)
+                    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                        np.lib.format.read_array_header_2_0
+                    shape, _, dtype = read(f)
+                self.shapes[name[:-4] if name.endswith(".npy") else name] = (tuple(shape), np.dtype(dtype))
+        except (OSError, ValueError, zipfile.BadZipFile) as e:
+            raise ValueError(f"{flag} {path}: not a readable .npz file ({e})") from None
+
+    def check(self, key: str, ndim: int, what: str) -> tuple[int, ...]:
+        shape, dtype = self.shapes[key]
+        if len(shape) != ndim or not np.issubdtype(dtype, np.number) or 0 in shape:
+            raise ValueError(f"{self.flag} {self.path}: key {key!r} has shape {list(shape)} ({dtype}); "
+                             f"expected {what}")
+        return shape
+
+    def get(self, key: str) -> np.ndarray:
+        a = np.asarray(self.file[key], np.float32)
+        if not np.all(np.isfinite(a)):  # found when the video is prepared: that video is skipped
+            raise SkipVideo(f"{self.flag} {self.path}: key {key!r} holds non-finite values")
+        return a
 
 
 class VideoConditioning:
-    """The per-video files of one prepare run: checked whole on construction; `fields(source)` gives a
-    video's record fields or raises SkipVideo when the video has no key."""
+    """The per-video files of one prepare run: checked whole on construction (every key's shape); `fields(source)`
+    gives a video's record fields or raises SkipVideo when the video has no key (or non-finite values)."""
 
     def __init__(self, face_embeddings: str | None = None, text_states: str | None = None,
                  captions: str | None = None, text_encoder: str | None = None, tokenizer: str | None = None,
@@ -96,38 +118,39 @@ class VideoConditioning:
             self._load_encoder()
 
     @staticmethod
-    def _faces(path) -> dict[str, np.ndarray]:
-        flag = "--face-embeddings"
-        raw = _load_npz(path, flag)
-        faces = {k: _numeric(v, path, k, flag, 1, "[E] numbers (one embedding per video)") for k, v in raw.items()}
-        sizes = {v.shape[0] for v in faces.values()}
+    def _faces(path) -> _Npz:
+        npz = _Npz(path, "--face-embeddings")
+        sizes = {npz.check(k, 1, "[E] numbers (one embedding per video)")[0] for k in npz.shapes}
         if len(sizes) > 1:
-            raise ValueError(f"{flag} {path}: embeddings of different sizes {sorted(sizes)}; expected one size E")
-        return faces
+            raise ValueError(f"--face-embeddings {path}: embeddings of different sizes {sorted(sizes)}; expected one "
+                             "size E")
+        return npz
 
     @staticmethod
-    def _texts(path) -> dict[str, dict[str, np.ndarray]]:
+    def _texts(path) -> tuple[_Npz, dict[str, dict[str, str]]]:
+        """(the file, {video key: {record field: npz key}})."""
         flag = "--text-states"
-        raw = _load_npz(path, flag)
-        out: dict[str, dict[str, np.ndarray]] = {}
-        for key in sorted(raw):  # states first: "a" sorts before "a/mask"
+        npz = _Npz(path, flag)
+        out: dict[str, dict[str, str]] = {}
+        for key in sorted(npz.shapes):  # states first: "a" sorts before "a/mask"
             base, _, part = key.rpartition("/") if key.endswith(("/mask", "/pooled")) else (key, "", "")
             if not part:
-                out[key] = {"text_states": _numeric(raw[key], path, key, flag, 2, "[L, D] states")}
+                npz.check(key, 2, "[L, D] states")
+                out[key] = {"text_states": key}
                 continue
-            if base not in raw:
+            if base not in out:
                 raise ValueError(f"{flag} {path}: key {key!r} without states {base!r}")
             if part == "mask":
-                n = raw[base].shape[0] if raw[base].ndim == 2 else None
-                m = _numeric(raw[key], path, key, flag, 1, f"[L] = [{n}] (1 = token)")
-                if m.shape[0] != n:
-                    raise ValueError(f"{flag} {path}: key {key!r} has shape {list(m.shape)}; expected [{n}] "
-                                     f"(the length of {base!r})")
-                out.setdefault(base, {})["text_mask"] = m
+                n = npz.shapes[base][0][0]
+                if npz.check(key, 1, f"[L] = [{n}] (1 = token)")[0] != n:
+                    raise ValueError(f"{flag} {path}: key {key!r} has shape {list(npz.shapes[key][0])}; expected "
+                                     f"[{n}] (the length of {base!r})")
+                out[base]["text_mask"] = key
             else:
-                out.setdefault(base, {})["text_pooled"] = _numeric(raw[key], path, key, flag, 1, "[P] numbers")
+                npz.check(key, 1, "[P] numbers")
+                out[base]["text_pooled"] = key
         for name, what in (("text_states", "D"), ("text_pooled", "P")):
-            sizes = {v[name].shape[-1] for v in out.values() if name in v}
+            sizes = {npz.shapes[v[name]][0][-1] for v in out.values() if name in v}
             if len(sizes) > 1:
                 raise ValueError(f"{flag} {path}: {name} of different sizes {what} = {sorted(sizes)}; expected one")
         for name, part in (("text_mask", "mask"), ("text_pooled", "pooled")):  # every record: the same fields
@@ -139,7 +162,7 @@ class VideoConditioning:
         if EVERY in out and len(out) > 1:
             raise ValueError(f"{flag} {path}: key {EVERY!r} (every video) together with per-video keys "
                              f"{sorted(k for k in out if k != EVERY)[:3]}; give one or the other")
-        return out
+        return npz, out
 
     @staticmethod
     def _captions(path) -> dict[str, str]:
@@ -188,14 +211,15 @@ class VideoConditioning:
     def fields(self, source: str) -> dict:
         out = {}
         if self.faces is not None:
-            if source not in self.faces:
+            if source not in self.faces.shapes:
                 raise SkipVideo(f"no face embedding for {source!r} in --face-embeddings {self.face_path}")
-            out["face_embedding"] = self.faces[source]
+            out["face_embedding"] = self.faces.get(source)
         if self.texts is not None:
-            entry = self.texts.get(source, self.texts.get(EVERY))
+            npz, keys = self.texts
+            entry = keys.get(source, keys.get(EVERY))
             if entry is None:
                 raise SkipVideo(f"no text states for {source!r} in --text-states {self.text_path}")
-            out.update(entry)
+            out.update({field: npz.get(key) for field, key in entry.items()})
         if self.captions is not None:
             out.update(self._caption_fields(source))
         return out

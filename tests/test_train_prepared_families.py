@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from data_pipeline import synthetic
-from data_pipeline.clips import ClipConfig, extract_clips
+from data_pipeline.clips import ClipConfig, SkipVideo, extract_clips
 from data_pipeline.extras import VideoConditioning, hallo3_motion_draw
 from data_pipeline.features import to_model_range
 from data_pipeline.pipeline import PrepareConfig, prepare
@@ -201,6 +201,15 @@ def test_bad_conditioning_files_name_file_and_key(tmp_path):
         VideoConditioning(text_states=str(tmp_path / "text.npz"))
     with pytest.raises(ValueError, match=r"--text-states .*nothing.npz: not a readable .npz"):
         VideoConditioning(text_states=str(tmp_path / "nothing.npz"))
+    np.savez(tmp_path / "text.npz", **{"a.mp4/mask": np.ones(2)})
+    with pytest.raises(ValueError, match=r"text.npz: key 'a.mp4/mask' without states 'a.mp4'"):
+        VideoConditioning(text_states=str(tmp_path / "text.npz"))
+    # values are read per video (lazily): a non-finite one skips that video, with the key in its reason
+    np.savez(tmp_path / "faces.npz", **{"a.mp4": np.zeros(4), "b.mp4": np.array([0, np.nan, 0, 0])})
+    faces = VideoConditioning(face_embeddings=str(tmp_path / "faces.npz"))
+    assert faces.fields("a.mp4")["face_embedding"].tolist() == [0, 0, 0, 0]
+    with pytest.raises(SkipVideo, match=r"faces.npz: key 'b.mp4' holds non-finite values"):
+        faces.fields("b.mp4")
 
 
 # --- HunyuanVideo-Avatar ---------------------------------------------------------------------------
