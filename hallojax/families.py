@@ -346,7 +346,7 @@ def hallo3_inputs(record: dict, cfg, text_len: int | None = None) -> dict:  # te
                          "4F - 3 video frames per F latent frames (a codec of temporal stride 4)")
     return {"latents": lat, "image_latent": record["concat_latent"], "reference": record["masked_ref_latent"],
             "face": record["face_embedding"],
-            "audio": np.asarray(window_features(np.asarray(feats)[None], cfg.audio_window))[0],
+            "audio": window_features(np.asarray(feats)[None], cfg.audio_window)[0],
             "context": _fit_text(record.get("text_states"), cfg.text_len, cfg.text_dim)}
 
 
