@@ -46,6 +46,7 @@ from array_record.python.array_record_module import ArrayRecordReader, ArrayReco
 
 from data_pipeline import schema
 from data_pipeline.clips import VIDEO_EXTENSIONS, ClipConfig, SkipVideo, extract_clips
+from data_pipeline.extras import VideoConditioning, check_codec, parse_extras
 from data_pipeline.features import encode_clips, get_audio_features
 from hallojax.codec import get_codec, latent_frames
 
@@ -63,9 +64,21 @@ class PrepareConfig:
     audio_features: str | None = None  # a registered spec, e.g. "rms" or later "wav2vec2:PATH"
     videos_per_shard: int = 16
     encode_batch: int = 8  # clips per codec call
+    # optional (data_pipeline.extras): per-video files and codec extras; left out of plan.json when unset, so
+    # sets prepared before they existed resume unchanged
+    face_embeddings: str | None = None  # FILE.npz: source -> [E]
+    text_states: str | None = None  # FILE.npz: source -> [L, D] (+ source/mask, source/pooled), or "*"
+    extras: str | None = None  # "hallo3", "hunyuan-avatar" (comma-separated)
+    captions: str | None = None  # FILE.json: source -> caption, encoded by text_encoder (T5) into text states
+    text_encoder: str | None = None
+    tokenizer: str | None = None
+    text_len: int | None = None  # tokens of the encoded captions (default 226: Hallo3's T5)
+
+    OPTIONAL = ("face_embeddings", "text_states", "extras", "captions", "text_encoder", "tokenizer", "text_len")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        return {k: v for k, v in d.items() if not (k in self.OPTIONAL and v is None)}
 
     def validate(self):
         self.clip.validate()
@@ -207,6 +220,11 @@ class Preparer:
             raise ValueError(f"output size {clip.width}x{clip.height} must be a multiple of codec {self.codec.name!r}"
                              f" spatial stride {s}")
         self.audio_fn = get_audio_features(config.audio_features)
+        getattr(self.audio_fn, "validate", lambda clip: None)(clip)
+        self.extras = parse_extras(config.extras)
+        check_codec(self.extras, self.codec)
+        self.conditioning = VideoConditioning(config.face_embeddings, config.text_states, config.captions,
+                                              config.text_encoder, config.tokenizer, config.text_len)
         self.inputs, self.unlisted = discover(inputs)
         if not self.inputs:
             raise ValueError(f"no video files ({', '.join(VIDEO_EXTENSIONS)}) found in {list(map(str, inputs))}")
@@ -217,6 +235,8 @@ class Preparer:
         self.plan = {
             "format": FORMAT, "schema_version": schema.SCHEMA_VERSION, "config": config.to_dict(),
             "codec": self.codec_info(), "num_shards": self.num_shards, "sources": [i.source for i in self.inputs]}
+        if self.conditioning.plan():
+            self.plan["files"] = self.conditioning.plan()
         self._prepare_out_dir(overwrite, inputs)
         self.stage_s = [0.0, 0.0, 0.0]  # seconds in stage 1 (decode, clips), stage 2 (encode, serialise), writing
         self.totals = {"ok": 0, "skipped": 0, "clips": 0}  # videos and clips done by this process in this run
@@ -287,10 +307,11 @@ class Preparer:
         outcome = {"source": inp.source, "clips": 0, "skipped": None, "warnings": []}
         t0 = time.perf_counter()
         try:
+            fields = self.conditioning.fields(inp.source)  # a video without its key is skipped before decoding
             clips = extract_clips(inp.path, inp.source, cfg.clip)
             t1 = time.perf_counter()
             records = encode_clips(clips, cfg.clip, self.codec, self.audio_fn, cfg.audio_features,
-                                   cfg.encode_batch)
+                                   cfg.encode_batch, self.extras, fields)
             blobs = [schema.encode_record(r) for r in records]
         except SkipVideo as e:
             outcome["skipped"] = e.reason

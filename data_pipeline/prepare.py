@@ -2,6 +2,7 @@
 
     python -m data_pipeline.prepare VIDEO_DIR [MORE_DIRS_OR_FILES ...] -o OUT_DIR \\
         [--frames 17] [--stride 17] [--fps 25] [--size 64] [--codec pixel] [--audio-features rms]
+        [--face-embeddings FILE.npz] [--text-states FILE.npz] [--extras hallo3|hunyuan-avatar]
 
 Multi-host: start the same command on every host with `--distributed` (jax.distributed.initialize()
 finds the cluster on TPU pods and SLURM; or give --coordinator/--num-processes/--process-id); each process
@@ -40,6 +41,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--codec", default="pixel",
                    help="codec spec: pixel, pixel:4, wan-vae:DIR, sd-vae:DIR, hunyuan-vae:DIR, cogvideox-vae:DIR")
     g.add_argument("--audio-features", default=None, help="audio feature spec (e.g. rms); default: raw audio only")
+    g.add_argument("--face-embeddings", default=None, metavar="FILE.npz",
+                   help="per-video face embeddings: key = the video's path relative to its input directory -> [E]")
+    g.add_argument("--text-states", default=None, metavar="FILE.npz",
+                   help="per-video text states: SOURCE -> [L, D], optional SOURCE/mask [L], SOURCE/pooled [P]; "
+                        "or one '*' key for every video")
+    g.add_argument("--captions", default=None, metavar="FILE.json",
+                   help="per-video captions {SOURCE: text} or {\"*\": text}, encoded by --text-encoder into "
+                        "text states")
+    g.add_argument("--text-encoder", default=None, metavar="DIR", help="with --captions: a converted T5 / umT5")
+    g.add_argument("--tokenizer", default=None, metavar="DIR", help="with --captions: the encoder's tokenizer")
+    g.add_argument("--text-len", type=int, default=None, help="with --captions: tokens per caption (default 226)")
+    g.add_argument("--extras", default=None, help="model-specific latents: hallo3, hunyuan-avatar (comma-separated)")
     g.add_argument("--videos-per-shard", type=int, default=16)
     g.add_argument("--encode-batch", type=int, default=8, help="clips per codec call")
     g.add_argument("--overwrite", action="store_true", help="delete an earlier output directory first")
@@ -62,7 +75,10 @@ def config_from_args(args):
                       crop=args.crop, box_scale=args.box_scale, min_side=args.min_side,
                       max_seconds=args.max_seconds, seed=args.seed)
     return PrepareConfig(clip=clip, codec=args.codec, audio_features=args.audio_features,
-                         videos_per_shard=args.videos_per_shard, encode_batch=args.encode_batch)
+                         videos_per_shard=args.videos_per_shard, encode_batch=args.encode_batch,
+                         face_embeddings=args.face_embeddings, text_states=args.text_states, extras=args.extras,
+                         captions=args.captions, text_encoder=args.text_encoder, tokenizer=args.tokenizer,
+                         text_len=args.text_len)
 
 
 def run(args) -> dict:

@@ -4,7 +4,9 @@ Shards are ArrayRecord files of records encoded by `encode_record`; `decode_reco
 (used by `reader.py`, the TFDS builder and the tests), so the format lives in this one file.
 
 Schema version 1 (letters: T video frames, F latent frames, H/W output pixels, h/w latent grid,
-C latent channels, S audio samples, N feature layers, D feature width):
+C latent channels, S audio samples, N feature layers, D feature width; the optional fields after
+`audio_features` are written only by runs given the flag in brackets (`data_pipeline/extras.py`), so sets
+prepared without them are unchanged, and readers before them read those sets as ever):
 
 | field            | dtype   | shape          | meaning                                                         |
 |------------------|---------|----------------|-----------------------------------------------------------------|
@@ -14,7 +16,16 @@ C latent channels, S audio samples, N feature layers, D feature width):
 | `audio`          | float32 | [S]            | 16 kHz mono waveform cut exactly to the clip, S = T·16000/fps   |
 | `face_mask`      | uint8   | [H, W]         | 1 inside the face box, 0 outside; all 1 when no box was given    |
 | `face_box`       | float32 | [4]            | face box x0, y0, x1, y1 in output pixels; [0, 0, W, H] if none  |
-| `audio_features` | float32 | [T, N, D]      | optional: per-frame audio features (e.g. wav2vec2 layers)       |
+| `audio_features` | float32 | [T, N, D]      | optional: per-frame audio features (e.g. wav2vec2 layers;       |
+|                  |         |                | whisper: the Avatar's 10-frame window x layers, window-major)   |
+| `face_embedding` | float32 | [E]            | [--face-embeddings] the video's face identity embedding         |
+| `text_states`    | float32 | [Lt, Dt]       | [--text-states, or --captions encoded by a T5] text states      |
+| `text_mask`      | float32 | [Lt]           | [--text-states, SOURCE/mask] 1 = token                          |
+| `text_pooled`    | float32 | [P]            | [--text-states, SOURCE/pooled] pooled text vector (CLIP)        |
+| `concat_latent`  | float32 | [Fc, h, w, C]  | [--extras hallo3] codec([reference, 2 noised, masked motion     |
+|                  |         |                | frames = the clip's first 2]): Hallo3's concat latent (Fc = 1)  |
+| `masked_ref_latent` | float32 | [1, h, w, C] | [--extras hallo3] codec(reference x face_mask): reference net   |
+| `ref_video_latent` | float32 | [F, h, w, C] | [--extras hunyuan-avatar] codec(reference repeated T times)     |
 | `source`         | str     | []             | the input video, relative to its input directory                |
 | `clip_index`     | int32   | []             | index of the clip within its video                              |
 | `start_frame`    | int32   | []             | first frame of the clip on the resampled (fps) timeline         |
@@ -77,6 +88,16 @@ FIELDS: dict[str, Field] = {
     "face_mask": Field("uint8", ("H", "W"), "1 inside the face box"),
     "face_box": Field("float32", (4,), "x0, y0, x1, y1 in output pixels"),
     "audio_features": Field("float32", ("T", "N", "D"), "per-frame audio features", required=False),
+    "face_embedding": Field("float32", ("E",), "face identity embedding of the video", required=False),
+    "text_states": Field("float32", ("Lt", "Dt"), "text encoder states of the video", required=False),
+    "text_mask": Field("float32", ("Lt",), "1 = text token", required=False),
+    "text_pooled": Field("float32", ("P",), "pooled text vector", required=False),
+    "concat_latent": Field("float32", ("Fc", "h", "w", "C"), "codec latent of [reference, motion1, motion2]",
+                           required=False),
+    "masked_ref_latent": Field("float32", (1, "h", "w", "C"), "codec latent of the face-masked reference",
+                               required=False),
+    "ref_video_latent": Field("float32", ("F", "h", "w", "C"), "codec latent of the reference repeated T times",
+                              required=False),
     "source": Field("str", (), "input video, relative to its input directory"),
     "clip_index": Field("int32", (), "clip number within the video"),
     "start_frame": Field("int32", (), "first frame on the resampled timeline"),

@@ -15,7 +15,7 @@ Sources (`config.data`):
   channels from the codec's latent channels (2C + 4 in for masked-input models), audio_in_layers /
   audio_in_dim from the records' audio features [T, N, D], audio_stride from the codec's temporal stride.
   Each adopted value is logged; a value set on the command line that disagrees is refused in one line
-  naming both.
+  naming both. Hallo3 and HunyuanVideo-Avatar take theirs from `families.prepared_sizes`.
 
 Data order, the same on any topology: the global batch at step s is positions [s·B, (s+1)·B) of a global
 order of record indices, a fresh permutation per epoch drawn from (seed, epoch) (Grain's index shuffle,
@@ -86,7 +86,11 @@ def adopt_prepared_sizes(config, manifest: dict, explicit: set[str] = frozenset(
     model, where = config.model, f"{config.data.prepared}/manifest.json"
     codec = manifest["codec"]
     c = int(codec["latent_channels"])
-    if model.get("kind", "wan-dit") == "letstalk":  # per-frame latents in (out: 2C), audio always on, stride 1
+    if model.get("kind") in ("hallo3", "hunyuan-avatar"):  # their sizes and checks: hallojax.families
+        from hallojax.families import prepared_sizes
+
+        want = prepared_sizes(model, manifest, where)
+    elif model.get("kind", "wan-dit") == "letstalk":  # per-frame latents in (out: 2C), audio always on, stride 1
         want = {"in_channels": (c, f"codec {codec['name']}: {c} latent channels")}
         if int(codec["temporal_stride"]) != 1:
             raise ValueError(f"{where}: codec {codec['name']} has temporal stride {codec['temporal_stride']}; "
@@ -96,7 +100,7 @@ def adopt_prepared_sizes(config, manifest: dict, explicit: set[str] = frozenset(
         want = {"out_channels": (c, f"codec {codec['name']}: {c} latent channels"),
                 "in_channels": (2 * c + 4 if masked else c, f"codec {codec['name']}: {c} latent channels"
                                 + (", masked input 2C + 4" if masked else ""))}
-    if model.get("audio", "per-frame") != "none":
+    if model.get("audio", "per-frame") != "none" and model.get("kind") not in ("hallo3", "hunyuan-avatar"):
         shape = manifest["record_shapes"].get("audio_features")
         if not shape:
             raise ValueError(f"model.audio={model.audio!r} needs per-frame audio features, but the records of "

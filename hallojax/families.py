@@ -21,11 +21,17 @@ against train.objective) and its analytic FLOPs. The Wan adapter is the trainer'
   text [B, L, 4096] (LLaVA) + pooled [B, 768] (CLIP), whisper windows [B, 4F − 3, 10, 5, 384], face_mask
   [B, F·H/2·W/2] (`face_mask_tokens`); flow velocity; text (with its pooled vector) and audio dropped as zeros
   per sample (train.dropout). The random source's face mask is Gaussian noise (a multiplier; shapes only).
+
+Prepared sets (data.prepared=DIR): `make_source` reads them for every family through `PreparedBatches`' order
+(`LetsTalkClips`, `Hallo3Clips`, `AvatarClips`: a record -> the family's inputs); `prepared_sizes` gives Hallo3's
+and the Avatar's model sizes from the manifest and refuses sets prepared without what they need
+(`data_pipeline.extras`: prepare --extras hallo3 / hunyuan-avatar, --face-embeddings, --text-states).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import types
 from typing import Any, Callable
 
@@ -35,6 +41,8 @@ import numpy as np
 
 from hallojax import registry
 from hallojax.data import PreparedBatches
+
+log = logging.getLogger("hallojax.families")
 
 # --- the table -------------------------------------------------------------------------------------
 
@@ -97,16 +105,19 @@ def example_batch(cfg, batch: int, frames: int, height: int, width: int, *, text
 
 
 def make_source(config, cfg, rows):
-    """data.source = "random" for every family; the Wan DiT and LetsTalk also take synthetic and prepared clips."""
+    """data.source = "random" for every family; every family also takes prepared clips (the Wan DiT synthetic too)."""
     from hallojax import data
 
     if family(cfg).kind == "wan-dit":
         return data.make_source(config, cfg, rows)
-    if family(cfg).kind == "letstalk" and config.data.prepared:
-        return LetsTalkClips(config.data, config.train.batch_size, config.seed, cfg, rows)
+    clips = {"letstalk": LetsTalkClips, "hallo3": Hallo3Clips, "hunyuan-avatar": AvatarClips}.get(family(cfg).kind)
+    if clips is not None and config.data.prepared:
+        source = clips(config.data, config.train.batch_size, config.seed, cfg, rows)
+        source.text_len = config.train.text_len
+        return source
     if config.data.prepared or config.data.source != "random":
         raise ValueError(f"data.source={config.data.source!r}: model.kind={family(cfg).kind!r} trains on "
-                         "data.source='random' (a fixed batch) only; prepared clips feed the Wan DiT and LetsTalk")
+                         "data.source='random' (a fixed batch) or a prepared set (data.prepared=DIR)")
     t = config.train
     batch = example_batch(cfg, t.batch_size, t.frames, t.height, t.width, text_len=t.text_len, seed=config.seed)
     # learnable latents: the smooth patterns of the Wan source (hallojax.data.synthetic_batch)
@@ -235,6 +246,118 @@ HALLO3 = Family("hallo3", prediction=lambda cfg: ("v", False), batch_shapes=_hal
                 tokens=lambda cfg, f, h, w: f * (h // 2) * (w // 2))
 
 
+# --- prepared sets for Hallo3 and HunyuanVideo-Avatar --------------------------------------------------
+# the flags a prepared set needs, per family: {record field: the prepare flag that writes it}
+PREPARED_NEEDS = {
+    "hallo3": {"concat_latent": "--extras hallo3", "masked_ref_latent": "--extras hallo3",
+               "face_embedding": "--face-embeddings FILE.npz", "audio_features": "--audio-features wav2vec2:DIR"},
+    "hunyuan-avatar": {"ref_video_latent": "--extras hunyuan-avatar", "audio_features": "--audio-features whisper:DIR"},
+}
+
+
+def prepared_sizes(model, manifest: dict, where: str) -> dict:
+    """{model key: (value, why)} a Hallo3 or Avatar model takes from a prepared set's manifest; refuses a codec
+    whose temporal stride is not 4 and a set without the records the family needs (naming the prepare flag)."""
+    kind, codec, shapes = model.get("kind"), manifest["codec"], manifest["record_shapes"]
+    name, c = codec["name"], int(codec["latent_channels"])
+    if int(codec["temporal_stride"]) != 4:
+        raise ValueError(f"{where}: codec {name} has temporal stride {codec['temporal_stride']}; model.kind={kind} "
+                         "groups 4 video frames per latent frame (prepare with --codec cogvideox-vae:DIR or "
+                         "hunyuan-vae:DIR)")
+    spec = manifest["config"].get("audio_features") or ""
+    missing = {k: v for k, v in PREPARED_NEEDS[kind].items() if k not in shapes}
+    if kind == "hunyuan-avatar" and "audio_features" in shapes and spec.partition(":")[0] != "whisper":
+        missing["audio_features"] = f"--audio-features whisper:DIR (not {spec})"
+    if missing:
+        raise ValueError(f"{where}: model.kind={kind} needs records with {sorted(missing)}: prepare the set with "
+                         f"{' '.join(sorted(set(missing.values())))}")
+    t, n, d = shapes["audio_features"]
+    feats = f"audio features [T, {n}, {d}] ({spec})"
+    codec_why = f"codec {name}: {c} latent channels"
+    if kind == "hallo3":
+        f, h, w, _ = shapes["latents"]
+        want = {"out_channels": (c, codec_why), "in_channels": (2 * c, codec_why + ", + the concat latent's C"),
+                "audio_layers": (n, feats), "audio_in_dim": (d, feats),
+                "face_in": (shapes["face_embedding"][0], f"face embeddings [{shapes['face_embedding'][0]}]"),
+                # the learned position table: the set's latent grid, at least its frames
+                "sample_height": (h, f"latents [{f}, {h}, {w}, {c}]"), "sample_width": (w, f"latents [{f}, {h}, {w}]"),
+                "sample_frames": (max(f, model["sample_frames"]), f"latents of {f} frames")}
+        if shapes["concat_latent"][0] != 1:
+            raise ValueError(f"{where}: concat_latent has {shapes['concat_latent'][0]} latent frames; Hallo3 takes 1 "
+                             f"(codec {name} must encode 3 frames to 1, as the CogVideoX VAE does)")
+    else:
+        from hallojax.models.avatar_audio import WINDOW
+
+        if n % WINDOW:
+            raise ValueError(f"{where}: {feats} are not {WINDOW}-frame whisper windows (prepare with "
+                             "--audio-features whisper:DIR)")
+        want = {"in_channels": (c, codec_why), "out_channels": (c, codec_why), "audio_window": (WINDOW, feats),
+                "audio_layers": (n // WINDOW, feats), "audio_channels": (d, feats)}
+        if "text_pooled" in shapes:
+            want["pooled_dim"] = (shapes["text_pooled"][0], f"text_pooled [{shapes['text_pooled'][0]}]")
+    if "text_states" in shapes:
+        want["text_dim"] = (shapes["text_states"][1], f"text states [{', '.join(map(str, shapes['text_states']))}]")
+    return want
+
+
+def _fit_text(states, length: int, dim: int):
+    """[L, D] states -> [length, D] (cropped or zero-padded); None -> zeros."""
+    out = np.zeros((length, dim), np.float32)
+    if states is not None:
+        n = min(length, states.shape[0])
+        out[:n] = states[:n]
+    return out
+
+
+class _FamilyClips(PreparedBatches):
+    """A family's batches from a prepared set: `PreparedBatches`' order and state, `family_inputs` per record."""
+
+    text_len = None  # the trainer's text length (train.text_len), set by `make_source`
+
+    def __init__(self, data, *args, **kwargs):
+        super().__init__(data, *args, **kwargs)
+        from data_pipeline.reader import load_manifest
+
+        shapes = load_manifest(data.prepared)["record_shapes"]
+        if "text_states" not in shapes:
+            log.info("%s: the records hold no text states (prepare --text-states FILE.npz): the text input is "
+                     "zeros", data.prepared)
+        self.note_once(shapes)
+
+    def note_once(self, shapes) -> None:
+        pass
+
+    def inputs(self, raw: bytes) -> dict:
+        from data_pipeline.schema import decode_record
+
+        return self.family_inputs(decode_record(raw), self.cfg, self.text_len)
+
+
+def hallo3_inputs(record: dict, cfg, text_len: int | None = None) -> dict:  # text: model.text_len (positions)
+    """A prepared record (`--extras hallo3`, face embeddings, per-frame features [T, N, D]) -> Hallo3's inputs:
+    each frame's window of ±audio_window feature frames, clamped at the clip's ends (the released training reads
+    real neighbours past the clip: a record holds only its clip's audio), text states cropped / zero-padded to
+    model.text_len (zeros without), the concat latent, the face-masked reference latent, the face embedding."""
+    from hallojax.nn.audio import window_features
+
+    lat, feats = record["latents"], record["audio_features"]
+    if feats.shape[0] != 4 * lat.shape[0] - 3:
+        raise ValueError(f"a record of {lat.shape[0]} latent frames and {feats.shape[0]} audio frames: Hallo3 takes "
+                         "4F - 3 video frames per F latent frames (a codec of temporal stride 4)")
+    return {"latents": lat, "image_latent": record["concat_latent"], "reference": record["masked_ref_latent"],
+            "face": record["face_embedding"],
+            "audio": window_features(np.asarray(feats)[None], cfg.audio_window)[0],
+            "context": _fit_text(record.get("text_states"), cfg.text_len, cfg.text_dim)}
+
+
+class Hallo3Clips(_FamilyClips):
+    family_inputs = staticmethod(hallo3_inputs)
+
+    def note_once(self, shapes) -> None:
+        log.info("Hallo3 audio windows: ±%d frames of the clip's own features, clamped at its ends",
+                 self.cfg.audio_window)
+
+
 # --- LetsTalk --------------------------------------------------------------------------------------
 def _letstalk_shapes(cfg, b: int, f: int, h: int, w: int, text_len: int) -> dict:
     c = cfg.in_channels
@@ -315,13 +438,42 @@ def _avatar_predict(model, cfg, b, x_t, time):
     from hallojax.conditioning import apply_keep
 
     return model(x_t, time, apply_keep(b["text"], b["keep_text"]), apply_keep(b["pooled"], b["keep_text"]),
-                 b["ref_latents"], apply_keep(b["audio"], b["keep_audio"]), face_mask=b["face_mask"])
+                 b["ref_latents"], apply_keep(b["audio"], b["keep_audio"]), face_mask=b["face_mask"],
+                 text_mask=b.get("text_mask"))
 
 
 def _avatar_flops(cfg, *, batch: int, frames: int, height: int, width: int, text_len: int = 832, **_) -> float:
     from hallojax.models.hunyuan_avatar import avatar_flops
 
     return avatar_flops(cfg, batch, frames, height, width, text_len)
+
+
+def avatar_inputs(record: dict, cfg, text_len: int) -> dict:
+    """A prepared record (`--extras hunyuan-avatar`, whisper windows [T, 10·layers, D]) -> the Avatar's inputs:
+    latents, ref latents (the reference repeated over the clip, encoded), windows [T, 10, layers, D], the face
+    box (x3 about its centre, as released) as face-mask tokens, text states cropped / zero-padded to
+    train.text_len with their mask (the record's, else its tokens; 0 on the padding) and the pooled vector
+    (zeros without text states: no mask, as the random source)."""
+    from hallojax.models.avatar_audio import face_box_mask, face_mask_tokens
+
+    lat, feats = record["latents"], record["audio_features"]
+    f, h, w = lat.shape[:3]
+    x0, y0, x1, y1 = (float(v) for v in record["face_box"])
+    mask = face_box_mask(*record["ref_frame"].shape[:2], (x0, y0, x1 - x0, y1 - y0))
+    pooled, states = record.get("text_pooled"), record.get("text_states")
+    out = {"latents": lat, "ref_latents": record["ref_video_latent"],
+           "audio": feats.reshape(feats.shape[0], cfg.audio_window, -1, feats.shape[-1]),
+           "face_mask": face_mask_tokens(mask, (h, w), f, cfg.patch_size[1])[0],
+           "text": _fit_text(states, text_len, cfg.text_dim),
+           "pooled": np.zeros(cfg.pooled_dim, np.float32) if pooled is None else pooled}
+    if states is not None:  # right padding, as the release's LLaVA states: the padded rows attend nowhere
+        valid = record.get("text_mask", np.ones(states.shape[0], np.float32))
+        out["text_mask"] = _fit_text(valid[:, None], text_len, 1)[:, 0]
+    return out
+
+
+class AvatarClips(_FamilyClips):
+    family_inputs = staticmethod(avatar_inputs)
 
 
 HUNYUAN_AVATAR = Family("hunyuan-avatar", prediction=lambda cfg: ("flow", False), batch_shapes=_avatar_shapes,

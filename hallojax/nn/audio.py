@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from hallojax.nn.layers import Dense, LayerNorm, RMSNorm
@@ -39,9 +40,10 @@ def frames_to_latent(num_video_frames: int, stride: int = 4) -> int:
 
 
 def window_features(feats: jax.Array, w: int) -> jax.Array:
-    """[B, T, layers, D] -> [B, T, 2w+1, layers, D]: frames t−w..t+w, clamped at the ends."""
+    """[B, T, layers, D] -> [B, T, 2w+1, layers, D]: frames t−w..t+w, clamped at the ends (numpy in, numpy
+    out: the data loader's threads build windows without a device)."""
     t = feats.shape[1]
-    idx = jnp.clip(jnp.arange(t)[:, None] + jnp.arange(-w, w + 1)[None, :], 0, t - 1)  # [T, 2w+1]
+    idx = np.clip(np.arange(t)[:, None] + np.arange(-w, w + 1)[None, :], 0, t - 1)  # [T, 2w+1], static
     return feats[:, idx]
 
 
