@@ -155,6 +155,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         schedule="constant", warmup_steps=0, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.0, grad_clip=1.0,
         accum_steps=1, ema_decay=0.999,
         trainable=[],  # regexes over parameter paths; empty = train everything (e.g. ["audio"] for stage 2)
+        init_from="",  # a converted directory or a train workdir whose weights start a fresh run
+        init_weights="auto",  # init_from a workdir: auto (EMA once warmed up) / ema / params
         # flow (flow matching) | v (v-prediction, zero-terminal SNR) | ddpm (ε + learned variance, hybrid loss)
         objective=objective,
         # flow: σ from sigma_sampling, shifted by `shift`; v: `shift` is the SNR shift scale (CogVideoX-5B 1, -2B 3)

@@ -23,8 +23,8 @@ against train.objective) and its analytic FLOPs. The Wan adapter is the trainer'
   per sample (train.dropout). The random source's face mask is Gaussian noise (a multiplier; shapes only).
 
 Prepared sets (data.prepared=DIR): `make_source` reads them for every family through `PreparedBatches`' order
-(`LetsTalkClips`, `Hallo3Clips`, `AvatarClips`: a record -> the family's inputs); `prepared_sizes` gives Hallo3's
-and the Avatar's model sizes from the manifest and refuses sets prepared without what they need
+(`LetsTalkClips`, `Hallo3Clips`, `AvatarClips`: a record -> the family's inputs); `data.prepared_sizes` gives
+Hallo3's and the Avatar's model sizes from the manifest and refuses sets prepared without what they need
 (`data_pipeline.extras`: prepare --extras hallo3 / hunyuan-avatar, --face-embeddings, --text-states).
 """
 
@@ -247,59 +247,6 @@ HALLO3 = Family("hallo3", prediction=lambda cfg: ("v", False), batch_shapes=_hal
 
 
 # --- prepared sets for Hallo3 and HunyuanVideo-Avatar --------------------------------------------------
-# the flags a prepared set needs, per family: {record field: the prepare flag that writes it}
-PREPARED_NEEDS = {
-    "hallo3": {"concat_latent": "--extras hallo3", "masked_ref_latent": "--extras hallo3",
-               "face_embedding": "--face-embeddings FILE.npz", "audio_features": "--audio-features wav2vec2:DIR"},
-    "hunyuan-avatar": {"ref_video_latent": "--extras hunyuan-avatar", "audio_features": "--audio-features whisper:DIR"},
-}
-
-
-def prepared_sizes(model, manifest: dict, where: str) -> dict:
-    """{model key: (value, why)} a Hallo3 or Avatar model takes from a prepared set's manifest; refuses a codec
-    whose temporal stride is not 4 and a set without the records the family needs (naming the prepare flag)."""
-    kind, codec, shapes = model.get("kind"), manifest["codec"], manifest["record_shapes"]
-    name, c = codec["name"], int(codec["latent_channels"])
-    if int(codec["temporal_stride"]) != 4:
-        raise ValueError(f"{where}: codec {name} has temporal stride {codec['temporal_stride']}; model.kind={kind} "
-                         "groups 4 video frames per latent frame (prepare with --codec cogvideox-vae:DIR or "
-                         "hunyuan-vae:DIR)")
-    spec = manifest["config"].get("audio_features") or ""
-    missing = {k: v for k, v in PREPARED_NEEDS[kind].items() if k not in shapes}
-    if kind == "hunyuan-avatar" and "audio_features" in shapes and spec.partition(":")[0] != "whisper":
-        missing["audio_features"] = f"--audio-features whisper:DIR (not {spec})"
-    if missing:
-        raise ValueError(f"{where}: model.kind={kind} needs records with {sorted(missing)}: prepare the set with "
-                         f"{' '.join(sorted(set(missing.values())))}")
-    t, n, d = shapes["audio_features"]
-    feats = f"audio features [T, {n}, {d}] ({spec})"
-    codec_why = f"codec {name}: {c} latent channels"
-    if kind == "hallo3":
-        f, h, w, _ = shapes["latents"]
-        want = {"out_channels": (c, codec_why), "in_channels": (2 * c, codec_why + ", + the concat latent's C"),
-                "audio_layers": (n, feats), "audio_in_dim": (d, feats),
-                "face_in": (shapes["face_embedding"][0], f"face embeddings [{shapes['face_embedding'][0]}]"),
-                # the learned position table: the set's latent grid, at least its frames
-                "sample_height": (h, f"latents [{f}, {h}, {w}, {c}]"), "sample_width": (w, f"latents [{f}, {h}, {w}]"),
-                "sample_frames": (max(f, model["sample_frames"]), f"latents of {f} frames")}
-        if shapes["concat_latent"][0] != 1:
-            raise ValueError(f"{where}: concat_latent has {shapes['concat_latent'][0]} latent frames; Hallo3 takes 1 "
-                             f"(codec {name} must encode 3 frames to 1, as the CogVideoX VAE does)")
-    else:
-        from hallojax.models.avatar_audio import WINDOW
-
-        if n % WINDOW:
-            raise ValueError(f"{where}: {feats} are not {WINDOW}-frame whisper windows (prepare with "
-                             "--audio-features whisper:DIR)")
-        want = {"in_channels": (c, codec_why), "out_channels": (c, codec_why), "audio_window": (WINDOW, feats),
-                "audio_layers": (n // WINDOW, feats), "audio_channels": (d, feats)}
-        if "text_pooled" in shapes:
-            want["pooled_dim"] = (shapes["text_pooled"][0], f"text_pooled [{shapes['text_pooled'][0]}]")
-    if "text_states" in shapes:
-        want["text_dim"] = (shapes["text_states"][1], f"text states [{', '.join(map(str, shapes['text_states']))}]")
-    return want
-
-
 def _fit_text(states, length: int, dim: int):
     """[L, D] states -> [length, D] (cropped or zero-padded); None -> zeros."""
     out = np.zeros((length, dim), np.float32)

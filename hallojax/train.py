@@ -148,6 +148,52 @@ def create_state(cfg: DiTConfig, t, seed: int, mesh, rules):
     return graphdef, state, shardings, abstract
 
 
+def _dotted(key_path) -> str:
+    return jax.tree_util.keystr(key_path, simple=True, separator=".")
+
+
+def initialize_from(state: dict, path: str, cfg, mesh, rules, weights: str = "auto") -> dict:
+    """The fresh training state with `path`'s weights in its parameters, EMA (and buffers): a converted directory
+    (`hallojax convert`, any kind `hallojax.adapt.BASE_MAPS` maps onto this model) or another `hallojax train`
+    workdir (its latest step: `weights` auto / ema / params, as `hallojax generate` picks them). Parameters the
+    source lacks keep their initialisation (the conditioning added onto a base); optimizer moments start at 0.
+    Every source parameter with no place or an unmatched shape is named in one error."""
+    from hallojax import adapt, registry
+    from hallojax.checkpoint import flat_params, load_pretrained
+
+    where = Path(path).absolute()
+    if (where / "config.json").is_file():
+        model, base_cfg = load_pretrained(where, mesh=mesh, rules=rules)
+        source = f"converted {registry.kind_of(base_cfg)} directory {where}"
+    else:
+        from hallojax.pipeline import load_checkpoint
+
+        loaded = load_checkpoint(where, weights=weights, devices=list(mesh.devices.flat))
+        model, base_cfg = loaded.model, loaded.cfg
+        source = f"workdir {where} step {loaded.source['step']} ({loaded.source['weights']} weights)"
+    pairs, skip = adapt.base_map(registry.kind_of(base_cfg), registry.kind_of(cfg))
+    groups = ("params", "buffers") if "buffers" in state else ("params",)
+    current = {f"{g}/{_dotted(kp)}": v for g in groups for kp, v in jax.tree_util.tree_leaves_with_path(state[g])}
+    by_path = {k.split("/", 1)[1]: k for k in current}
+    try:
+        merged, report = adapt.merge_base({k.split("/", 1)[1]: v for k, v in current.items()}, flat_params(model),
+                                          pairs=pairs, skip=skip)
+    except ValueError as e:
+        raise ValueError(f"train.init_from={path}: {e}") from None
+    del model
+    out = dict(state)
+    for g in groups:
+        out[g] = jax.tree_util.tree_map_with_path(
+            lambda kp, v: merged[_dotted(kp)], state[g])
+    out["ema"] = jax.tree.map(jnp.copy, out["params"])  # own buffers: the step donates the state
+    loaded_n = sum(len(report[k]) for k in ("copied", "widened", "from_backbone"))
+    kept = sorted({".".join(p.split(".")[:2]) for p in report["kept_init"] if by_path[p].startswith("params/")})
+    log.info("initialised from the %s: %d tensors loaded (%d widened, %d from the backbone); kept their "
+             "initialisation: %d tensors (%s)", source, loaded_n, len(report["widened"]),
+             len(report["from_backbone"]), len(report["kept_init"]), ", ".join(kept) or "none")
+    return out
+
+
 def jit_train_step(graphdef, cfg: DiTConfig, t, seed: int, shardings):
     """The step jitted with the state's shardings in and out and the state donated (batches arrive as
     global arrays already sharded over the batch axes)."""
@@ -422,7 +468,10 @@ def run(config, workdir: str | Path) -> dict:
     start = 0
     if manager.latest_step() is not None:
         state, start = restore(manager, abstract, shardings, data_iter, t.batch_size)
-        log.info("resumed from step %d", start)
+        log.info("resumed from step %d%s", start, " (train.init_from applies to a fresh run only)"
+                 if t.get("init_from") else "")
+    elif t.get("init_from"):
+        state = initialize_from(state, t.init_from, cfg, mesh, rules, t.get("init_weights", "auto"))
 
     step_fn = jit_train_step(graphdef, cfg, t, config.seed, shardings)
     kind = jax.devices()[0].device_kind
