@@ -367,8 +367,9 @@ def _letstalk_flops(cfg, *, batch: int, frames: int, height: int, width: int, **
     return letstalk_flops(cfg, batch=batch, frames=frames, height=height, width=width)["total"]
 
 
-LETSTALK = Family("letstalk", prediction=lambda cfg: ("epsilon", cfg.learn_sigma), batch_shapes=_letstalk_shapes,
-                  predict=_letstalk_predict, randomness=_letstalk_randomness, forward_flops=_letstalk_flops,
+LETSTALK = Family("letstalk", prediction=lambda cfg: (cfg.prediction, cfg.learn_sigma),
+                  batch_shapes=_letstalk_shapes, predict=_letstalk_predict, randomness=_letstalk_randomness,
+                  forward_flops=_letstalk_flops,
                   tokens=lambda cfg, f, h, w: f * (h // cfg.patch_size) * (w // cfg.patch_size))
 
 

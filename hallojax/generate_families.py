@@ -183,10 +183,11 @@ class Hallo3Family(Family):
 class LetsTalkFamily(Family):
     """LetsTalk (hallojax.models.letstalk): ε-prediction with learned-range variance, respaced ancestral DDPM
     (250 steps as released, `--sampler ddim` the option), no CFG (cfg_scale 1), clips of `num_frames` frames end
-    to end with the memory bank. Facts: shared/research/hyavatar_letstalk.md C.3, C.5, C.6."""
+    to end with the memory bank. Facts: shared/research/hyavatar_letstalk.md C.3, C.5, C.6. A model trained with
+    flow matching (model.prediction="flow": configs/letstalk.py:lipsync-small) samples as a flow model
+    (UniPC, 25 steps, shift 3, unless its config's sample section says otherwise)."""
 
     kind = "letstalk"
-    prediction = "epsilon"
     conditions = frozenset({"audio", "ref"})
     cond_of = {"audio": "audio", "reference": "ref"}
     recipe = dict(sampler="ddpm", steps=250, shift=1.0, guidance="none", long_video="motion")
@@ -195,6 +196,9 @@ class LetsTalkFamily(Family):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.media = {**self.media, "frames": cfg.num_frames}
+        self.prediction = cfg.prediction  # "epsilon" as released; "flow" (the lipsync-small recipe) samples as flow
+        if cfg.prediction == "flow":  # the Wan recipe's sampling
+            self.recipe = {**self.recipe, "sampler": "unipc", "steps": 25, "shift": 3.0}
 
     @property
     def channels(self) -> int:

@@ -35,12 +35,14 @@ def _hallojax(*args):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
-def learn_and_score(tmp, seed: int, steps: int = STEPS, overrides=()) -> list[dict]:
+def learn_and_score(tmp, seed: int, steps: int = STEPS, overrides=(), *, config="configs/wan.py:lipsync-small",
+                    clip=("--config.data.frames=1",)) -> list[dict]:
     """Train lipsync-small (16 px, 1-frame clips, batch 16) for `steps` from `seed` on one device and score
-    its checkpoints on 4 held-out synthetic videos x 1.2 s (seed 1000 + seed: other people, other speech)."""
+    its checkpoints on 4 held-out synthetic videos x 1.2 s (seed 1000 + seed: other people, other speech).
+    config / clip: another recipe and its clip flags (tests/test_learning_letstalk.py)."""
     workdir = tmp / "run"
-    _hallojax("train", "--config", "configs/wan.py:lipsync-small", "--workdir", workdir, f"--config.seed={seed}",
-              f"--config.data.workdir={tmp / 'data'}", "--config.data.size=16", "--config.data.frames=1",
+    _hallojax("train", "--config", config, "--workdir", workdir, f"--config.seed={seed}",
+              f"--config.data.workdir={tmp / 'data'}", "--config.data.size=16", *clip,
               "--config.train.batch_size=16", f"--config.train.steps={steps}", f"--config.train.learning_rate={LR}",
               f"--config.checkpoint.every={steps}", *overrides)
     heldout = tmp / "heldout"
@@ -52,23 +54,32 @@ def learn_and_score(tmp, seed: int, steps: int = STEPS, overrides=()) -> list[di
     return json.loads((out / "curve.json").read_text())["points"]
 
 
-def test_a_short_run_learns_lip_sync_beyond_chance(tmp_path):
-    points = learn_and_score(tmp_path, seed=0)
-    assert [p["step"] for p in points] == [STEPS]
+def assert_learned_sync(points: list[dict], steps: int, min_own: float, min_gap: float) -> None:
+    """One checkpoint at `steps`: r own above min_own and above r shuffled by min_gap, the reference's face."""
+    assert [p["step"] for p in points] == [steps]
     last = points[-1]
-    assert last["r_own"] - last["r_shuffled"] > MIN_GAP, points
-    assert last["r_own"] > MIN_OWN, points
+    assert last["r_own"] - last["r_shuffled"] > min_gap, points
+    assert last["r_own"] > min_own, points
     assert last["identity_own"] > last["identity_others"], points  # the reference's face, not another's
 
 
-if __name__ == "__main__":  # measure: python tests/test_learning.py SEED [SEED ...] [--config.KEY=VALUE ...]
+def test_a_short_run_learns_lip_sync_beyond_chance(tmp_path):
+    assert_learned_sync(learn_and_score(tmp_path, seed=0), STEPS, MIN_OWN, MIN_GAP)
+
+
+def measure(argv, learn=learn_and_score):
+    """python tests/FILE.py SEED [SEED ...] [--config.KEY=VALUE ...]: every checkpoint's scores per seed."""
     import tempfile
 
-    extra = [a for a in sys.argv[1:] if a.startswith("--")]
-    for s in [int(a) for a in sys.argv[1:] if not a.startswith("--")]:
+    extra = [a for a in argv if a.startswith("--")]
+    for s in [int(a) for a in argv if not a.startswith("--")]:
         with tempfile.TemporaryDirectory() as d:
-            for p in learn_and_score(Path(d), s, overrides=extra):
+            for p in learn(Path(d), s, overrides=extra):
                 print(f"{' '.join(extra)} seed {s} step {p['step']}: r own {p['r_own']:.3f} "
                       f"shuffled {p['r_shuffled']:.3f} (speeches {p['r_truths']:.3f}) silence {p['r_silence']:.3f} "
                       f"identity {p['identity_own']:.3f}/{p['identity_others']:.3f}",
                       flush=True)
+
+
+if __name__ == "__main__":  # measure: python tests/test_learning.py SEED [SEED ...] [--config.KEY=VALUE ...]
+    measure(sys.argv[1:])

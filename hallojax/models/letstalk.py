@@ -12,7 +12,9 @@ Positions are fixed sin-cos tables (MAE 2D over the patch grid: first half of th
 half the row, sin before cos; 1D over frame index [memory; clip]), computed in float64 and rounded to float32
 as the released buffers are; the reference gets the 2D table only. The conditioning vector is the timestep
 embedding alone ([cos, sin], 256) through Linear-SiLU-Linear; modulation and the final (shift, scale) are
-SiLU -> Linear of it, in float32. Output: 2C channels (ε and the learned-variance interpolation v).
+SiLU -> Linear of it, in float32. Output: 2C channels (ε and the learned-variance interpolation v), as
+released; or, with prediction="flow" and learn_sigma=False (configs/letstalk.py:lipsync-small), C channels of
+flow velocity ε − x0.
 Norms compute in float32; matmuls in `dtype` with float32 accumulation; blocks are stacked and scanned.
 The audio projector (Hallo's AudioProjModel, `hallojax.nn.audio.AudioProjector` with one token set per frame)
 maps wav2vec2 windows [B, F, 2w+1, layers, 768] to [B, F, 32, 768] tokens.
@@ -58,6 +60,9 @@ class LetsTalkConfig(ModelConfig):
     patch_size: int = 2
     in_channels: int = 4
     learn_sigma: bool = True  # output 2C channels (ε, v)
+    # what the C (or first C) output channels predict: "epsilon" (released, the ddpm objective) or "flow" (the
+    # velocity ε − x0 of flow matching, with learn_sigma=False: configs/letstalk.py:lipsync-small)
+    prediction: str = "epsilon"
     mlp_ratio: float = 4.0
     latent_size: int = 32  # the checkpoints' pos_embed grid (latent side); any H, W divisible by p runs
     num_frames: int = 16  # clip length the temporal table was made for (checkpoint shape only; any F runs)
@@ -85,6 +90,9 @@ class LetsTalkConfig(ModelConfig):
                                                           "audio_hidden", "audio_tokens") if getattr(self, k) < 1]
         if small:
             raise ValueError(f"{', '.join(small)}: must be >= 1")
+        if self.prediction not in ("epsilon", "flow") or (self.prediction == "flow" and self.learn_sigma):
+            raise ValueError(f"model.prediction={self.prediction!r}: expected 'epsilon' or 'flow' (flow with "
+                             f"learn_sigma=False; got learn_sigma={self.learn_sigma})")
         if self.hidden % self.num_heads:
             raise ValueError(f"model.hidden={self.hidden} is not divisible by num_heads={self.num_heads}")
         if self.hidden % 4:
