@@ -315,3 +315,21 @@ def test_cost_flops_match_xla_and_the_report_runs():
     text = io.StringIO()
     rows = report("VDTcat-S/2", frames=(2,), latent=32, measure_latent=4, repeats=1, out=text)
     assert rows[0]["flops_full"] > rows[0]["flops_factorized"] > 0 and "measured" in text.getvalue()
+
+
+def test_a_flow_model_round_trips_with_its_objective(long_variant, tmp_path):
+    """The released layout has no field for the objective: export notes a flow-trained model's under "hallojax"
+    (ignored by the released loader), and convert restores it; released files (no note) stay ε."""
+    from hallojax.checkpoint import flat_params, read_config, save_pretrained
+
+    cfg = long_variant["cfg"].replace(learn_sigma=False, prediction="flow")
+    params = {k: np.asarray(v) for k, v in flat_params(lt.LetsTalk(cfg, rngs=nnx.Rngs(3))).items()}
+    save_pretrained(tmp_path / "flow", params, cfg)
+    export_letstalk(tmp_path / "flow", tmp_path / "flow.ckpt", progress=False)
+    assert torch.load(tmp_path / "flow.ckpt", weights_only=True)["hallojax"] == {"prediction": "flow"}
+    convert_letstalk(tmp_path / "flow.ckpt", tmp_path / "back", num_frames=FRAMES, progress=False)
+    back, _ = read_config(tmp_path / "back")
+    assert (back.prediction, back.learn_sigma) == ("flow", False)
+    got = load_params_numpy(tmp_path / "back")
+    assert got.keys() == params.keys() and all(np.array_equal(got[k], v) for k, v in params.items())
+    assert read_config(long_variant["tmp"] / "ours")[0].prediction == "epsilon"

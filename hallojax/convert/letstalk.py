@@ -12,7 +12,9 @@ patch from `x_embedder.proj`, depth from the block indices, latent size from `po
 L 16, XL 16) or width / 64 (`num_heads` overrides). The fixed sin-cos tables (`pos_embed`, `temp_embed` /
 `long_temp_embed`) are checked against ours and not stored; export writes ours. Every missing, unexpected or
 mis-shaped key is listed in one error before anything is written. Export writes the same weights as both
-"model" and "ema" (a hallojax checkpoint holds one set).
+"model" and "ema" (a hallojax checkpoint holds one set), and for a model trained with flow matching
+(`prediction="flow"`, e.g. `configs/letstalk.py:lipsync-small`) a "hallojax" entry {"prediction": "flow"} that
+the released loader ignores and convert reads back (a released file has none: ε).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from hallojax.models.letstalk import SIZES, LetsTalkConfig, sincos_2d, temporal_
 CONV2D = Transform("conv2d", lambda x: x.transpose(2, 3, 1, 0)[None], lambda x: x[0].transpose(3, 2, 0, 1))
 WEIGHTS = ("ema", "model")
 AUDIO = "audioproj."  # the audio projector's keys, prefixed with its dict's name in our one namespace
+META = "hallojax"  # export's note of what the released layout cannot say (a flow-trained model's objective)
 TABLES = {"pos_embed": "@pos_embed", "temp_embed": "@temp_embed", "long_temp_embed": "@temp_embed"}
 
 
@@ -94,7 +97,9 @@ def read_checkpoint(src: str | os.PathLike, weights: str = "ema") -> DictSource:
     tensors = {**parts[weights], **{AUDIO + k: v for k, v in parts["audioproj"].items()}}
     if not all(hasattr(v, "shape") for v in tensors.values()):
         raise ConversionError(f"{src}: the {weights!r} / 'audioproj' entries must hold only tensors")
-    return DictSource(tensors)
+    source = DictSource(tensors)
+    source.meta = dict(ckpt.get(META, {}))  # what a hallojax export adds beyond the released layout
+    return source
 
 
 def config_from_shapes(source, where: str, *, num_heads: int | None = None, num_frames: int = 16,
@@ -166,7 +171,8 @@ def convert_letstalk(src: str | os.PathLike, out: str | os.PathLike, *, weights:
     from hallojax.checkpoint import save_pretrained
 
     source = read_checkpoint(src, weights)
-    cfg = config_from_shapes(source, str(src), num_heads=num_heads, num_frames=num_frames)
+    extra = {k: source.meta[k] for k in ("prediction",) if k in source.meta}
+    cfg = config_from_shapes(source, str(src), num_heads=num_heads, num_frames=num_frames, **extra)
     params = import_letstalk(source, cfg, f"{src} ({weights!r}) as LetsTalk {cfg.variant}", progress)
     return save_pretrained(out, params, cfg, overwrite=overwrite, inputs=(src,),
                            source={"format": "letstalk", "weights": weights, "path": str(Path(src).absolute())})
@@ -201,5 +207,8 @@ def export_letstalk(ckpt: str | os.PathLike, out: str | os.PathLike, *, overwrit
     audio = {k[len(AUDIO):]: to_torch(v) for k, v in tensors.items() if k.startswith(AUDIO)}
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(out) as tmp:
-        torch.save({"model": dit, "ema": {k: v.clone() for k, v in dit.items()}, "audioproj": audio}, tmp)
+        # the released loader reads "model" / "ema" / "audioproj"; a model trained with another objective than the
+        # released ε says so under META, so that converting the file back restores it
+        meta = {META: {"prediction": cfg.prediction}} if cfg.prediction != "epsilon" else {}
+        torch.save({"model": dit, "ema": {k: v.clone() for k, v in dit.items()}, "audioproj": audio, **meta}, tmp)
     return out
