@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -35,22 +36,41 @@ def _hallojax(*args):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
+def readme_block(train_line: str) -> list[list[str]]:
+    """The `hallojax` commands (argv without `hallojax`, continuation lines joined, comments dropped) of the README
+    block whose train command starts with `train_line`: what the README tells a user to run."""
+    text = (ROOT / "README.md").read_text().replace("\\\n", " ")
+    start = text.index("```bash\n" + train_line)
+    block = text[start + 8:text.index("```", start + 8)]
+    return [shlex.split(line.split("#")[0])[1:] for line in block.splitlines() if line.startswith("hallojax ")]
+
+
 def learn_and_score(tmp, seed: int, steps: int = STEPS, overrides=(), *, config="configs/wan.py:lipsync-small",
                     clip=("--config.data.frames=1",)) -> list[dict]:
-    """Train lipsync-small (16 px, 1-frame clips, batch 16) for `steps` from `seed` on one device and score
-    its checkpoints on 4 held-out synthetic videos x 1.2 s (seed 1000 + seed: other people, other speech).
-    config / clip: another recipe and its clip flags (tests/test_learning_letstalk.py)."""
-    workdir = tmp / "run"
-    _hallojax("train", "--config", config, "--workdir", workdir, f"--config.seed={seed}",
-              f"--config.data.workdir={tmp / 'data'}", "--config.data.size=16", *clip,
-              "--config.train.batch_size=16", f"--config.train.steps={steps}", f"--config.train.learning_rate={LR}",
-              f"--config.checkpoint.every={steps}", *overrides)
-    heldout = tmp / "heldout"
-    synthetic.generate(heldout, num_videos=4, seed=1000 + seed,
+    """The README block of recipe `config` ("Does it learn?"; tests/test_learning_letstalk.py: "Does LetsTalk
+    learn?"), its own commands with its paths in `tmp` and this test's sizes appended (later flags win): train
+    for `steps` from `seed` at 16 px, batch 16, on one device (clip: the recipe's clip flags), 4 held-out synthetic
+    people x 1.2 s (seed 1000 + seed: other people, other speech), every checkpoint scored (raw weights)."""
+    commands = readme_block(f"hallojax train --config {config} ")
+    train = next(c for c in commands if c[0] == "train")
+    run_dir = train[train.index("--workdir") + 1]
+    heldout = next(c for c in commands if c[0] == "synthetic")[1]
+    paths = {run_dir: str(tmp / "run"), heldout: str(tmp / "heldout")}
+
+    def local(argv):
+        for a, b in paths.items():
+            argv = [b + x[len(a):] if x == a or x.startswith(a + "/") else x for x in argv]
+        return argv
+
+    _hallojax(*local(train), f"--config.seed={seed}", f"--config.data.workdir={tmp / 'data'}",
+              "--config.data.size=16", *clip, "--config.train.batch_size=16", f"--config.train.steps={steps}",
+              f"--config.train.learning_rate={LR}", f"--config.checkpoint.every={steps}", *overrides)
+    synthetic.generate(tmp / "heldout", num_videos=4, seed=1000 + seed,
                        cfg=synthetic.SyntheticConfig(min_seconds=1.6, max_seconds=1.6))
-    out = tmp / "curve"
-    _hallojax("eval", "--checkpoint", workdir, "--videos", heldout, "--out", out, "--every-checkpoint",
-              "--weights", "params", "--steps", "10", "--max-seconds", "1.2")
+    evals = [c for c in commands if c[0] == "eval"]
+    curve = next((c for c in evals if "--every-checkpoint" in c), evals[-1])
+    _hallojax(*local(curve), "--every-checkpoint", "--weights", "params", "--steps", "10", "--max-seconds", "1.2")
+    out = Path(local(curve)[curve.index("--out") + 1])
     return json.loads((out / "curve.json").read_text())["points"]
 
 
