@@ -203,21 +203,32 @@ def _load_workdir(path: Path, step, weights, overrides, devices):
     if weights == "auto":
         # an EMA that still holds much of the initial weights (decay^step >= 5 %) is worse than the weights
         weights = "ema" if decay > 0 and decay ** step < 0.05 else "params"
+    from hallojax.models.hallo3 import Buffer
+
     abstract = nnx.eval_shape(lambda: families.model_class(cfg)(cfg, rngs=nnx.Rngs(0)))
-    graphdef, abs_params, rest = nnx.split(abstract, nnx.Param, ...)
-    shardings = nnx.to_pure_dict(state_shardings(abs_params, mesh, rules))
-    target = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
-                          nnx.to_pure_dict(abs_params), shardings)
+    # the trainer keeps Buffers (Hallo3's RoPE tables and dead position table) apart from the parameters, in
+    # state["buffers"] (hallojax.train.split_model): both are restored
+    graphdef, abs_params, abs_buffers, rest = nnx.split(abstract, nnx.All(nnx.Param, nnx.Not(Buffer)), Buffer, ...)
+    groups = {weights: abs_params, "buffers": abs_buffers}
+    if not nnx.to_flat_state(abs_buffers):
+        del groups["buffers"]
+
+    def target(tree):
+        shardings = nnx.to_pure_dict(state_shardings(tree, mesh, rules))
+        return jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), nnx.to_pure_dict(tree),
+                            shardings)
+
+    item = {k: target(v) for k, v in groups.items()}
     try:
         with _quiet_absl(), ocp.PyTreeCheckpointer() as ckptr:
             restored = ckptr.restore(ckpt / "state", args=ocp.args.PyTreeRestore(
-                item={weights: target}, restore_args=ocp.checkpoint_utils.construct_restore_args({weights: target}),
-                partial_restore=True))
+                item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
     except (ValueError, KeyError, FileNotFoundError) as e:
         raise CheckpointError(f"{ckpt / 'state'}: the {weights} weights do not match the run's model config ({e})") \
             from None
-    nnx.replace_by_pure_dict(abs_params, restored[weights])
-    model = nnx.merge(graphdef, abs_params, rest)
+    for k, tree in groups.items():
+        nnx.replace_by_pure_dict(tree, restored[k])
+    model = nnx.merge(graphdef, abs_params, abs_buffers, rest)
     source = {"kind": "workdir", "path": str(path), "step": step, "weights": weights, "ema_decay": decay}
     log.info("checkpoint %s step %d (%s weights)", path, step, weights)
     return config, (model, mesh, rules), source

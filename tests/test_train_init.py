@@ -134,3 +134,34 @@ def test_a_base_that_does_not_fit_is_refused_by_name(tmp_path, wan_base):
         _init(config, wan_base[0], 1)
     with pytest.raises(ValueError, match="a wan-dit model cannot initialise a hallo3 model"):
         _init(load_config("configs/hallo3.py:stage1,size=tiny"), wan_base[0], 1)
+
+
+def test_a_hallo3_workdir_loads_with_its_buffers(tmp_path):
+    """A trainer checkpoint keeps Hallo3's buffers (RoPE tables, the dead position table) apart from the
+    parameters: `hallojax generate`'s loader and init_from restore both, not just the parameters."""
+    from hallojax.pipeline import load_checkpoint
+    from hallojax.train import checkpoint_manager, init_state, save
+
+    config = load_config("configs/hallo3.py:stage2,size=tiny", ["--config.checkpoint.async_save=False"])
+    cfg = families.model_config(config.model)
+    state = init_state(cfg, config.train, 0)
+    rng = np.random.default_rng(0)
+    state["params"] = jax.tree.map(lambda p: p + 0.05 * rng.standard_normal(p.shape).astype(p.dtype), state["params"])
+
+    class Position:
+        def get_state(self):
+            return {"position": 0}
+
+    manager = checkpoint_manager(tmp_path / "run", config.checkpoint)
+    save(manager, state, Position(), config)
+    manager.wait_until_finished()
+    manager.close()
+    loaded = flat_params(load_checkpoint(tmp_path / "run", weights="params").model)
+    want = {**_dotted(state["params"]), **_dotted(state["buffers"])}
+    assert loaded.keys() == want.keys() and any("buffers" in k for k in want)
+    for k, v in want.items():
+        np.testing.assert_array_equal(np.asarray(loaded[k]), v, err_msg=k)
+    got, _ = _init(config, tmp_path / "run", 8, weights="params")
+    for g in ("params", "buffers"):
+        for k, v in _dotted(state[g]).items():
+            np.testing.assert_array_equal(got[g][k], v, err_msg=f"{g}/{k}")
