@@ -161,17 +161,22 @@ def initialize_from(state: dict, path: str, cfg, mesh, rules, weights: str = "au
     from hallojax import adapt, registry
     from hallojax.checkpoint import flat_params, load_pretrained
 
-    where = Path(path).absolute()
-    if (where / "config.json").is_file():
-        model, base_cfg = load_pretrained(where, mesh=mesh, rules=rules)
-        source = f"converted {registry.kind_of(base_cfg)} directory {where}"
-    else:
-        from hallojax.pipeline import load_checkpoint
+    from hallojax.checkpoint import CheckpointError
 
-        loaded = load_checkpoint(where, weights=weights, devices=list(mesh.devices.flat))
-        model, base_cfg = loaded.model, loaded.cfg
-        source = f"workdir {where} step {loaded.source['step']} ({loaded.source['weights']} weights)"
-    pairs, skip = adapt.base_map(registry.kind_of(base_cfg), registry.kind_of(cfg))
+    where = Path(path).absolute()
+    try:
+        if (where / "config.json").is_file():
+            model, base_cfg = load_pretrained(where, mesh=mesh, rules=rules)
+            source = f"converted {registry.kind_of(base_cfg)} directory {where}"
+        else:
+            from hallojax.pipeline import load_checkpoint
+
+            loaded = load_checkpoint(where, weights=weights, devices=list(mesh.devices.flat))
+            model, base_cfg = loaded.model, loaded.cfg
+            source = f"workdir {where} step {loaded.source['step']} ({loaded.source['weights']} weights)"
+        pairs, skip = adapt.base_map(registry.kind_of(base_cfg), registry.kind_of(cfg))
+    except (CheckpointError, ValueError) as e:  # the loaders name --checkpoint / --weights: say where it came from
+        raise ValueError(f"train.init_from={path} (train.init_weights={weights}): {e}") from None
     groups = ("params", "buffers") if "buffers" in state else ("params",)
     current = {f"{g}/{_dotted(kp)}": v for g in groups for kp, v in jax.tree_util.tree_leaves_with_path(state[g])}
     by_path = {k.split("/", 1)[1]: k for k in current}

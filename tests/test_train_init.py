@@ -130,10 +130,16 @@ def test_a_base_that_does_not_fit_is_refused_by_name(tmp_path, wan_base):
     config = load_config("configs/wan.py:tiny,dtype=float32")
     config.model.update(num_heads=2, head_dim=32)  # same width, other head split: every shape still fits
     config.model.update(ffn_dim=64)  # the MLP does not
-    with pytest.raises(ValueError, match=r"(?s)train.init_from=.*blocks.ffn.fc1.bias: base \(2, 128\) vs model \(2, 64\)"):
+    fc1 = r"blocks.ffn.fc1.bias: base \(2, 128\) vs model \(2, 64\)"
+    with pytest.raises(ValueError, match=r"(?s)train.init_from=.*" + fc1):
         _init(config, wan_base[0], 1)
     with pytest.raises(ValueError, match="a wan-dit model cannot initialise a hallo3 model"):
         _init(load_config("configs/hallo3.py:stage1,size=tiny"), wan_base[0], 1)
+    with pytest.raises(ValueError, match=r"train.init_from=.*no_such_dir.*no such directory"):
+        _init(config, tmp_path / "no_such_dir", 1)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"train.init_from=.*empty.*neither a `hallojax train` workdir"):
+        _init(config, tmp_path / "empty", 1)
 
 
 def test_a_hallo3_workdir_loads_with_its_buffers(tmp_path):
